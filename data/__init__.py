@@ -1,0 +1,1 @@
+"""Datasets, vocabulary and image loading for captioning."""

@@ -1,0 +1,68 @@
+"""Networks: the ExpansionNet captioners, their timm backbones, incremental-decoding caches and search algorithms."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from models.backbone import create_backbone, filter_backbone_state_dict
+from models.config import (
+    BackboneConfig,
+    ModelConfig,
+    expansionnet_v2_config,
+    optimizer_expansionnet_config,
+    tiny_swinv2,
+)
+from models.expansionnet import ExpansionNet
+
+__all__ = [
+    "BackboneConfig",
+    "ExpansionNet",
+    "ModelConfig",
+    "build_model",
+    "clean_state_dict",
+    "count_parameters",
+    "expansionnet_v2_config",
+    "official_checkpoint_filter_fn",
+    "optimizer_expansionnet_config",
+    "tiny_swinv2",
+]
+
+
+def build_model(cfg: ModelConfig) -> ExpansionNet:
+    """The only place that turns a ModelConfig into constructor keyword arguments."""
+    backbone = create_backbone(cfg.backbone) if cfg.backbone is not None else None
+    return ExpansionNet(
+        vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len, d_model=cfg.d_model, N_enc=cfg.N_enc,
+        N_dec=cfg.N_dec, num_heads=cfg.num_heads, ff=cfg.ff, num_exp_enc_list=cfg.num_exp_enc_list,
+        num_exp_dec=cfg.num_exp_dec, img_feature_dim=cfg.img_feature_dim, memory_slots=cfg.memory_slots,
+        mult_residual=cfg.mult_residual, enc_drop=cfg.enc_drop, dec_drop=cfg.dec_drop,
+        enc_input_drop=cfg.enc_input_drop, dec_input_drop=cfg.dec_input_drop, drop_other=cfg.drop_other,
+        backbone=backbone)
+
+
+def count_parameters(model: nn.Module, prefix: str | None = None) -> int:
+    """Number of parameters, optionally only those whose name starts with prefix."""
+    return sum(p.numel() for n, p in model.named_parameters() if prefix is None or n.startswith(prefix))
+
+
+def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip the DDP `module.` and torch.compile `_orig_mod.` prefixes."""
+    return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state_dict.items()}
+
+
+def official_checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: ExpansionNet) -> dict[str, torch.Tensor]:
+    """The official ExpansionNet v2 `model_state_dict` -> this model's layout.
+
+    Captioner keys are identical by construction; the Microsoft-layout Swin keys under `swin_transf.` go through
+    timm's filter (downsample moved to the next stage, non-learned buffers such as attn_mask dropped).
+    """
+    state_dict = clean_state_dict(state_dict)
+    captioner = {k: v for k, v in state_dict.items() if not k.startswith("swin_transf.")}
+    swin = {k[len("swin_transf."):]: v for k, v in state_dict.items() if k.startswith("swin_transf.")}
+    if swin and model.backbone is not None:
+        swin = filter_backbone_state_dict(swin, model.backbone)
+        captioner.update({"swin_transf." + k: v for k, v in swin.items()})
+    return captioner

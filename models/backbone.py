@@ -1,0 +1,71 @@
+"""timm Swin backbones: creation without downloads and adapters for foreign weights (Microsoft, timm, ours)."""
+
+from __future__ import annotations
+
+import importlib
+
+import timm
+import torch
+from torch import nn
+
+from models.config import BackboneConfig
+
+
+class BackboneWeightsError(ValueError):
+    """A backbone state dict that does not fit the configured backbone."""
+
+
+def create_backbone(cfg: BackboneConfig) -> nn.Module:
+    """A timm model with no classifier head and random weights (pretrained weights come from local files only)."""
+    return timm.create_model(cfg.name, pretrained=False, num_classes=0, img_size=cfg.img_size,
+                             drop_path_rate=cfg.drop_path_rate, **cfg.overrides)
+
+
+def backbone_out_dim(cfg: BackboneConfig) -> int:
+    """Channels of the backbone's last stage, without building it on a real device."""
+    with torch.device("meta"):
+        return create_backbone(cfg).num_features
+
+
+def backbone_tokens(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """images (B, 3, H, W) -> tokens (B, H' * W', C) of the last stage after the final norm (timm gives NHWC)."""
+    feats = backbone.forward_features(images)
+    if feats.dim() == 4:
+        feats = feats.flatten(1, 2)
+    return feats
+
+
+def filter_backbone_state_dict(state_dict: dict[str, torch.Tensor], backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """Microsoft or timm Swin weights -> the timm layout of `backbone`.
+
+    The classifier head is dropped and non-learned buffers are skipped; timm's own checkpoint_filter_fn moves the
+    downsample layers of Microsoft's layout and resizes relative-position tables when the window differs.
+    """
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+    family = importlib.import_module(type(backbone).__module__)
+    filter_fn = getattr(family, "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        state_dict = filter_fn(state_dict, backbone)
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+    return state_dict
+
+
+def load_backbone_state_dict(backbone: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Load filtered weights strictly (apart from buffers timm recomputes); say what differs when they do not fit."""
+    state_dict = filter_backbone_state_dict(state_dict, backbone)
+    expected = backbone.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+             for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+        if wrong:
+            parts.append(f"{len(wrong)} shape mismatches (e.g. {wrong[:2]})")
+        raise BackboneWeightsError(f"backbone weights in {source} do not fit {type(backbone).__name__}: "
+                                   + "; ".join(parts) + ". Is this the right backbone file for this model?")
+    backbone.load_state_dict(state_dict, strict=True)

@@ -1,0 +1,161 @@
+"""Search algorithms over a captioner: beam search, greedy search and multinomial sampling.
+
+They only use `model.encode` output, `model.init_cache` / `model.decode_step` (incremental, one position per step)
+or `model.decode` (full recomputation of the prefix, the reference's way; `use_cache=False`). Batched over
+images x hypotheses with tensor operations; the only host-device sync per step is the "all finished?" check.
+`max_len` counts generated tokens (EOS included, SOS not).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from models.expansionnet import ExpansionNet
+
+
+@dataclass
+class SearchOutput:
+    """tokens/logprobs (B, n, L): generated ids without SOS, PAD after EOS; scores (B, n): ranking scores;
+    lengths (B, n): generated tokens including EOS."""
+
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    scores: torch.Tensor
+    lengths: torch.Tensor
+
+
+class _Stepper:
+    """Next-token log-probabilities for B images x group hypotheses, cached or by full recomputation."""
+
+    def __init__(self, model: ExpansionNet, memory: torch.Tensor, key_mask: torch.Tensor | None, group: int,
+                 max_len: int, use_cache: bool) -> None:
+        self.model = model
+        self.use_cache = use_cache
+        if use_cache:
+            self.cache = model.init_cache(memory, key_mask, group, max_len)
+        else:
+            self.memory = memory.repeat_interleave(group, dim=0)
+            self.key_mask = key_mask.repeat_interleave(group, dim=0) if key_mask is not None else None
+
+    def logprobs(self, prefix: torch.Tensor) -> torch.Tensor:
+        """prefix (B*group, t) of input tokens (SOS first) -> log-probs (B*group, V) of token t, in float32."""
+        if self.use_cache:
+            logits = self.model.decode_step(prefix[:, -1], self.cache)
+        else:
+            logits = self.model.decode(prefix, self.memory, self.key_mask)[:, -1]
+        return F.log_softmax(logits.float(), dim=-1)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        if self.use_cache:
+            self.cache.reorder(index)
+
+
+def _lengths(tokens: torch.Tensor, eos_idx: int) -> torch.Tensor:
+    """Generated length including the first EOS (or the full length when there is none); tokens (..., L)."""
+    L = tokens.shape[-1]
+    is_eos = tokens == eos_idx
+    first = torch.where(is_eos.any(-1), is_eos.float().argmax(-1), torch.full_like(tokens[..., 0], L - 1))
+    return first + 1
+
+
+@torch.no_grad()
+def beam_search(model: ExpansionNet, memory: torch.Tensor, key_mask: torch.Tensor | None, *, sos_idx: int,
+                eos_idx: int, pad_idx: int, beam_size: int = 5, max_len: int = 20, num_outputs: int = 1,
+                use_cache: bool = True) -> SearchOutput:
+    """The reference's beam search: beam-many distinct first words, global top-beam by cumulative log-prob,
+    finished hypotheses kept (they continue with log-prob 0) but can be pushed out, final ranking by cumulative
+    log-prob divided by the number of tokens including SOS and EOS."""
+    if not 1 <= num_outputs <= beam_size:
+        raise ValueError(f"num_outputs must be between 1 and beam_size ({beam_size}), got {num_outputs}")
+    B, k, device = memory.shape[0], beam_size, memory.device
+    stepper = _Stepper(model, memory, key_mask, k, max_len, use_cache)
+    prefix = torch.full((B * k, 1), sos_idx, dtype=torch.long, device=device)
+    cum = torch.full((B, k), float("-inf"), device=device)
+    cum[:, 0] = 0.0  # only beam 0 is live at the first step, so the first words are distinct
+    finished = torch.zeros(B, k, dtype=torch.bool, device=device)
+    tok_lps = torch.zeros(B, k, 0, device=device)
+    batch_offset = (torch.arange(B, device=device) * k)[:, None]
+    for _ in range(max_len):
+        logp = stepper.logprobs(prefix)
+        V = logp.shape[-1]
+        logp = logp.view(B, k, V)
+        done_row = torch.full((V,), float("-inf"), device=device)
+        done_row[pad_idx] = 0.0
+        logp = torch.where(finished[..., None], done_row, logp)
+        top_scores, top_idx = (cum[..., None] + logp).view(B, k * V).topk(k, dim=-1)
+        src, tok = top_idx // V, top_idx % V
+        index = (batch_offset + src).view(-1)
+        step_lp = logp.view(B, k * V).gather(1, top_idx)
+        prefix = torch.cat([prefix.index_select(0, index), tok.view(-1, 1)], dim=1)
+        tok_lps = torch.cat([tok_lps.gather(1, src[..., None].expand(-1, -1, tok_lps.shape[-1])),
+                             step_lp[..., None]], dim=-1)
+        finished = finished.gather(1, src) | (tok == eos_idx)
+        cum = top_scores
+        stepper.reorder(index)
+        if bool(finished.all()):
+            break
+    tokens = prefix[:, 1:].view(B, k, -1)
+    lengths = _lengths(tokens, eos_idx)
+    scores = cum / (lengths + 1).float()
+    order = scores.argsort(dim=-1, descending=True)[:, :num_outputs]
+    pick = order[..., None].expand(-1, -1, tokens.shape[-1])
+    return SearchOutput(tokens.gather(1, pick), tok_lps.gather(1, pick), scores.gather(1, order),
+                        lengths.gather(1, order))
+
+
+@torch.no_grad()
+def greedy_search(model: ExpansionNet, memory: torch.Tensor, key_mask: torch.Tensor | None, *, sos_idx: int,
+                  eos_idx: int, pad_idx: int, max_len: int = 20, use_cache: bool = True) -> SearchOutput:
+    """Arg-max decoding; scored like beam search so beam_size=1 gives the same output."""
+    B, device = memory.shape[0], memory.device
+    stepper = _Stepper(model, memory, key_mask, 1, max_len, use_cache)
+    prefix = torch.full((B, 1), sos_idx, dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    lps = []
+    for _ in range(max_len):
+        logp = stepper.logprobs(prefix)
+        lp, tok = logp.max(dim=-1)
+        tok = torch.where(finished, torch.full_like(tok, pad_idx), tok)
+        lps.append(torch.where(finished, torch.zeros_like(lp), lp))
+        prefix = torch.cat([prefix, tok[:, None]], dim=1)
+        finished = finished | (tok == eos_idx)
+        if bool(finished.all()):
+            break
+    tokens = prefix[:, 1:]
+    tok_lps = torch.stack(lps, dim=1)
+    lengths = _lengths(tokens, eos_idx)
+    scores = tok_lps.sum(-1) / (lengths + 1).float()
+    return SearchOutput(tokens[:, None], tok_lps[:, None], scores[:, None], lengths[:, None])
+
+
+@torch.no_grad()
+def sample(model: ExpansionNet, memory: torch.Tensor, key_mask: torch.Tensor | None, *, sos_idx: int,
+           eos_idx: int, pad_idx: int, num_samples: int = 5, max_len: int = 20, use_cache: bool = True,
+           generator: torch.Generator | None = None) -> SearchOutput:
+    """Ancestral sampling (temperature 1, full softmax) of num_samples captions per image, for SCST.
+
+    Runs without gradient (the SCST loss re-scores the samples in one teacher-forced pass); dropout follows the
+    model's mode. Returns tokens (B, num_samples, L).
+    """
+    B, k, device = memory.shape[0], num_samples, memory.device
+    stepper = _Stepper(model, memory, key_mask, k, max_len, use_cache)
+    prefix = torch.full((B * k, 1), sos_idx, dtype=torch.long, device=device)
+    finished = torch.zeros(B * k, dtype=torch.bool, device=device)
+    lps = []
+    for _ in range(max_len):
+        logp = stepper.logprobs(prefix)
+        tok = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
+        lp = logp.gather(1, tok[:, None])[:, 0]
+        tok = torch.where(finished, torch.full_like(tok, pad_idx), tok)
+        lps.append(torch.where(finished, torch.zeros_like(lp), lp))
+        prefix = torch.cat([prefix, tok[:, None]], dim=1)
+        finished = finished | (tok == eos_idx)
+        if bool(finished.all()):
+            break
+    tokens = prefix[:, 1:].view(B, k, -1)
+    tok_lps = torch.stack(lps, dim=1).view(B, k, -1)
+    lengths = _lengths(tokens, eos_idx)
+    return SearchOutput(tokens, tok_lps, tok_lps.sum(-1), lengths)

@@ -1,0 +1,204 @@
+"""The ExpansionNet v2 captioner and its Optimizer-ExpansionNet variant (memory attention, gated expansion values).
+
+Parameter names match the official release's `model_state_dict`; the backbone (`swin_transf`) is a timm model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.backbone import backbone_tokens
+from models.cache import CrossAttentionCache, DecoderCache, DynamicExpansionCache
+from models.layers import (
+    DynamicExpansionBlock,
+    EmbeddingLayer,
+    FeedForward,
+    MultiHeadAttention,
+    StaticExpansionBlock,
+)
+
+
+class EncoderLayer(nn.Module):
+    """Pre-LN: static expansion, [memory-augmented self-attention], feed-forward; each with a residual."""
+
+    def __init__(self, d_model: int, d_ff: int, num_heads: int, num_exp_list: tuple[int, ...], dropout: float,
+                 memory_slots: int, gated: bool) -> None:
+        super().__init__()
+        # registration order = the official state-dict order
+        self.norm_1 = nn.LayerNorm(d_model)
+        self.norm_2 = nn.LayerNorm(d_model)
+        self.stc_exp = StaticExpansionBlock(d_model, num_exp_list, dropout, gated=gated)
+        if memory_slots > 0:
+            self.norm_mem = nn.LayerNorm(d_model)
+            self.mem_attn = MultiHeadAttention(d_model, num_heads, memory_slots)
+            self.dropout_mem = nn.Dropout(dropout)
+        self.memory_slots = memory_slots
+        self.ff = FeedForward(d_model, d_ff, dropout)
+        self.dropout_1 = nn.Dropout(dropout)
+        self.dropout_2 = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.dropout_1(self.stc_exp(self.norm_1(x), key_mask))
+        if self.memory_slots > 0:
+            y = self.norm_mem(x)
+            x = x + self.dropout_mem(self.mem_attn(y, y, key_mask))
+        return x + self.dropout_2(self.ff(self.norm_2(x)))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-LN: dynamic expansion (causal), cross-attention to the encoder memory, feed-forward."""
+
+    def __init__(self, d_model: int, d_ff: int, num_heads: int, num_exp: int, dropout: float, memory_slots: int,
+                 gated: bool) -> None:
+        super().__init__()
+        self.norm_1 = nn.LayerNorm(d_model)
+        self.norm_2 = nn.LayerNorm(d_model)
+        self.norm_3 = nn.LayerNorm(d_model)
+        self.mha = MultiHeadAttention(d_model, num_heads, memory_slots)
+        self.dyn_exp = DynamicExpansionBlock(d_model, num_exp, dropout, gated=gated)
+        self.ff = FeedForward(d_model, d_ff, dropout)
+        self.dropout_1 = nn.Dropout(dropout)
+        self.dropout_2 = nn.Dropout(dropout)
+        self.dropout_3 = nn.Dropout(dropout)
+
+    def forward(self, h: torch.Tensor, cross: CrossAttentionCache) -> torch.Tensor:
+        """h (B, T, D); cross holds the projected memory of the same B images."""
+        h = h + self.dropout_1(self.dyn_exp(self.norm_1(h)))
+        h = h + self.dropout_2(self.mha.attend(self.norm_2(h), cross.k, cross.v, cross.bias))
+        return h + self.dropout_3(self.ff(self.norm_3(h)))
+
+    def step(self, h: torch.Tensor, cross: CrossAttentionCache, dyn: DynamicExpansionCache, group: int) -> torch.Tensor:
+        """h (B*group, 1, D), one new position; cross holds B images, each shared by `group` hypotheses."""
+        h = h + self.dropout_1(self.dyn_exp.step(self.norm_1(h), dyn))
+        q = self.norm_2(h).view(-1, group, h.shape[-1])  # (B, group, D): hypotheses act as query positions
+        h = h + self.dropout_2(self.mha.attend(q, cross.k, cross.v, cross.bias).view_as(h))
+        return h + self.dropout_3(self.ff(self.norm_3(h)))
+
+
+class ExpansionNet(nn.Module):
+    """Encoder-decoder captioner over image tokens, with an optional backbone in front (end-to-end).
+
+    Inputs are either images (B, 3, H, W) (needs a backbone) or features (B, N, img_feature_dim). `forward` returns
+    raw logits (B, T, V); decoding algorithms live in models/decoding.py and use encode / init_cache / decode_step.
+    """
+
+    def __init__(self, *, vocab_size: int, max_seq_len: int, d_model: int = 512, N_enc: int = 3, N_dec: int = 3,
+                 num_heads: int = 8, ff: int = 2048, num_exp_enc_list: tuple[int, ...] = (32, 64, 128, 256, 512),
+                 num_exp_dec: int = 16, img_feature_dim: int = 1536, memory_slots: int = 0,
+                 mult_residual: bool = False, enc_drop: float = 0.0, dec_drop: float = 0.0,
+                 enc_input_drop: float = 0.0, dec_input_drop: float = 0.0, drop_other: float = 0.0,
+                 backbone: nn.Module | None = None) -> None:
+        super().__init__()
+        if backbone is not None:
+            self.swin_transf = backbone
+        self.encoders = nn.ModuleList([
+            EncoderLayer(d_model, ff, num_heads, num_exp_enc_list, enc_drop, memory_slots, mult_residual)
+            for _ in range(N_enc)])
+        self.decoders = nn.ModuleList([
+            DecoderLayer(d_model, ff, num_heads, num_exp_dec, dec_drop, memory_slots, mult_residual)
+            for _ in range(N_dec)])
+        self.input_embedder_dropout = nn.Dropout(enc_input_drop)
+        self.input_linear = nn.Linear(img_feature_dim, d_model)
+        self.vocab_linear = nn.Linear(d_model, vocab_size)
+        self.log_softmax = nn.LogSoftmax(dim=-1)
+        self.out_enc_dropout = nn.Dropout(drop_other)
+        self.out_dec_dropout = nn.Dropout(drop_other)
+        self.out_embedder = EmbeddingLayer(vocab_size, d_model, dec_input_drop)
+        self.pos_encoder = nn.Embedding(max_seq_len, d_model)
+        self.enc_reduce_group = nn.Linear(d_model * N_enc, d_model)
+        self.enc_reduce_norm = nn.LayerNorm(d_model)
+        self.dec_reduce_group = nn.Linear(d_model * N_dec, d_model)
+        self.dec_reduce_norm = nn.LayerNorm(d_model)
+        self.d_model = d_model
+        self.max_seq_len = max_seq_len
+        self.vocab_size = vocab_size
+        self.num_exp_dec = num_exp_dec
+        self._init_captioner_weights()
+
+    def _init_captioner_weights(self) -> None:
+        """Xavier-uniform on every captioner matrix (the reference's init); the backbone keeps timm's init."""
+        for name, p in self.named_parameters():
+            if name.startswith("swin_transf.") or name.endswith((".m_k", ".m_v")):
+                continue
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    @property
+    def backbone(self) -> nn.Module | None:
+        return getattr(self, "swin_transf", None)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) -> backbone tokens (B, N, C)."""
+        if self.backbone is None:
+            raise ValueError("this captioner works on cached features: it has no backbone to run on images")
+        return backbone_tokens(self.backbone, images)
+
+    def encode(self, features: torch.Tensor | None = None, images: torch.Tensor | None = None,
+               key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder memory (B, N, D) from features (B, N, C) or images; key_mask (B, N) marks real feature tokens."""
+        if (features is None) == (images is None):
+            raise ValueError("encode takes exactly one of features or images")
+        if images is not None:
+            features = self.forward_features(images)
+        x = self.input_embedder_dropout(self.input_linear(features))
+        outs = []
+        for layer in self.encoders:
+            x = layer(x, key_mask)
+            outs.append(x)
+        x = x + self.out_enc_dropout(self.enc_reduce_group(torch.cat(outs, dim=-1)))
+        return self.enc_reduce_norm(x)
+
+    def cross_caches(self, memory: torch.Tensor, key_mask: torch.Tensor | None) -> list[CrossAttentionCache]:
+        """Project the memory once per decoder layer (keys/values for every later decoding step)."""
+        return [CrossAttentionCache(*layer.mha.project_kv(memory, key_mask)) for layer in self.decoders]
+
+    def _embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.out_embedder(tokens) + self.pos_encoder(positions)
+
+    def _head(self, outs: list[torch.Tensor]) -> torch.Tensor:
+        h = outs[-1] + self.out_dec_dropout(self.dec_reduce_group(torch.cat(outs, dim=-1)))
+        return self.vocab_linear(self.dec_reduce_norm(h))
+
+    def decode(self, tokens: torch.Tensor, memory: torch.Tensor, key_mask: torch.Tensor | None = None,
+               cross: list[CrossAttentionCache] | None = None) -> torch.Tensor:
+        """Teacher-forced logits (B, T, V) for token prefixes (B, T) starting with SOS; right padding is harmless."""
+        T = tokens.shape[1]
+        if T > self.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens exceeds the model's max_seq_len {self.max_seq_len}")
+        cross = cross if cross is not None else self.cross_caches(memory, key_mask)
+        h = self._embed(tokens, torch.arange(T, device=tokens.device))
+        outs = []
+        for layer, c in zip(self.decoders, cross):
+            h = layer(h, c)
+            outs.append(h)
+        return self._head(outs)
+
+    def forward(self, tokens: torch.Tensor, features: torch.Tensor | None = None, images: torch.Tensor | None = None,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher forcing: logits (B, T, V) for decoder inputs tokens (B, T)."""
+        memory = self.encode(features=features, images=images, key_mask=key_mask)
+        return self.decode(tokens, memory, key_mask)
+
+    def init_cache(self, memory: torch.Tensor, key_mask: torch.Tensor | None, group: int,
+                   max_len: int) -> DecoderCache:
+        """State for incremental decoding of `group` hypotheses per image, up to max_len positions (SOS included)."""
+        if max_len > self.max_seq_len:
+            raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {self.max_seq_len}")
+        batch = memory.shape[0] * group
+        dyn = [DynamicExpansionCache(batch, max_len, self.num_exp_dec, self.d_model, memory.device, memory.dtype)
+               for _ in self.decoders]
+        return DecoderCache(self.cross_caches(memory, key_mask), dyn, group, max_len)
+
+    def decode_step(self, tokens: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
+        """Logits (B*group, V) for the next token after `tokens` (B*group,), the newest input position."""
+        j = cache.length
+        if j >= cache.max_len:
+            raise ValueError(f"decoder cache is full ({cache.max_len} positions)")
+        h = self._embed(tokens[:, None], torch.full((1,), j, device=tokens.device, dtype=torch.long))
+        outs = []
+        for layer, cross, dyn in zip(self.decoders, cache.cross, cache.dyn):
+            h = layer.step(h, cross, dyn, cache.group)
+            outs.append(h)
+        cache.advance()
+        return self._head(outs)[:, 0]

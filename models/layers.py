@@ -1,0 +1,248 @@
+"""ExpansionNet building blocks: static and dynamic expansion, (memory-augmented) attention, feed-forward, embedding.
+
+Parameter names follow the official ExpansionNet v2 release so its checkpoint loads by name. The incremental
+(`step`) paths are exact re-arrangements of the full computations; see docs/decoding.md for why.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.cache import DynamicExpansionCache
+
+EXP_EPS = 1e-9  # normalisation epsilon of the expansion blocks (the reference's value)
+
+
+def _normalise(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    return x / (x.sum(dim=dim, keepdim=True) + EXP_EPS)
+
+
+class GatedLinear(nn.Module):
+    """Linear projection, optionally followed by the multiplicative residual gate v * sigmoid(W' v)."""
+
+    def __init__(self, d_model: int, gated: bool) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d_model, d_model)
+        self.gate = nn.Linear(d_model, d_model) if gated else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.proj(x)
+        return v * torch.sigmoid(self.gate(v)) if self.gate is not None else v
+
+
+class FeedForward(nn.Module):
+    """Linear -> ReLU -> Dropout -> Linear."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(d_model, d_ff)
+        self.dropout = nn.Dropout(dropout)
+        self.linear_2 = nn.Linear(d_ff, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.dropout(F.relu(self.linear_1(x))))
+
+
+class EmbeddingLayer(nn.Module):
+    """Token embedding with dropout applied before the sqrt(d_model) scale, as in the reference."""
+
+    def __init__(self, vocab_size: int, d_model: int, dropout: float) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.scale = math.sqrt(d_model)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.embed(tokens)) * self.scale
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with optional learned memory slots (Meshed-Memory Transformer style).
+
+    With m memory slots, keys are concat(W_k x, sqrt(d_k) m_k) and values concat(W_v x, sqrt(m) m_v); padding masks
+    apply to the real keys only, memory slots are always visible.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, memory_slots: int = 0) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.d_k = d_model // num_heads
+        self.memory_slots = memory_slots
+        self.Wq = nn.Linear(d_model, d_model)
+        self.Wk = nn.Linear(d_model, d_model)
+        self.Wv = nn.Linear(d_model, d_model)
+        self.out_linear = nn.Linear(d_model, d_model)
+        if memory_slots > 0:
+            self.m_k = nn.Parameter(torch.randn(1, memory_slots, d_model) * (1.0 / self.d_k) ** 0.5)
+            self.m_v = nn.Parameter(torch.randn(1, memory_slots, d_model) * (1.0 / memory_slots) ** 0.5)
+
+    def project_kv(self, kv: torch.Tensor, key_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                       torch.Tensor | None]:
+        """Keys, values (B, h, N[+m], d_k) and additive mask (B, 1, 1, N[+m]) for inputs kv (B, N, D)."""
+        B, N, _ = kv.shape
+        k, v = self.Wk(kv), self.Wv(kv)
+        if self.memory_slots > 0:
+            k = torch.cat([k, math.sqrt(self.d_k) * self.m_k.expand(B, -1, -1)], dim=1)
+            v = torch.cat([v, math.sqrt(self.memory_slots) * self.m_v.expand(B, -1, -1)], dim=1)
+            if key_mask is not None:
+                key_mask = torch.cat([key_mask, key_mask.new_ones(B, self.memory_slots)], dim=1)
+        k = k.view(B, -1, self.num_heads, self.d_k).transpose(1, 2)
+        v = v.view(B, -1, self.num_heads, self.d_k).transpose(1, 2)
+        bias = None
+        if key_mask is not None:
+            bias = torch.zeros(key_mask.shape, dtype=k.dtype, device=k.device).masked_fill(~key_mask, -1e4)
+            bias = bias[:, None, None, :]
+        return k, v, bias
+
+    def attend(self, q_in: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+               causal: bool = False) -> torch.Tensor:
+        """q_in (B, T, D) against projected keys/values (B, h, S, d_k); returns (B, T, D)."""
+        B, T, D = q_in.shape
+        q = self.Wq(q_in).view(B, T, self.num_heads, self.d_k).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal)
+        return self.out_linear(out.transpose(1, 2).reshape(B, T, D))
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """q (B, T, D), kv (B, N, D), key_mask (B, N) bool, True where the key is real."""
+        k, v, bias = self.project_kv(kv, key_mask)
+        return self.attend(q, k, v, bias)
+
+
+class StaticExpansionBlock(nn.Module):
+    """Block static expansion: the N input tokens are expanded into sum(num_exp_list) rows and read back per block."""
+
+    def __init__(self, d_model: int, num_exp_list: tuple[int, ...], dropout: float, gated: bool = False) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.num_exp_list = tuple(num_exp_list)
+        total = sum(num_exp_list)
+        self.query_exp_vectors = nn.Embedding(total, d_model)
+        self.bias_exp_vectors = nn.Embedding(total, d_model)
+        self.key_embed = nn.Linear(d_model, d_model)
+        self.class_a_embed = nn.Linear(d_model, d_model)
+        self.class_b_embed = nn.Linear(d_model, d_model)
+        self.selector_embed = nn.Linear(d_model, d_model)
+        if gated:
+            self.class_a_gate = nn.Linear(d_model, d_model)
+            self.class_b_gate = nn.Linear(d_model, d_model)
+        self.gated = gated
+        self.Z_dropout = nn.Dropout(dropout)
+        self.dropout_class_a_fw = nn.Dropout(dropout)
+        self.dropout_class_b_fw = nn.Dropout(dropout)
+        self.dropout_class_a_bw = nn.Dropout(dropout)
+        self.dropout_class_b_bw = nn.Dropout(dropout)
+        block_index = torch.tensor([b for b, n in enumerate(num_exp_list) for _ in range(n)], dtype=torch.long)
+        self.register_buffer("block_index", block_index, persistent=False)
+
+    def values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        va, vb = self.class_a_embed(x), self.class_b_embed(x)
+        if self.gated:
+            va = va * torch.sigmoid(self.class_a_gate(va))
+            vb = vb * torch.sigmoid(self.class_b_gate(vb))
+        return va, vb
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, D) layer-normed tokens, key_mask (B, N) bool; returns (B, N, D)."""
+        B, N, D = x.shape
+        q = self.query_exp_vectors.weight  # (E, D)
+        bias = self.bias_exp_vectors.weight  # (E, D)
+        z = self.Z_dropout(torch.matmul(q, self.key_embed(x).transpose(1, 2)) / math.sqrt(D))  # (B, E, N)
+        za, zb = F.relu(z), F.relu(-z)
+        if key_mask is not None:
+            keep = key_mask[:, None, :].to(z.dtype)
+            za, zb = za * keep, zb * keep
+        va, vb = self.values(x)
+        ca = self.dropout_class_a_fw(torch.matmul(_normalise(za), va) + bias)  # (B, E, D)
+        cb = self.dropout_class_b_fw(torch.matmul(_normalise(zb), vb) + bias)
+        # backward step: per-block normalisation over the expansion axis, then the mean over the blocks
+        wa = self._block_normalise(F.relu(z.transpose(1, 2)))  # (B, N, E)
+        wb = self._block_normalise(F.relu(-z.transpose(1, 2)))
+        num_blocks = len(self.num_exp_list)
+        oa = self.dropout_class_a_bw(torch.matmul(wa, ca) / num_blocks)
+        ob = self.dropout_class_b_bw(torch.matmul(wb, cb) / num_blocks)
+        s = torch.sigmoid(self.selector_embed(x))
+        return s * oa + (1 - s) * ob
+
+    def _block_normalise(self, w: torch.Tensor) -> torch.Tensor:
+        sums = w.new_zeros(*w.shape[:-1], len(self.num_exp_list)).index_add_(-1, self.block_index, w)
+        return w / (sums.index_select(-1, self.block_index) + EXP_EPS)
+
+
+class DynamicExpansionBlock(nn.Module):
+    """Dynamic expansion over a causal token sequence; `step` processes one new position from a cache."""
+
+    def __init__(self, d_model: int, num_exp: int, dropout: float, gated: bool = False) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.num_exp = num_exp
+        self.cond_embed = nn.Linear(d_model, d_model)
+        self.query_exp_vectors = nn.Embedding(num_exp, d_model)
+        self.bias_exp_vectors = nn.Embedding(num_exp, d_model)
+        self.key_linear = nn.Linear(d_model, d_model)
+        self.class_a_embed = nn.Linear(d_model, d_model)
+        self.class_b_embed = nn.Linear(d_model, d_model)
+        self.selector_embed = nn.Linear(d_model, d_model)
+        if gated:
+            self.class_a_gate = nn.Linear(d_model, d_model)
+            self.class_b_gate = nn.Linear(d_model, d_model)
+        self.gated = gated
+        self.Z_dropout = nn.Dropout(dropout)
+        self.dropout_class_a_fw = nn.Dropout(dropout)
+        self.dropout_class_b_fw = nn.Dropout(dropout)
+        self.dropout_class_a_bw = nn.Dropout(dropout)
+        self.dropout_class_b_bw = nn.Dropout(dropout)
+
+    values = StaticExpansionBlock.values
+
+    def _expand(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expanded queries and biases (B, T, E, D) of every position."""
+        c = self.cond_embed(x).unsqueeze(2)
+        return self.query_exp_vectors.weight + c, self.bias_exp_vectors.weight + c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D) layer-normed; causal. Returns (B, T, D). Right padding never reaches earlier positions."""
+        B, T, D = x.shape
+        E = self.num_exp
+        qe, be = self._expand(x)
+        qe, be = qe.reshape(B, T * E, D), be.reshape(B, T * E, D)  # row t*E+e
+        k = self.key_linear(x)
+        z = self.Z_dropout(torch.matmul(qe, k.transpose(1, 2)) / math.sqrt(D))  # (B, TE, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (t, s): s <= t
+        fw_mask = causal.repeat_interleave(E, dim=0).to(z.dtype)  # (TE, T)
+        va, vb = self.values(x)
+        ca = self.dropout_class_a_fw(torch.matmul(_normalise(F.relu(z) * fw_mask), va))
+        cb = self.dropout_class_b_fw(torch.matmul(_normalise(F.relu(-z) * fw_mask), vb))
+        zt = z.transpose(1, 2)  # (B, T, TE)
+        bw_mask = causal.repeat_interleave(E, dim=1).to(z.dtype)  # (T, TE): row t reads expanded rows of s <= t
+        oa = self.dropout_class_a_bw(torch.matmul(_normalise(F.relu(zt) * bw_mask), ca + be))
+        ob = self.dropout_class_b_bw(torch.matmul(_normalise(F.relu(-zt) * bw_mask), cb + be))
+        s = torch.sigmoid(self.selector_embed(x))
+        return s * oa + (1 - s) * ob
+
+    def step(self, x: torch.Tensor, cache: DynamicExpansionCache) -> torch.Tensor:
+        """One new position x (B, 1, D) at index cache.length; appends to the cache and returns (B, 1, D)."""
+        B, _, D = x.shape
+        E = self.num_exp
+        j = cache.length
+        qe, be = self._expand(x)  # (B, 1, E, D)
+        qe, be = qe.view(B, E, D), be.view(B, E, D)
+        va, vb = self.values(x)
+        cache.k[:, j] = self.key_linear(x)[:, 0]
+        cache.va[:, j], cache.vb[:, j] = va[:, 0], vb[:, 0]
+        k = cache.k[:, : j + 1]  # (B, j+1, D)
+        z = self.Z_dropout(torch.matmul(qe, k.transpose(1, 2)) / math.sqrt(D))  # (B, E, j+1): rows of position j
+        ca = self.dropout_class_a_fw(torch.matmul(_normalise(F.relu(z)), cache.va[:, : j + 1]))
+        cb = self.dropout_class_b_fw(torch.matmul(_normalise(F.relu(-z)), cache.vb[:, : j + 1]))
+        rows = slice(j * E, (j + 1) * E)
+        cache.qe[:, rows], cache.ca_be[:, rows], cache.cb_be[:, rows] = qe, ca + be, cb + be
+        n = (j + 1) * E
+        zb = torch.matmul(k[:, j:], cache.qe[:, :n].transpose(1, 2)) / math.sqrt(D)  # (B, 1, n)
+        zb = self.Z_dropout(zb)
+        oa = self.dropout_class_a_bw(torch.matmul(_normalise(F.relu(zb)), cache.ca_be[:, :n]))
+        ob = self.dropout_class_b_bw(torch.matmul(_normalise(F.relu(-zb)), cache.cb_be[:, :n]))
+        s = torch.sigmoid(self.selector_embed(x))
+        return s * oa + (1 - s) * ob

@@ -1,0 +1,1 @@
+"""Small shared helpers: checkpoint files, distributed setup, logging, plots."""
