@@ -130,30 +130,35 @@ def to_rgb(image: Image.Image, name: str = "<PIL image>") -> Image.Image:
     scaled by 255 when its values lie in [0, 1] and clipped to [0, 255] otherwise.
     """
     mode = image.mode
-    if mode == "RGB":
+    transparency = image.info.get("transparency")
+    if mode == "RGB" and transparency is None:
         return image
     try:
-        if mode in _ALPHA_MODES or image.info.get("transparency") is not None or _has_palette_alpha(image):
-            rgba = image.convert("RGBA") if mode not in ("La", "LA") else image.convert("LA").convert("RGBA")
+        if mode in _SIXTEEN_BIT_MODES or mode in ("I", "F"):
+            raw = np.asarray(image)
+            gray = _numeric_to_8bit_range(raw.astype(np.float64), mode)
+            if isinstance(transparency, (int, float)):  # a transparent gray value (PNG tRNS) becomes white
+                gray = np.where(raw == transparency, 255.0, gray)
+            return _gray_array_to_rgb(gray)
+        if mode in _ALPHA_MODES or transparency is not None or _has_palette_alpha(image):
+            rgba = image.convert("LA").convert("RGBA") if mode == "La" else image.convert("RGBA")
             background = Image.new("RGBA", image.size, _WHITE)
             return Image.alpha_composite(background, rgba).convert("RGB")
-        if mode in _SIXTEEN_BIT_MODES:
-            values = np.asarray(image).astype(np.float64) / 257.0
-            return _gray_array_to_rgb(values)
-        if mode == "I":
-            values = np.asarray(image).astype(np.float64)
-            if values.size and values.max() > 255:
-                values = values / 257.0
-            return _gray_array_to_rgb(values)
-        if mode == "F":
-            values = np.asarray(image).astype(np.float64)
-            finite = values[np.isfinite(values)]
-            if finite.size and finite.min() >= 0.0 and finite.max() <= 1.0:
-                values = values * 255.0
-            return _gray_array_to_rgb(np.nan_to_num(values, nan=0.0, posinf=255.0, neginf=0.0))
         return image.convert("RGB")
     except (ValueError, OSError) as exc:
         raise ImageLoadError(f"{name}: cannot convert image mode {mode!r} to RGB ({exc})") from None
+
+
+def _numeric_to_8bit_range(values: np.ndarray, mode: str) -> np.ndarray:
+    """Scale 16-bit, 32-bit integer or float gray values to the 0-255 range (not yet rounded or clipped)."""
+    if mode in _SIXTEEN_BIT_MODES:
+        return values / 257.0
+    if mode == "I":
+        return values / 257.0 if values.size and values.max() > 255 else values
+    finite = values[np.isfinite(values)]
+    if finite.size and finite.min() >= 0.0 and finite.max() <= 1.0:
+        values = values * 255.0
+    return np.nan_to_num(values, nan=0.0, posinf=255.0, neginf=0.0)
 
 
 def _has_palette_alpha(image: Image.Image) -> bool:
@@ -243,8 +248,7 @@ def _check_tensor(item: torch.Tensor, position: int, height: int, width: int) ->
             "(or the raw image, which will be preprocessed)"
         )
     expected = f"(3, {height}, {width}) or (B, 3, {height}, {width})"
-    if item.dim() == 3:
-        item = item.unsqueeze(0)
-    if item.dim() != 4 or tuple(item.shape[1:]) != (3, height, width):
+    batch = item.unsqueeze(0) if item.dim() == 3 else item
+    if batch.dim() != 4 or tuple(batch.shape[1:]) != (3, height, width):
         raise ValueError(f"image {position}: tensor shape {tuple(item.shape)} does not match {expected}")
-    return item.detach().to(device="cpu", dtype=torch.float32)
+    return batch.detach().to(device="cpu", dtype=torch.float32)

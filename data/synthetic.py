@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -146,6 +147,8 @@ class SyntheticConfig:
 
 @dataclass(frozen=True)
 class _Object:
+    """One drawn shape: what it is, where (pixels), its exact colour and the index of its group."""
+
     shape: str
     colour: str
     size: str
@@ -159,6 +162,8 @@ class _Object:
 
 @dataclass(frozen=True)
 class _Group:
+    """Objects sharing colour, shape and size; a caption names each group once ('two red circles')."""
+
     colour: str
     shape: str
     count: int
@@ -167,6 +172,8 @@ class _Group:
 
 @dataclass(frozen=True)
 class _Scene:
+    """Everything needed to render an image and caption it."""
+
     background: str
     brightness: str
     bg_rgb: tuple[int, int, int]
@@ -205,6 +212,7 @@ def _location_of(x: float, y: float, size: int) -> str | None:
     margin = 0.04 * size
 
     def zone(v: float, names: tuple[str, str, str]) -> str | None:
+        """The third of the side that v is clearly inside (margin from inner borders), else None."""
         for k, name in enumerate(names):
             lo, hi = k * size / 3, (k + 1) * size / 3
             if lo + (margin if k else -1) <= v <= hi - (margin if k < 2 else -1):
@@ -592,6 +600,7 @@ def caption_from_ground_truth(entry: Mapping[str, Any]) -> str:
     """
 
     def phrase(g: Mapping[str, Any]) -> list[str]:
+        """'a small red circle' with canonical words."""
         noun = SHAPE_NOUNS[g["shape"]][0][0 if g["count"] == 1 else 1]
         return [COUNT_WORDS[int(g["count"])][0], g["size"], g["colour"], noun]
 
@@ -656,21 +665,17 @@ def _parse_mentions(caption: str) -> list[tuple[str | None, str, int | None]]:
     return mentions
 
 
-_PARSE_VOCAB: dict[str, Any] = {}
-
-
+@functools.lru_cache(maxsize=1)
 def _parse_vocab() -> dict[str, Any]:
     """Word -> canonical lookups for the caption parser (built once, lazily)."""
-    if not _PARSE_VOCAB:
-        v = shape_vocabulary()
-        _PARSE_VOCAB.update(
-            shape_words=v["shape_words"],
-            colour_words=v["colour_words"],
-            size_words=v["size_words"],
-            counts=v["counts"],
-            plurals=frozenset(v["shape_plurals"]),
-        )
-    return _PARSE_VOCAB
+    v = shape_vocabulary()
+    return {
+        "shape_words": v["shape_words"],
+        "colour_words": v["colour_words"],
+        "size_words": v["size_words"],
+        "counts": v["counts"],
+        "plurals": frozenset(v["shape_plurals"]),
+    }
 
 
 def grounded_accuracy(captions: Mapping[int, str], ground_truth_path: str | Path) -> dict[str, float]:
@@ -739,6 +744,7 @@ def grounded_accuracy(captions: Mapping[int, str], ground_truth_path: str | Path
         scene_hits += right_counts == len(groups) and len(mentions) == len(groups)
 
     def share(a: float, b: int) -> float:
+        """a / b, or 0 for an empty denominator."""
         return float(a) / b if b else 0.0
 
     return {
@@ -790,6 +796,14 @@ def _clear_outputs(out: Path) -> None:
     (out / PARTIAL_MARKER_NAME).unlink(missing_ok=True)
 
 
+def _is_complete(out: Path, config: SyntheticConfig) -> bool:
+    """Whether out holds both json files and every image file of config (one directory listing, cheap)."""
+    if not ((out / JSON_NAME).is_file() and (out / GROUND_TRUTH_NAME).is_file() and (out / IMAGES_DIR).is_dir()):
+        return False
+    present = set(os.listdir(out / IMAGES_DIR))
+    return all(f"{imgid:06d}.png" in present for imgid in range(config.num_images))
+
+
 def generate_synthetic_dataset(
     out_dir: str | Path,
     config: SyntheticConfig = SyntheticConfig(),
@@ -799,9 +813,10 @@ def generate_synthetic_dataset(
     """Write the synthetic dataset (images, Karpathy json, ground truth) to out_dir; return the json path.
 
     Deterministic: image i depends only on (seed, i), so the same config gives byte-identical files.
-    Idempotent: if out_dir holds a complete output of the same config (marker file, written last), return at once.
-    Safe: refuse a non-empty out_dir that is neither that nor an interrupted run of ours, unless overwrite, which
-    removes only this generator's files (json files, marker, images/) before writing.
+    Idempotent: if out_dir holds a complete output of the same config (marker file, written last, and every file
+    present), return at once; an interrupted or damaged output of ours (partial marker, or same-config marker with
+    files missing) is regenerated. Safe: refuse any other non-empty out_dir (foreign files, or a dataset with another
+    config) unless overwrite, which removes only this generator's files (json files, markers, images/) first.
     """
     out = Path(out_dir)
     json_path = out / JSON_NAME
@@ -810,10 +825,10 @@ def generate_synthetic_dataset(
         raise FileExistsError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         marker = _read_json(out / MARKER_NAME)
-        if marker == payload and json_path.is_file() and (out / GROUND_TRUTH_NAME).is_file():
+        if marker == payload and _is_complete(out, config):
             return json_path
-        partial = _read_json(out / PARTIAL_MARKER_NAME)
-        if not overwrite and partial is None:
+        ours = marker == payload or (out / PARTIAL_MARKER_NAME).is_file()  # damaged or interrupted: redo it
+        if not overwrite and not ours:
             found = "a synthetic dataset with a different config" if marker is not None else "other files"
             raise FileExistsError(
                 f"refusing to write the synthetic dataset into non-empty {out}: it holds {found}; "

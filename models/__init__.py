@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import re
-
-import torch
 from torch import nn
 
-from models.backbone import create_backbone, filter_backbone_state_dict
+from models.backbone import create_backbone
 from models.config import (
     BackboneConfig,
     ModelConfig,
@@ -16,6 +13,7 @@ from models.config import (
     tiny_swinv2,
 )
 from models.expansionnet import ExpansionNet
+from models.official import clean_state_dict, official_checkpoint_filter_fn, official_model_config
 
 __all__ = [
     "BackboneConfig",
@@ -26,6 +24,7 @@ __all__ = [
     "count_parameters",
     "expansionnet_v2_config",
     "official_checkpoint_filter_fn",
+    "official_model_config",
     "optimizer_expansionnet_config",
     "tiny_swinv2",
 ]
@@ -46,23 +45,3 @@ def build_model(cfg: ModelConfig) -> ExpansionNet:
 def count_parameters(model: nn.Module, prefix: str | None = None) -> int:
     """Number of parameters, optionally only those whose name starts with prefix."""
     return sum(p.numel() for n, p in model.named_parameters() if prefix is None or n.startswith(prefix))
-
-
-def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Strip the DDP `module.` and torch.compile `_orig_mod.` prefixes."""
-    return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state_dict.items()}
-
-
-def official_checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: ExpansionNet) -> dict[str, torch.Tensor]:
-    """The official ExpansionNet v2 `model_state_dict` -> this model's layout.
-
-    Captioner keys are identical by construction; the Microsoft-layout Swin keys under `swin_transf.` go through
-    timm's filter (downsample moved to the next stage, non-learned buffers such as attn_mask dropped).
-    """
-    state_dict = clean_state_dict(state_dict)
-    captioner = {k: v for k, v in state_dict.items() if not k.startswith("swin_transf.")}
-    swin = {k[len("swin_transf."):]: v for k, v in state_dict.items() if k.startswith("swin_transf.")}
-    if swin and model.backbone is not None:
-        swin = filter_backbone_state_dict(swin, model.backbone)
-        captioner.update({"swin_transf." + k: v for k, v in swin.items()})
-    return captioner

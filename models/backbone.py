@@ -8,7 +8,7 @@ import timm
 import torch
 from torch import nn
 
-from models.config import BackboneConfig
+from models.config import BackboneConfig, backbone_preset
 
 
 class BackboneWeightsError(ValueError):
@@ -69,3 +69,22 @@ def load_backbone_state_dict(backbone: nn.Module, state_dict: dict[str, torch.Te
         raise BackboneWeightsError(f"backbone weights in {source} do not fit {type(backbone).__name__}: "
                                    + "; ".join(parts) + ". Is this the right backbone file for this model?")
     backbone.load_state_dict(state_dict, strict=True)
+
+
+def infer_backbone_config(state_dict: dict[str, torch.Tensor], img_size: int = 384) -> BackboneConfig:
+    """Recognise the two full-size Swin files by their shapes (Microsoft or timm layout): SwinV2-B or Swin-L.
+
+    Other backbones need a backbone file written by this project, which stores its config.
+    """
+    width = state_dict.get("patch_embed.proj.weight")
+    if width is None:
+        raise BackboneWeightsError("not a Swin state dict: patch_embed.proj.weight is missing")
+    width = width.shape[0]
+    is_v2 = any("cpb_mlp" in k or k.endswith("logit_scale") for k in state_dict)
+    if is_v2 and width == 128:
+        return backbone_preset("swinv2_b", img_size=img_size)
+    if not is_v2 and width == 192:
+        return backbone_preset("swin_l", img_size=img_size)
+    raise BackboneWeightsError(f"unrecognised Swin {'V2' if is_v2 else 'V1'} backbone with embed_dim {width}; "
+                               "use SwinV2-B (the seed's model), Swin-L (the baseline), or a backbone file written by "
+                               "this project (it records its own config)")

@@ -161,12 +161,20 @@ class ExpansionNet(nn.Module):
         return self.vocab_linear(self.dec_reduce_norm(h))
 
     def decode(self, tokens: torch.Tensor, memory: torch.Tensor, key_mask: torch.Tensor | None = None,
-               cross: list[CrossAttentionCache] | None = None) -> torch.Tensor:
-        """Teacher-forced logits (B, T, V) for token prefixes (B, T) starting with SOS; right padding is harmless."""
+               caption_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced logits (K, T, V) for token prefixes (K, T) starting with SOS; right padding is harmless.
+
+        memory (B, N, D) holds B images; caption_index (K,) says which image each caption reads (default: row k),
+        so an image's memory is projected once however many captions it has.
+        """
         T = tokens.shape[1]
         if T > self.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds the model's max_seq_len {self.max_seq_len}")
-        cross = cross if cross is not None else self.cross_caches(memory, key_mask)
+        cross = self.cross_caches(memory, key_mask)
+        if caption_index is not None:
+            cross = [CrossAttentionCache(c.k.index_select(0, caption_index), c.v.index_select(0, caption_index),
+                                         c.bias.index_select(0, caption_index) if c.bias is not None else None)
+                     for c in cross]
         h = self._embed(tokens, torch.arange(T, device=tokens.device))
         outs = []
         for layer, c in zip(self.decoders, cross):
@@ -175,10 +183,10 @@ class ExpansionNet(nn.Module):
         return self._head(outs)
 
     def forward(self, tokens: torch.Tensor, features: torch.Tensor | None = None, images: torch.Tensor | None = None,
-                key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Teacher forcing: logits (B, T, V) for decoder inputs tokens (B, T)."""
+                key_mask: torch.Tensor | None = None, caption_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher forcing: logits (K, T, V) for decoder inputs tokens (K, T) over B images (see decode)."""
         memory = self.encode(features=features, images=images, key_mask=key_mask)
-        return self.decode(tokens, memory, key_mask)
+        return self.decode(tokens, memory, key_mask, caption_index)
 
     def init_cache(self, memory: torch.Tensor, key_mask: torch.Tensor | None, group: int,
                    max_len: int) -> DecoderCache:

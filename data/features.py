@@ -1,0 +1,196 @@
+"""The HDF5 feature cache: one contiguous (N, tokens, channels) dataset chunked by image, plus an id index.
+
+Attributes record what produced the features (backbone name and config, weights hash, image size, dtype, source
+checkpoint) so training can refuse a file that does not match its model, and how far writing got so an interrupted
+run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+FEATURES_FORMAT = "expansionnet-features"
+FEATURES_VERSION = 1
+DTYPES = {"fp16": np.float16, "fp32": np.float32}
+
+
+class FeatureFileError(ValueError):
+    """A feature file that is missing, incomplete or does not match the model; the message names the file."""
+
+
+def required_bytes(num_images: int, tokens: int, channels: int, dtype: str) -> int:
+    """Size of the features dataset: N x tokens x channels x itemsize."""
+    return num_images * tokens * channels * np.dtype(DTYPES[dtype]).itemsize
+
+
+class FeatureWriter:
+    """Creates or resumes a feature file and appends batches in a fixed image order."""
+
+    def __init__(self, path: str | Path, image_ids: Sequence[int], tokens: int, channels: int, dtype: str,
+                 attrs: dict[str, Any], overwrite: bool = False) -> None:
+        self.path = Path(path)
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        meta = {**attrs, "tokens": tokens, "channels": channels, "dtype": dtype}
+        if self.path.exists():
+            status = inspect_feature_file(self.path)
+            if status["complete"] and not overwrite:
+                raise FileExistsError(f"{self.path} is a complete feature file; pass --overwrite to replace it")
+            if not overwrite and not self._same_job(meta, image_ids):
+                raise FileExistsError(f"{self.path} is a partial feature file of a different job (other backbone, "
+                                      "images or dtype); pass --overwrite to replace it, or choose another output path")
+            if overwrite:
+                self.path.unlink()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            needed = required_bytes(len(image_ids), tokens, channels, dtype)
+            free = shutil.disk_usage(self.path.parent).free
+            if needed > free:
+                raise OSError(f"not enough disk space for {self.path}: needs {needed / 1e9:.2f} GB, "
+                              f"{free / 1e9:.2f} GB free")
+            with h5py.File(self.path, "w") as f:
+                f.create_dataset("features", shape=(len(image_ids), tokens, channels), dtype=DTYPES[dtype],
+                                 chunks=(1, tokens, channels))
+                f.create_dataset("image_ids", data=np.asarray(image_ids, dtype=np.int64))
+                f.create_dataset("valid", shape=(len(image_ids),), dtype=bool, fillvalue=False)
+                f.attrs["format"] = FEATURES_FORMAT
+                f.attrs["format_version"] = FEATURES_VERSION
+                for k, v in meta.items():
+                    f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list, tuple)) else v
+                f.attrs["num_written"] = 0
+                f.attrs["complete"] = False
+        self._file = h5py.File(self.path, "r+")
+        self.num_written = int(self._file.attrs["num_written"])
+        self.total = len(image_ids)
+
+    def _same_job(self, meta: dict[str, Any], image_ids: Sequence[int]) -> bool:
+        with h5py.File(self.path, "r") as f:
+            for k, v in meta.items():
+                stored = f.attrs.get(k)
+                expected = json.dumps(v) if isinstance(v, (dict, list, tuple)) else v
+                if k in ("batch_size",):
+                    continue
+                if stored is None or str(stored) != str(expected):
+                    return False
+            return np.array_equal(f["image_ids"][()], np.asarray(image_ids, dtype=np.int64))
+
+    def append(self, features: np.ndarray, valid: np.ndarray | None = None) -> None:
+        """Write the next rows (B, tokens, channels) and record progress (flushed, so a kill loses nothing written).
+
+        valid (B,) marks rows whose image could be read; the others stay in the file but readers skip them.
+        """
+        n = features.shape[0]
+        ds = self._file["features"]
+        ds[self.num_written:self.num_written + n] = features.astype(ds.dtype, copy=False)
+        self._file["valid"][self.num_written:self.num_written + n] = True if valid is None else valid
+        self.num_written += n
+        self._file.attrs["num_written"] = self.num_written
+        self._file.flush()
+
+    def finish(self) -> None:
+        if self.num_written != self.total:
+            raise RuntimeError(f"{self.path}: wrote {self.num_written} of {self.total} images")
+        self._file.attrs["complete"] = True
+        self._file.close()
+
+    def close(self) -> None:
+        if self._file.id.valid:
+            self._file.close()
+
+
+def inspect_feature_file(path: str | Path) -> dict[str, Any]:
+    """Attributes of a feature file (JSON values decoded), with clear errors for non-feature files."""
+    path = Path(path)
+    if not path.is_file():
+        raise FeatureFileError(f"feature file {path} does not exist")
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != FEATURES_FORMAT:
+                raise FeatureFileError(f"{path} is not a feature file written by data_generator.py (the reference's "
+                                       "per-image layout is not supported: regenerate the features)")
+            out = {}
+            for k, v in f.attrs.items():
+                if isinstance(v, str) and v[:1] in "[{":
+                    try:
+                        v = json.loads(v)
+                    except json.JSONDecodeError:
+                        pass
+                out[k] = v.item() if isinstance(v, np.generic) else v
+            out["num_images"] = f["image_ids"].shape[0]
+            return out
+    except OSError as e:
+        raise FeatureFileError(f"{path} is not a readable HDF5 file: {e}") from e
+
+
+class FeatureReader:
+    """Random access to cached features by image id; opens the file lazily (one handle per DataLoader worker)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.attrs = inspect_feature_file(self.path)
+        if not self.attrs.get("complete"):
+            raise FeatureFileError(f"{self.path} is incomplete ({self.attrs.get('num_written')} of "
+                                   f"{self.attrs['num_images']} images): rerun data_generator.py to finish it")
+        with h5py.File(self.path, "r") as f:
+            ids = f["image_ids"][()]
+            valid = f["valid"][()]
+        self.row_of = {int(i): r for r, (i, ok) in enumerate(zip(ids, valid)) if ok}
+        self._file: h5py.File | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_file"] = None  # h5py handles do not cross process boundaries
+        return state
+
+    @property
+    def tokens(self) -> int:
+        return int(self.attrs["tokens"])
+
+    @property
+    def channels(self) -> int:
+        return int(self.attrs["channels"])
+
+    def has(self, image_id: int) -> bool:
+        return image_id in self.row_of
+
+    def read(self, image_ids: Sequence[int]) -> torch.Tensor:
+        """Features (B, tokens, channels) as float32 in the given order; one sorted HDF5 read per batch."""
+        if self._file is None:
+            self._file = h5py.File(self.path, "r", rdcc_nbytes=64 << 20)
+        try:
+            rows = np.array([self.row_of[int(i)] for i in image_ids], dtype=np.int64)
+        except KeyError as e:
+            raise FeatureFileError(f"image id {e.args[0]} is not in feature file {self.path}") from None
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        unique_rows, inverse = np.unique(sorted_rows, return_inverse=True)
+        block = self._file["features"][unique_rows]
+        out = np.empty((len(rows),) + block.shape[1:], dtype=block.dtype)
+        out[order] = block[inverse]
+        return torch.from_numpy(out).float()
+
+    def check_matches(self, backbone_config: dict[str, Any] | None, img_feature_dim: int) -> None:
+        """Refuse features from another backbone (or width) than the model being trained, saying what differs."""
+        if self.channels != img_feature_dim:
+            raise FeatureFileError(f"{self.path} holds {self.channels}-channel features but the model expects "
+                                   f"img_feature_dim {img_feature_dim}")
+        if backbone_config is None:
+            return
+        stored = self.attrs.get("backbone_config")
+        keys = ("name", "img_size", "overrides")
+        diffs = [f"{k}: file {stored.get(k)!r} vs model {backbone_config.get(k)!r}" for k in keys
+                 if isinstance(stored, dict) and _norm(stored.get(k)) != _norm(backbone_config.get(k))]
+        if diffs:
+            raise FeatureFileError(f"{self.path} was made with another backbone than this model's: " + "; ".join(diffs))
+
+
+def _norm(value: Any) -> Any:
+    return json.loads(json.dumps(value)) if value is not None else None

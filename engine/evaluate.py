@@ -1,0 +1,107 @@
+"""Caption a split (sharded over processes, batch halved on out-of-memory) and score it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm import tqdm
+
+from data.captions import ImageRecord
+from data.loaders import CaptionBatch, CaptionDataset, ImageSource, ShardSampler, make_loader
+from data.vocab import Vocabulary
+from eval.cider import CiderD
+from models.decoding import beam_search
+from models.expansionnet import ExpansionNet
+from utils.dist import all_gather_objects
+from utils.runtime import autocast
+
+
+def _decode_batch(model: ExpansionNet, batch: CaptionBatch, vocab: Vocabulary, beam_size: int, max_len: int,
+                  device: torch.device, precision: str) -> list[str]:
+    batch = batch.to(device)
+    with autocast(device, precision):
+        memory = model.encode(features=batch.features, images=batch.images)
+        out = beam_search(model, memory, None, sos_idx=vocab.sos_idx, eos_idx=vocab.eos_idx, pad_idx=vocab.pad_idx,
+                          beam_size=beam_size, max_len=max_len, num_outputs=1)
+    tokens, lengths = out.tokens[:, 0].cpu().tolist(), out.lengths[:, 0].tolist()
+    return [vocab.decode(t[:n]) for t, n in zip(tokens, lengths)]
+
+
+def _split_batch(batch: CaptionBatch) -> tuple[CaptionBatch, CaptionBatch]:
+    h = len(batch) // 2
+
+    def part(sl: slice) -> CaptionBatch:
+        return CaptionBatch(batch.image_ids[sl], batch.images[sl] if batch.images is not None else None,
+                            batch.features[sl] if batch.features is not None else None, batch.tokens[:0],
+                            batch.caption_index[:0], batch.refs[sl])
+
+    return part(slice(0, h)), part(slice(h, None))
+
+
+def decode_with_backoff(model: ExpansionNet, batch: CaptionBatch, vocab: Vocabulary, beam_size: int, max_len: int,
+                        device: torch.device, precision: str) -> list[str]:
+    """Decode a batch; on CUDA out-of-memory, halve it and retry (most OOMs happen at evaluation)."""
+    try:
+        return _decode_batch(model, batch, vocab, beam_size, max_len, device, precision)
+    except torch.cuda.OutOfMemoryError:
+        if len(batch) == 1:
+            raise
+        torch.cuda.empty_cache()
+        first, second = _split_batch(batch)
+        return (decode_with_backoff(model, first, vocab, beam_size, max_len, device, precision)
+                + decode_with_backoff(model, second, vocab, beam_size, max_len, device, precision))
+
+
+@torch.no_grad()
+def caption_records(model: ExpansionNet, records: Sequence[ImageRecord], vocab: Vocabulary, source: ImageSource, *,
+                    beam_size: int, max_len: int, batch_size: int, device: torch.device, precision: str = "fp32",
+                    rank: int = 0, world: int = 1, num_workers: int = 0, progress: bool = True,
+                    desc: str = "captioning") -> tuple[dict[int, str], list[str]]:
+    """Captions for every record (gathered from all processes) and the names of unreadable images.
+
+    Each process decodes every world-th image; the gathered ids are checked to be exactly the records' ids.
+    """
+    was_training = model.training
+    model.eval()
+    dataset = CaptionDataset(records, vocab, source, mode="image")
+    loader = make_loader(dataset, ShardSampler(len(dataset), batch_size, rank, world), num_workers=num_workers,
+                         pin_memory=device.type == "cuda")
+    local: dict[int, str] = {}
+    skipped: list[str] = []
+    bar = tqdm(total=len(dataset), desc=desc, unit="img", disable=not progress or rank != 0, leave=False)
+    for batch in loader:
+        skipped.extend(batch.skipped)
+        if len(batch):
+            local.update(zip(batch.image_ids, decode_with_backoff(model, batch, vocab, beam_size, max_len, device,
+                                                                  precision)))
+        bar.update(len(batch) + len(batch.skipped))
+    bar.close()
+    model.train(was_training)
+    merged: dict[int, str] = {}
+    all_skipped: list[str] = []
+    for part, sk in all_gather_objects((local, skipped)):
+        overlap = set(merged) & set(part)
+        if overlap:
+            raise RuntimeError(f"distributed evaluation decoded {len(overlap)} images twice")
+        merged.update(part)
+        all_skipped.extend(sk)
+    expected = {r.image_id for r in records}
+    decoded_or_skipped = len(merged) + len(all_skipped)
+    if not set(merged) <= expected or decoded_or_skipped != len(expected):
+        raise RuntimeError(f"evaluation covered {len(merged)} images (+{len(all_skipped)} unreadable) but the split "
+                           f"has {len(expected)}")
+    return merged, all_skipped
+
+
+def quick_cider(predictions: dict[int, str], records: Sequence[ImageRecord]) -> float:
+    """CIDEr-D x100 with a pure-Python tokenizer and document frequencies from these references (training-time
+    validation; test.py computes the official PTB-tokenised numbers)."""
+    from eval.metrics import python_tokenize
+
+    ids = [r.image_id for r in records if r.image_id in predictions]
+    if not ids:
+        return 0.0
+    refs = {r.image_id: [python_tokenize(c) for c in r.captions] for r in records}
+    score, _ = CiderD().score([python_tokenize(predictions[i]) for i in ids], [refs[i] for i in ids])
+    return 100.0 * float(score)

@@ -1,0 +1,367 @@
+"""The training loop: XE or SCST steps over accumulation windows, evaluation, checkpoints, resume.
+
+The step kind is chosen once per run (xe_step or scst_step); the loop itself knows nothing of it. Each window of
+num_accum micro-batches is normalised by its total count (tokens or samples) over all processes, so accumulation and
+DDP give exactly the gradient of one big batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from eval.caption_stats import caption_stats
+from torch import nn
+from tqdm import tqdm
+
+from data.captions import ImageRecord
+from data.loaders import CaptionBatch, EpochBatchSampler, ImageSource
+from data.vocab import Vocabulary, tokenize
+from engine.checkpoints import save_model_checkpoint, unwrap
+from engine.evaluate import caption_records, quick_cider
+from eval.cider import CiderD
+from losses import LabelSmoothingLoss, scst_loss, scst_rewards
+from models import ModelConfig
+from models.decoding import sample
+from optims import ScheduleConfig, lr_at
+from utils.dist import DistInfo, all_reduce_sum
+from utils.plots import save_curves
+from utils.runtime import autocast
+
+CHECKPOINT_GLOB = "ckpt_e*_it*.pth"
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """What the loop needs from the run config (train.py builds it)."""
+
+    reinforce: bool
+    num_epochs: int
+    num_accum: int
+    schedule: ScheduleConfig
+    precision: str
+    eval_beam_sizes: tuple[int, ...]
+    eval_every_iter: int
+    eval_batch_size: int
+    eval_max_len: int
+    print_every_iter: int
+    save_every_minutes: float
+    how_many_checkpoints: int
+    run_dir: Path
+    phase: str
+    scst_samples: int = 5
+    scst_max_len: int = 20
+    label_smoothing: float = 0.1
+    num_workers: int = 0
+
+
+@dataclass
+class LoopState:
+    """Where training stands: saved in every checkpoint so a killed run continues exactly."""
+
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    it: int = 0
+    step: int = 0
+    best_cider: float = -1.0
+    finished: bool = False
+    skipped_images: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x: Any) -> Any:
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def scst_words(tokens: list[int], vocab: Vocabulary) -> str:
+    """A sampled caption as the reward sees it: its words with EOS kept (as the token 'EOS'), SOS and PAD dropped."""
+    out = []
+    for t in tokens:
+        if t == vocab.pad_idx:
+            break
+        out.append(vocab.tokens[t])
+        if t == vocab.eos_idx:
+            break
+    return " ".join(out)
+
+
+def reward_reference(caption: str) -> str:
+    """A reference as the reward sees it: tokenised like training, with EOS appended."""
+    return " ".join(tokenize(caption) + ["EOS"])
+
+
+class Trainer:
+    """Runs one phase: owns the optimizer, scaler, sampler and state; the model may be DDP-wrapped."""
+
+    def __init__(self, model: nn.Module, config: ModelConfig, vocab: Vocabulary, optimizer: torch.optim.Optimizer,
+                 train_records: list[ImageRecord], val_records: list[ImageRecord], source: ImageSource,
+                 loader_factory: Callable[[EpochBatchSampler], Any], sampler: EpochBatchSampler,
+                 settings: LoopSettings, dist: DistInfo, run_config: dict[str, Any], extra_ckpt: dict[str, Any]):
+        self.model, self.config, self.vocab, self.optimizer = model, config, vocab, optimizer
+        self.raw = unwrap(model)
+        self.train_records, self.val_records, self.source = train_records, val_records, source
+        self.loader_factory, self.sampler, self.s, self.dist = loader_factory, sampler, settings, dist
+        self.run_config, self.extra_ckpt = run_config, extra_ckpt
+        self.device = dist.device
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=settings.precision == "fp16")
+        self.state = LoopState()
+        self.xe_loss = LabelSmoothingLoss(config.vocab_size, vocab.pad_idx, settings.label_smoothing)
+        self.cider: CiderD | None = None
+        if settings.reinforce:
+            self.cider = CiderD(df_refs=[[reward_reference(c) for c in r.captions] for r in train_records])
+        self.log_path = settings.run_dir / "metrics.jsonl"
+        self.last_save = time.monotonic()
+
+    # ------------------------------------------------------------------ steps
+    def xe_step(self, batch: CaptionBatch, denom: float) -> dict[str, float]:
+        """Teacher-forced label-smoothed XE; the summed loss is divided by the window's token count."""
+        inputs, targets = batch.tokens[:, :-1], batch.tokens[:, 1:]
+        with autocast(self.device, self.s.precision):
+            logits = self.model(inputs, features=batch.features, images=batch.images,
+                                caption_index=batch.caption_index)
+        loss_sum, _ = self.xe_loss(logits, targets)
+        loss = loss_sum / denom
+        self._backward(loss, {"loss_sum": loss_sum.item()})
+        return {"loss_sum": loss_sum.item()}
+
+    def scst_step(self, batch: CaptionBatch, denom: float) -> dict[str, float]:
+        """Sample k captions per image without gradient (cached decoder, dropout on), reward them with CIDEr-D
+        (EOS counted, leave-one-out baseline), then re-score them in one teacher-forced pass with gradient."""
+        v, k = self.vocab, self.s.scst_samples
+        reuse = not self.dist.distributed  # under DDP the gradient pass must go through the wrapper's forward
+        with autocast(self.device, self.s.precision), torch.set_grad_enabled(reuse):
+            memory = self.raw.encode(features=batch.features, images=batch.images)
+            out = sample(self.raw, memory.detach(), None, sos_idx=v.sos_idx, eos_idx=v.eos_idx, pad_idx=v.pad_idx,
+                         num_samples=k, max_len=self.s.scst_max_len)
+        tokens = out.tokens.flatten(0, 1)  # (B*k, L)
+        lengths = out.lengths.flatten()
+        rows = tokens.cpu().tolist()
+        hyps = [scst_words(t, v) for t in rows]
+        refs = [[reward_reference(c) for c in caps] for caps in batch.refs for _ in range(k)]
+        rewards, baseline = scst_rewards(self.cider, hyps, refs, k)
+        inputs = torch.cat([torch.full_like(tokens[:, :1], v.sos_idx), tokens[:, :-1]], dim=1)
+        image_index = torch.arange(len(batch), device=self.device).repeat_interleave(k)
+        with autocast(self.device, self.s.precision):
+            if reuse:
+                logits = self.raw.decode(inputs, memory, caption_index=image_index)
+            else:
+                logits = self.model(inputs, features=batch.features, images=batch.images, caption_index=image_index)
+        logp = F.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        mask = (torch.arange(tokens.shape[1], device=self.device)[None, :] < lengths[:, None]).float()
+        loss = scst_loss(logp, mask, rewards, baseline) * (len(rows) / denom)
+        self._backward(loss, {"reward": rewards.mean().item()})
+        texts = [v.decode(t) for t in rows]
+        stats = caption_stats(texts)
+        return {"reward_sum": rewards.sum().item(), "baseline_sum": baseline.sum().item(),
+                "length_sum": float(sum(len(t.split()) for t in texts)),
+                "dangling_sum": stats["dangling_share"] * len(texts)}
+
+    def _backward(self, loss: torch.Tensor, terms: dict[str, float]) -> None:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at iteration {self.state.it} (phase "
+                                     f"{self.s.phase}, epoch {self.state.epoch}); terms: {terms}")
+        self.scaler.scale(loss).backward()
+
+    def _count(self, batch: CaptionBatch) -> int:
+        if self.s.reinforce:
+            return len(batch) * self.s.scst_samples
+        return int((batch.tokens[:, 1:] != self.vocab.pad_idx).sum())
+
+    # ------------------------------------------------------------------ loop
+    def _windows(self, loader_iter: Iterator[CaptionBatch], remaining: int) -> Iterator[list[CaptionBatch]]:
+        while remaining > 0:
+            n = min(self.s.num_accum, remaining)
+            window = [next(loader_iter) for _ in range(n)]
+            remaining -= n
+            yield window
+
+    def train(self) -> LoopState:
+        """Run (or continue) every remaining epoch; returns the final state."""
+        st, s = self.state, self.s
+        step_fn = self.scst_step if s.reinforce else self.xe_step
+        self.model.train()
+        if self.dist.is_main:
+            eff = self.sampler.batch_size * self.dist.world * s.num_accum
+            print(f"[{s.phase}] {len(self.train_records)} train images, {len(self.sampler)} batches/epoch, "
+                  f"effective batch {eff}{' images' if s.reinforce else ' captions'}, "
+                  f"lr {s.schedule.lr:g} ({s.schedule.sched_type}), {s.num_epochs} epochs, run folder {s.run_dir}",
+                  flush=True)
+        while st.epoch < s.num_epochs:
+            self.sampler.set_epoch(st.epoch, st.batch_in_epoch)
+            loader_iter = iter(self.loader_factory(self.sampler))
+            remaining = len(self.sampler) - st.batch_in_epoch
+            bar = tqdm(total=len(self.sampler), initial=st.batch_in_epoch, desc=f"{s.phase} epoch {st.epoch + 1}",
+                       unit="it", disable=not self.dist.is_main, dynamic_ncols=True)
+            sums: dict[str, float] = {}
+            counted = 0
+            for fetched in self._windows(loader_iter, remaining):
+                st.skipped_images += sum(len(b.skipped) for b in fetched)
+                window = [b.to(self.device) for b in fetched if len(b)]
+                count = torch.tensor(float(sum(self._count(b) for b in window)), device=self.device)
+                total = float(all_reduce_sum(count).item())
+                denom = max(total, 1.0) / self.dist.world
+                lr = lr_at(st.it + len(fetched) - 1, s.schedule)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+                for i, b in enumerate(window):
+                    sync = i == len(window) - 1
+                    ctx = self.model.no_sync() if (self.dist.distributed and not sync) else contextlib.nullcontext()
+                    with ctx:
+                        terms = step_fn(b, denom)
+                    for key, val in terms.items():
+                        sums[key] = sums.get(key, 0.0) + val
+                counted += int(count.item())
+                if window:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                before = st.it
+                st.it += len(fetched)
+                st.batch_in_epoch += len(fetched)
+                st.step += 1
+                bar.update(st.it - before)
+                summary = self._summary(sums, counted, lr)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in summary.items() if k != "lr"} | {"lr": f"{lr:.2e}"})
+                if st.it // s.print_every_iter != before // s.print_every_iter:
+                    self._log({"type": "train", "epoch": st.epoch, "it": st.it, **summary})
+                    sums, counted = {}, 0
+                if s.eval_every_iter > 0 and st.it // s.eval_every_iter != before // s.eval_every_iter \
+                        and st.batch_in_epoch < len(self.sampler):
+                    self.evaluate()
+                if (time.monotonic() - self.last_save) / 60.0 >= s.save_every_minutes:
+                    self.save()
+            bar.close()
+            if counted:
+                self._log({"type": "train", "epoch": st.epoch, "it": st.it, **self._summary(sums, counted, lr)})
+            if st.skipped_images and self.dist.is_main:
+                print(f"[{s.phase}] epoch {st.epoch + 1}: {st.skipped_images} unreadable images skipped so far")
+            st.epoch += 1
+            st.batch_in_epoch = 0
+            self.evaluate()
+            self.save()
+        st.finished = True
+        self.save()
+        self.plot()
+        return st
+
+    def _summary(self, sums: dict[str, float], counted: int, lr: float) -> dict[str, float]:
+        if not counted:
+            return {"lr": lr}
+        if self.s.reinforce:
+            return {"reward": sums.get("reward_sum", 0) / counted, "baseline": sums.get("baseline_sum", 0) / counted,
+                    "mean_length": sums.get("length_sum", 0) / counted,
+                    "dangling_share": sums.get("dangling_sum", 0) / counted, "lr": lr}
+        return {"loss": sums.get("loss_sum", 0) / counted, "lr": lr}
+
+    # ------------------------------------------------------------------ evaluation, saving, logs
+    def evaluate(self) -> float | None:
+        """Beam-search the val split at each eval beam size; keeps best.pth by CIDEr-D of the first beam size."""
+        s, st = self.s, self.state
+        if not self.val_records:
+            return None
+        first = None
+        max_len = s.scst_max_len if s.reinforce else s.eval_max_len
+        for beam in s.eval_beam_sizes:
+            preds, skipped = caption_records(self.raw, self.val_records, self.vocab, self.source, beam_size=beam,
+                                             max_len=max_len, batch_size=s.eval_batch_size, device=self.device,
+                                             precision=s.precision, rank=self.dist.rank, world=self.dist.world,
+                                             num_workers=s.num_workers, desc=f"val beam {beam}")
+            cider = quick_cider(preds, self.val_records)
+            stats = caption_stats(list(preds.values()))
+            self._log({"type": "val", "epoch": st.epoch, "it": st.it, "beam": beam, "cider": cider,
+                       "mean_length": stats["mean_length"], "dangling_share": stats["dangling_share"],
+                       "skipped": len(skipped)})
+            if self.dist.is_main:
+                print(f"[{s.phase}] val (it {st.it}, beam {beam}): CIDEr-D {cider:.2f}, mean length "
+                      f"{stats['mean_length']:.1f}, dangling {100 * stats['dangling_share']:.1f}%", flush=True)
+            first = cider if first is None else first
+        if first is not None and first > st.best_cider:
+            st.best_cider = first
+            self.save(name="best.pth", rolling=False)
+        self.model.train()
+        return first
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        st = self.state
+        return {
+            "phase": self.s.phase,
+            "train_config": self.run_config,
+            "train_state": {"epoch": st.epoch, "batch_in_epoch": st.batch_in_epoch, "it": st.it, "step": st.step,
+                            "best_cider": st.best_cider, "finished": st.finished,
+                            "skipped_images": st.skipped_images},
+            "optimizer_state_dict": self.optimizer.state_dict(),
+            "scaler_state_dict": self.scaler.state_dict(),
+            "rng_state": rng_state(),
+            **self.extra_ckpt,
+        }
+
+    def save(self, name: str | None = None, rolling: bool = True) -> None:
+        """Atomic save into the run folder; only this run's rolling files are pruned."""
+        self.last_save = time.monotonic()
+        if not self.dist.is_main:
+            return
+        st = self.state
+        name = name or f"ckpt_e{st.epoch:03d}_it{st.it:09d}.pth"
+        save_model_checkpoint(self.s.run_dir / name, self.model, self.config, self.vocab, **self.checkpoint_extra())
+        if rolling:
+            files = sorted(self.s.run_dir.glob(CHECKPOINT_GLOB))
+            for old in files[:-max(self.s.how_many_checkpoints, 1)]:
+                old.unlink()
+
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        """Continue from a checkpoint of this run: optimizer, scaler, counters and RNG states."""
+        ts = ckpt["train_state"]
+        self.state = LoopState(epoch=ts["epoch"], batch_in_epoch=ts["batch_in_epoch"], it=ts["it"], step=ts["step"],
+                               best_cider=ts["best_cider"], finished=ts["finished"],
+                               skipped_images=ts.get("skipped_images", 0))
+        self.optimizer.load_state_dict(ckpt["optimizer_state_dict"])
+        self.scaler.load_state_dict(ckpt["scaler_state_dict"])
+        set_rng_state(ckpt["rng_state"])
+
+    def _log(self, row: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
+        row = {"phase": self.s.phase, "time": time.time(), **row}
+        with open(self.log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def plot(self) -> None:
+        """Loss/reward and validation curves of this run as PNG."""
+        if not self.dist.is_main or not self.log_path.exists():
+            return
+        rows = [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
+        key = "reward" if self.s.reinforce else "loss"
+        series = {key: [(r["it"], r[key]) for r in rows if r["type"] == "train" and key in r]}
+        for beam in self.s.eval_beam_sizes:
+            series[f"val CIDEr-D (beam {beam})"] = [(r["it"], r["cider"]) for r in rows
+                                                    if r["type"] == "val" and r["beam"] == beam]
+        if any(series.values()):
+            save_curves(series, self.s.run_dir / "curves.png", title=self.s.phase)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest rolling checkpoint of a run folder (names sort by epoch and iteration)."""
+    files = sorted(run_dir.glob(CHECKPOINT_GLOB))
+    return files[-1] if files else None

@@ -1,0 +1,46 @@
+"""Device and precision helpers shared by every script: one autocast context built from a string."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+
+import numpy as np
+import torch
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """'cpu', 'cuda', 'cuda:1' or None (cpu); a clear error when CUDA is asked for but absent."""
+    device = torch.device(name or "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was requested but CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def resolve_precision(precision: str | None, device: torch.device) -> str:
+    """'auto' means bf16 on a CUDA GPU that supports it and fp32 on the CPU."""
+    if precision in (None, "auto", "none"):
+        if precision == "none":
+            return "fp32"
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return "bf16" if cuda_bf16 else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS + ('auto',)}")
+    return precision
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The one autocast context of a run: a no-op for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
