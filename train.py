@@ -7,7 +7,6 @@ run started again with the same command continues from its last checkpoint.
 from __future__ import annotations
 
 import argparse
-import ast
 import os
 import sys
 from dataclasses import asdict, dataclass, replace
@@ -34,34 +33,13 @@ from models.backbone import backbone_out_dim
 from models.config import MODEL_NAMES, optimizer_expansionnet_config
 from optims import ScheduleConfig, build_optimizer
 from utils.checkpoint import load_checkpoint_file
+from utils.cli import int_list, str2bool
 from utils.dist import cleanup, init_distributed
 from utils.runtime import resolve_precision, seed_everything
 
 # settings that may change when a killed run is started again without changing what it computes
 RESUME_NEUTRAL = {"num_workers", "save_every_minutes", "print_every_iter", "resume", "ddp_sync_port",
                   "eval_batch_size", "num_gpus", "deterministic"}
-
-
-def str2bool(value: str | bool) -> bool:
-    if isinstance(value, bool):
-        return value
-    if value.lower() in ("true", "1", "yes", "y"):
-        return True
-    if value.lower() in ("false", "0", "no", "n"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
-
-
-def int_list(value: str) -> tuple[int, ...]:
-    """'[3]', '3', '3,5' or '[3, 5]' -> (3,) / (3, 5)."""
-    try:
-        parsed = ast.literal_eval(value.strip())
-    except (ValueError, SyntaxError):
-        parsed = [int(x) for x in value.replace("[", "").replace("]", "").split(",") if x.strip()]
-    parsed = [parsed] if isinstance(parsed, int) else list(parsed)
-    if not parsed or not all(isinstance(x, int) and x > 0 for x in parsed):
-        raise argparse.ArgumentTypeError(f"expected a list of positive integers like [3] or 3,5, got {value!r}")
-    return tuple(parsed)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from tqdm import tqdm
 from data.captions import ImageRecord
 from data.loaders import CaptionBatch, CaptionDataset, ImageSource, ShardSampler, make_loader
 from data.vocab import Vocabulary
+from eval.caption_stats import caption_stats
 from eval.cider import CiderD
 from models.decoding import beam_search
 from models.expansionnet import ExpansionNet
@@ -105,3 +106,16 @@ def quick_cider(predictions: dict[int, str], records: Sequence[ImageRecord]) -> 
     refs = {r.image_id: [python_tokenize(c) for c in r.captions] for r in records}
     score, _ = CiderD().score([python_tokenize(predictions[i]) for i in ids], [refs[i] for i in ids])
     return 100.0 * float(score)
+
+
+def evaluation_report(predictions: dict[int, str], records: Sequence[ImageRecord], metrics: Sequence[str],
+                      spice_dir: str | None = None) -> dict:
+    """COCO metrics (x100, PTB-tokenised when Java works) plus caption statistics, as one JSON-able dict."""
+    from eval.metrics import score_captions
+
+    gts = {r.image_id: list(r.captions) for r in records if r.image_id in predictions}
+    res = {i: predictions[i] for i in gts}
+    report = score_captions(gts, res, metrics=metrics, spice_dir=spice_dir)
+    return {"metrics": {k: 100.0 * v for k, v in report.scores.items()}, "unavailable": report.unavailable,
+            "tokenizer": report.tokenizer, "official": report.official, "num_images": len(res),
+            "caption_stats": caption_stats(list(res.values()))}

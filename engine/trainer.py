@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from eval.caption_stats import caption_stats
 from torch import nn
 from tqdm import tqdm
 
@@ -27,6 +26,7 @@ from data.loaders import CaptionBatch, EpochBatchSampler, ImageSource
 from data.vocab import Vocabulary, tokenize
 from engine.checkpoints import save_model_checkpoint, unwrap
 from engine.evaluate import caption_records, quick_cider
+from eval.caption_stats import caption_stats
 from eval.cider import CiderD
 from losses import LabelSmoothingLoss, scst_loss, scst_rewards
 from models import ModelConfig
