@@ -14,7 +14,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], optim_type: str, lr: f
     README), or Adam with default betas. The lr is overwritten every iteration by the schedule."""
     params = [p for p in params if p.requires_grad]
     if optim_type == "radam":
-        return torch.optim.RAdam(params, lr=lr, betas=(0.9, 0.98), eps=1e-9)
+        return torch.optim.RAdam(params, lr=lr, betas=(0.9, 0.98), eps=1e-9, foreach=True)
     if optim_type == "adam":
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(params, lr=lr, foreach=True)
     raise ValueError(f"--optim_type {optim_type!r} is not one of {OPTIMIZERS}")

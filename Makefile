@@ -1,0 +1,51 @@
+# The README's commands. `make quickstart` runs the main job on the embedded synthetic dataset; `make test` runs the
+# linter and the whole test suite. Both create .venv and install requirements.txt first (skipped when unchanged).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+REQ_HASH := $(shell sha256sum requirements.txt | cut -c1-16)
+STAMP := $(VENV)/.installed-$(REQ_HASH)
+
+.PHONY: setup browser quickstart test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt
+	@echo "== setup: creating $(VENV) (if needed) and installing requirements.txt"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+	@echo "== setup: done"
+
+# Debian's chromium and chromium-driver, for the browser test of the web page
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then \
+		echo "== browser: chromium and chromedriver present"; \
+	else \
+		echo "== browser: installing Debian packages chromium and chromium-driver"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+			--no-install-recommends chromium chromium-driver >/dev/null && echo "== browser: installed"; \
+	fi
+
+quickstart: setup
+	@echo "== quickstart: the six phases on the synthetic shapes dataset (CPU), then the test-split report"
+	$(BIN)/python pipeline.py --preset quickstart
+
+lint: setup
+	$(BIN)/ruff check .
+
+test: setup browser
+	@echo "== test: ruff"
+	$(BIN)/ruff check .
+	@echo "== test: pytest (the whole suite, slow tests included)"
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf runs test-artifacts .pytest_cache

@@ -1,0 +1,118 @@
+"""After the phases: test-split metrics of the XE and SCST checkpoints, baselines, grounded accuracies, report.md."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data.captions import ImageRecord, load_records, split_records
+from data.images import open_image
+from data.loaders import ImageSource
+from data.synthetic import GROUND_TRUTH_NAME, grounded_accuracy
+from engine.checkpoints import restore_model
+from engine.evaluate import caption_records, evaluation_report
+from eval.cider import CiderD
+from eval.metrics import python_tokenize
+from utils.plots import save_caption_grid
+
+
+def evaluate_checkpoint(path: Path, records: list[ImageRecord], beam_size: int, max_len: int = 20,
+                        batch_size: int = 100, device: str = "cpu") -> tuple[dict[int, str], dict[str, Any]]:
+    """Caption a split end-to-end with a checkpoint and score it with the COCO metrics (x100)."""
+    restored = restore_model(path)
+    bb = restored.config.backbone
+    source = ImageSource(img_size=bb.img_size, mean=bb.mean, std=bb.std)
+    dev = torch.device(device)
+    preds, _ = caption_records(restored.model.to(dev), records, restored.vocab, source, beam_size=beam_size,
+                               max_len=max_len, batch_size=batch_size, device=dev, progress=False)
+    return preds, evaluation_report(preds, records, ("BLEU", "METEOR", "ROUGE_L", "CIDEr"))
+
+
+def best_constant_caption(train: list[ImageRecord], test: list[ImageRecord], candidates: int = 400
+                          ) -> tuple[str, float]:
+    """The training caption that, given to every test image, scores the highest CIDEr-D (x100) on the test
+    references: how far the language prior alone gets. The `candidates` most frequent captions are tried."""
+    counts = Counter(python_tokenize(c) for r in train for c in r.captions)
+    pool = [c for c, _ in counts.most_common(candidates)]
+    refs = [[python_tokenize(c) for c in r.captions] for r in test]
+    scorer = CiderD()
+    best, best_score = "", -1.0
+    for cand in pool:
+        score, _ = scorer.score([cand] * len(refs), refs)
+        if score > best_score:
+            best, best_score = cand, float(score)
+    return best, 100.0 * best_score
+
+
+def quickstart_report(run_dir: Path, captions_path: Path, images_path: Path, xe_checkpoint: Path,
+                      final_checkpoint: Path, manifest: dict[str, Any], beam_size: int = 3) -> dict[str, Any]:
+    """Evaluate, compare with the baselines, and write report.md, results.json and a captioned test grid PNG."""
+    splits = split_records(load_records(captions_path, images_path))
+    test = splits["test"]
+    xe_preds, xe_report = evaluate_checkpoint(xe_checkpoint, test, beam_size)
+    preds, report = evaluate_checkpoint(final_checkpoint, test, beam_size)
+    constant, constant_cider = best_constant_caption(splits["train"], test)
+    grounded = grounded_accuracy(preds, Path(captions_path).parent / GROUND_TRUTH_NAME)
+    xe_grounded = grounded_accuracy(xe_preds, Path(captions_path).parent / GROUND_TRUTH_NAME)
+    shown = test[:16]
+    grid = save_caption_grid([open_image(r.path) for r in shown], [preds[r.image_id] for r in shown],
+                             run_dir / "test_captions.png", thumb=128, columns=4, line_chars=24)
+    results = {"test_xe": xe_report, "test_final": report, "best_constant_caption": constant,
+               "best_constant_cider": constant_cider, "grounded_final": grounded, "grounded_xe": xe_grounded,
+               "beam_size": beam_size, "xe_checkpoint": str(xe_checkpoint), "final_checkpoint": str(final_checkpoint)}
+    (run_dir / "results.json").write_text(json.dumps(results, indent=1))
+    (run_dir / "predictions_test.json").write_text(json.dumps(
+        [{"image_id": i, "caption": c} for i, c in sorted(preds.items())], indent=1))
+    _copy_curves(run_dir)
+    (run_dir / "report.md").write_text(render_report(results, manifest, grid.name))
+    return results
+
+
+def _copy_curves(run_dir: Path) -> None:
+    for folder in sorted(run_dir.glob("phase*")):
+        curves = folder / "curves.png"
+        if curves.exists():
+            shutil.copyfile(curves, run_dir / f"curves-{folder.name}.png")
+
+
+def render_report(results: dict[str, Any], manifest: dict[str, Any], grid_name: str) -> str:
+    """Markdown: phases with durations, test metrics against the baseline, grounded accuracies, pictures."""
+    lines = ["# Quickstart report", "", "## Phases", "", "| phase | what | duration (s) | best val CIDEr-D |",
+             "|---|---|---|---|"]
+    total = 0.0
+    for number, rec in sorted(manifest.get("phases", {}).items(), key=lambda kv: int(kv[0])):
+        total += rec.get("duration_s", 0.0)
+        best = rec.get("metrics", {}).get("best_val_cider")
+        lines.append(f"| {number} | {rec.get('title', '')} | {rec.get('duration_s', 0):.0f} | "
+                     f"{'' if best is None else f'{best:.1f}'} |")
+    lines += [f"| | total | {total:.0f} | |", "", f"## Test split (beam {results['beam_size']})", ""]
+    names = list(results["test_final"]["metrics"])
+    lines += ["| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for label, key in (("after XE (phase 3)", "test_xe"), ("after SCST (phase 6)", "test_final")):
+        m = results[key]["metrics"]
+        lines.append(f"| {label} | " + " | ".join(f"{m[n]:.1f}" for n in names) + " |")
+    lines += ["", f"Best constant caption (the training caption scoring highest on every test image): "
+                  f"\"{results['best_constant_caption']}\", CIDEr-D {results['best_constant_cider']:.1f}.", "",
+              "## Grounded accuracies (test split)", "", "| model | colour | shape | count | object recall | "
+              "hallucination |", "|---|---|---|---|---|---|"]
+    for label, key in (("after XE", "grounded_xe"), ("after SCST", "grounded_final")):
+        g = results[key]
+        lines.append(f"| {label} | {100 * g['colour_accuracy']:.1f}% | {100 * g['shape_accuracy']:.1f}% | "
+                     f"{100 * g['count_accuracy']:.1f}% | {100 * g['object_recall']:.1f}% | "
+                     f"{100 * g['hallucination_rate']:.1f}% |")
+    unavailable = results["test_final"].get("unavailable") or {}
+    if unavailable:
+        lines += ["", "Unavailable metrics: " + "; ".join(f"{k}: {v}" for k, v in unavailable.items())]
+    lines += ["", "## Pictures", "", f"![test images with their captions]({grid_name})", ""]
+    lines += [f"![{p}]({p})" for p in sorted(f"curves-{n}.png" for n in _phase_folders(manifest))]
+    return "\n".join(lines) + "\n"
+
+
+def _phase_folders(manifest: dict[str, Any]) -> list[str]:
+    return [Path(rec["output"]).parent.name for rec in manifest.get("phases", {}).values()
+            if rec.get("output") and "features" not in Path(rec["output"]).parent.name]
