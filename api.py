@@ -1,0 +1,79 @@
+"""HTTP API for our captioner: ``uvicorn api:app --host 127.0.0.1 --port 5000`` (settings: CAPTION_* variables)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI
+from PIL import Image
+
+from serving import CaptionParams, ServingSettings, create_app, load_settings
+
+if TYPE_CHECKING:
+    import torch
+
+    from captioner import Captioner
+
+ENV_PREFIX = "CAPTION"
+MODEL_KEYS: dict[str, str | None] = {"CHECKPOINT": None, "VOCAB": None, "DEVICE": "cpu", "PRECISION": "auto"}
+
+
+class ExpansionNetBackend:
+    """Our checkpoints (or official ones with their vocabulary) behind the serving Backend protocol."""
+
+    def __init__(self, captioner: Captioner, checkpoint: str) -> None:
+        if not captioner.end_to_end:
+            raise RuntimeError(f"{checkpoint} is a features-only checkpoint (no backbone): it cannot caption images; "
+                               "serve an end-to-end checkpoint")
+        self.captioner = captioner
+        self.checkpoint = checkpoint
+        self.max_len = int(captioner.model.max_seq_len)
+
+    @classmethod
+    def load(cls, model: Mapping[str, str | None], max_pixels: int | None = None) -> ExpansionNetBackend:
+        """Load CAPTION_CHECKPOINT (+ CAPTION_VOCAB for official checkpoints) on CAPTION_DEVICE."""
+        from captioner import load_captioner
+
+        path = model.get("CHECKPOINT")
+        if not path:
+            raise RuntimeError(f"{ENV_PREFIX}_CHECKPOINT is not set: point it (or the key in the "
+                               f"{ENV_PREFIX}_API_CONFIG JSON file) to a checkpoint file")
+        captioner = load_captioner(path, device=model.get("DEVICE") or "cpu", vocab=model.get("VOCAB"),
+                                   precision=model.get("PRECISION") or "auto", max_pixels=max_pixels)
+        return cls(captioner, str(path))
+
+    def info(self) -> dict[str, Any]:
+        c = self.captioner
+        return {"backend": "expansionnet", "name": c.config.name, "checkpoint": self.checkpoint,
+                "device": str(c.device), "precision": c.precision, "vocab_size": len(c.vocab),
+                "image_size": c.config.backbone.img_size if c.config.backbone else None, "max_len": self.max_len}
+
+    def check_params(self, params: CaptionParams) -> None:
+        if params.repetition_penalty != 1.0 or params.no_repeat_ngram_size != 0:
+            raise ValueError("repetition_penalty and no_repeat_ngram_size are not supported by the ExpansionNet "
+                             "model (beam search only)")
+
+    def prepare(self, image: Image.Image) -> torch.Tensor:
+        """Resize and normalise in the request's decode thread: the queue holds (3, H, W) tensors, not photos."""
+        return self.captioner.preprocess([image])[0]
+
+    def caption_batch(self, images: Sequence[Image.Image | torch.Tensor], params: CaptionParams
+                      ) -> list[list[tuple[str, float]]]:
+        """One beam search over the whole batch (Captioner.caption runs under torch.inference_mode)."""
+        results = self.captioner.caption(list(images), beam_size=params.beam_size, max_len=params.max_len,
+                                         num_captions=params.num_captions, batch_size=max(1, len(images)))
+        return [[(c.text, c.score) for c in captions] for captions in results]
+
+
+def build_app(environ: Mapping[str, str] | None = None, settings: ServingSettings | None = None) -> FastAPI:
+    """The app for CAPTION_* settings (environment, or CAPTION_API_CONFIG); the model loads at start-up."""
+    env_settings, model = load_settings(ENV_PREFIX, MODEL_KEYS, path_keys=("CHECKPOINT", "VOCAB"), environ=environ)
+    settings = settings or env_settings
+    return create_app(lambda: ExpansionNetBackend.load(model, max_pixels=None), settings,
+                      title="ExpansionNet v2 captioning API", env_prefix=ENV_PREFIX,
+                      description="Caption images with an ExpansionNet v2 / Optimizer-ExpansionNet checkpoint. "
+                                  "The web page at / takes a photo or an image file.")
+
+
+app = build_app()

@@ -1,0 +1,125 @@
+"""Serving throughput on CPU: a real uvicorn server, one client at a time vs 16 concurrent clients (micro-batching)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    requests: int
+    concurrency: int
+    img_size: int
+    beam_size: int
+    max_len: int
+    max_batch_size: int
+    max_wait_ms: float
+    threads: int
+    output: str | None
+
+
+def parse_config(argv: list[str] | None = None) -> BenchConfig:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--requests", type=int, default=96, help="requests per phase (same total for both phases)")
+    p.add_argument("--concurrency", type=int, default=16, help="concurrent clients in the second phase")
+    p.add_argument("--img_size", type=int, default=64, help="input size of the benchmark model")
+    p.add_argument("--beam_size", type=int, default=3, help="beam width of every request")
+    p.add_argument("--max_len", type=int, default=20, help="maximum caption length of every request")
+    p.add_argument("--max_batch_size", type=int, default=16, help="CAPTION_MAX_BATCH_SIZE of the server")
+    p.add_argument("--max_wait_ms", type=float, default=5.0, help="CAPTION_MAX_WAIT_MS of the server")
+    p.add_argument("--threads", type=int, default=0, help="CAPTION_THREADS (torch threads; 0: torch's default)")
+    p.add_argument("--output", default=None, help="also write the results as JSON to this file")
+    a = p.parse_args(argv)
+    return BenchConfig(a.requests, a.concurrency, a.img_size, a.beam_size, a.max_len, a.max_batch_size,
+                       a.max_wait_ms, a.threads, a.output)
+
+
+def make_checkpoint(directory: Path, img_size: int) -> Path:
+    """A small but not trivial end-to-end model (SwinV2 3 stages, d_model 128, 2+2 layers, 500 words), random."""
+    import torch
+
+    from data.vocab import build_vocabulary
+    from engine.checkpoints import save_model_checkpoint
+    from models import ModelConfig, build_model, tiny_swinv2
+
+    vocab = build_vocabulary([" ".join(f"word{i}" for i in range(500))], min_count=1)
+    cfg = ModelConfig(name="optimizer_expansionnet", vocab_size=len(vocab), max_seq_len=32, d_model=128, N_enc=2,
+                      N_dec=2, num_heads=4, ff=512, num_exp_enc_list=(16, 32), num_exp_dec=16, img_feature_dim=128,
+                      memory_slots=8, mult_residual=True,
+                      backbone=tiny_swinv2(img_size=img_size, embed_dim=32, depths=(2, 2, 2), window_size=4))
+    torch.manual_seed(0)
+    return save_model_checkpoint(directory / "bench.pth", build_model(cfg), cfg, vocab)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100])."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+async def run_phase(base_url: str, image: bytes, query: str, total: int, concurrency: int) -> dict[str, float]:
+    """``total`` POST /predict requests from ``concurrency`` clients; requests/s and latency percentiles (ms)."""
+    import httpx
+
+    latencies: list[float] = []
+    remaining = list(range(total))
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        while remaining:
+            remaining.pop()
+            start = time.perf_counter()
+            answer = await client.post(f"/predict?{query}", files={"file": ("bench.jpg", image, "image/jpeg")})
+            latencies.append(time.perf_counter() - start)
+            answer.raise_for_status()
+
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base_url, timeout=300.0, limits=limits) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    ms = [1000 * latency for latency in latencies]
+    return {"requests": total, "clients": concurrency, "seconds": elapsed, "requests_per_s": total / elapsed,
+            "p50_ms": statistics.median(ms), "p95_ms": percentile(ms, 95)}
+
+
+def main(cfg: BenchConfig) -> dict[str, object]:
+    from serving.testing import image_bytes, uvicorn_server
+
+    image = image_bytes((640, 480), "JPEG")
+    query = f"beam_size={cfg.beam_size}&max_len={cfg.max_len}"
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = make_checkpoint(Path(tmp), cfg.img_size)
+        env = {"CAPTION_CHECKPOINT": str(checkpoint), "CAPTION_MAX_BATCH_SIZE": str(cfg.max_batch_size),
+               "CAPTION_MAX_WAIT_MS": str(cfg.max_wait_ms), "CAPTION_QUEUE_SIZE": str(4 * cfg.concurrency),
+               "CAPTION_THREADS": str(cfg.threads)}
+        with uvicorn_server("api:app", env, Path(tmp) / "server.log") as server:
+            asyncio.run(run_phase(server.base_url, image, query, 2 * cfg.concurrency, cfg.concurrency))  # warm-up
+            sequential = asyncio.run(run_phase(server.base_url, image, query, cfg.requests, 1))
+            concurrent = asyncio.run(run_phase(server.base_url, image, query, cfg.requests, cfg.concurrency))
+    ratio = concurrent["requests_per_s"] / sequential["requests_per_s"]
+    results = {"config": vars(cfg), "sequential": sequential, "concurrent": concurrent, "throughput_ratio": ratio}
+    print(f"model: {cfg.img_size} px end-to-end Optimizer-ExpansionNet (random weights), beam {cfg.beam_size}, "
+          f"max_len {cfg.max_len}, server max batch {cfg.max_batch_size}, max wait {cfg.max_wait_ms:g} ms")
+    for name, phase in (("one at a time", sequential), (f"{cfg.concurrency} concurrent", concurrent)):
+        print(f"{name:>15}: {phase['requests_per_s']:7.2f} requests/s  p50 {phase['p50_ms']:7.1f} ms  "
+              f"p95 {phase['p95_ms']:7.1f} ms  ({phase['requests']} requests in {phase['seconds']:.1f} s)")
+    print(f"throughput ratio (concurrent / sequential): {ratio:.2f}x (target >= 2x)")
+    if cfg.output:
+        Path(cfg.output).write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_config())

@@ -1,0 +1,129 @@
+"""Serving settings from environment variables or a JSON file: limits, batching, URL fetching and model keys."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("serving")
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class SettingsError(ValueError):
+    """A configuration value is missing, malformed or out of range; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    """Limits and behaviour shared by every captioning app; each field is read from ``<PREFIX>_<FIELD>``."""
+
+    max_body_bytes: int = 10 * 1024 * 1024  # whole request body (all files together), 413 above
+    max_pixels: int = 40_000_000  # width x height after the header is read, 422 above (decompression bombs)
+    max_files: int = 16  # files per /predicts request
+    max_batch_size: int = 16  # images per model call
+    max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
+    queue_size: int = 64  # images waiting for the model; 503 with Retry-After beyond
+    retry_after_s: int = 1  # Retry-After header of 503 answers
+    beam_size: int = 5  # default beam width
+    max_len: int = 20  # default maximum caption length in tokens
+    num_captions: int = 1  # default captions per image
+    max_beam_size: int = 10  # largest beam a client may ask for
+    max_len_limit: int = 64  # largest max_len a client may ask for (also capped by the model)
+    url_fetch: bool = False  # /captioned may download images
+    url_allowlist: tuple[str, ...] = ()  # host names /captioned may fetch from ("*.example.com" for subdomains)
+    url_timeout_s: float = 10.0  # whole download, DNS included
+    threads: int = 0  # torch intra-op threads per worker process (0: torch's default)
+
+    def __post_init__(self) -> None:
+        positive = ("max_body_bytes", "max_pixels", "max_files", "max_batch_size", "queue_size", "retry_after_s",
+                    "beam_size", "max_len", "num_captions", "max_beam_size", "max_len_limit", "url_timeout_s")
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise SettingsError(f"{key} must be positive, got {getattr(self, key)}")
+        if self.max_wait_ms < 0 or self.threads < 0:
+            raise SettingsError("max_wait_ms and threads must not be negative")
+        if self.beam_size > self.max_beam_size or not 1 <= self.num_captions <= self.beam_size:
+            raise SettingsError(f"defaults must satisfy num_captions ({self.num_captions}) <= beam_size "
+                                f"({self.beam_size}) <= max_beam_size ({self.max_beam_size})")
+        if self.max_len > self.max_len_limit:
+            raise SettingsError(f"default max_len {self.max_len} is above max_len_limit {self.max_len_limit}")
+
+
+def _convert(name: str, raw: Any, default: Any) -> Any:
+    """Parse an environment string (or a JSON value) into the type of the default."""
+    try:
+        if isinstance(default, bool):
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in _TRUE or text in _FALSE:
+                return text in _TRUE
+            raise ValueError(f"expected one of {sorted(_TRUE | _FALSE)}")
+        if isinstance(default, int):
+            if isinstance(raw, float) and not raw.is_integer():
+                raise ValueError("expected an integer")
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+        if isinstance(default, tuple):
+            items = raw if isinstance(raw, list) else str(raw).split(",")
+            return tuple(str(item).strip().lower() for item in items if str(item).strip())
+        return None if raw is None else str(raw)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"{name}={raw!r}: {exc}") from None
+
+
+def load_settings(prefix: str, model_keys: Mapping[str, str | None], path_keys: tuple[str, ...] = (),
+                  environ: Mapping[str, str] | None = None) -> tuple[ServingSettings, dict[str, str | None]]:
+    """Read ``<PREFIX>_API_CONFIG`` (a JSON object with the same keys as the variables), then the environment.
+
+    Environment variables win over the file. ``model_keys`` are backend-specific keys (short name -> default), e.g.
+    ``{"CHECKPOINT": None}`` for ``CAPTION_CHECKPOINT``; ``path_keys`` among them are resolved relative to the config
+    file. Returns the shared settings and the model keys by short name. Unknown keys in the file are an error.
+    """
+    env = os.environ if environ is None else environ
+    defaults = ServingSettings()
+    shared = {f.name.upper(): getattr(defaults, f.name) for f in fields(ServingSettings)}
+    known = {f"{prefix}_{key}" for key in (*shared, *model_keys)}
+    values: dict[str, Any] = {}
+    config_path = env.get(f"{prefix}_API_CONFIG")
+    if config_path:
+        values.update(_read_config_file(Path(config_path), known, {f"{prefix}_{k}" for k in path_keys}))
+    for name, raw in env.items():
+        if name in known:
+            values[name] = raw
+        elif name.startswith(f"{prefix}_") and name != f"{prefix}_API_CONFIG":
+            logger.warning("ignoring unknown setting %s (known: %s)", name, ", ".join(sorted(known)))
+    kwargs = {key.lower(): _convert(f"{prefix}_{key}", values[f"{prefix}_{key}"], default)
+              for key, default in shared.items() if f"{prefix}_{key}" in values}
+    try:
+        settings = ServingSettings(**kwargs)
+    except SettingsError as exc:
+        raise SettingsError(f"{prefix} settings: {exc}") from None
+    model = {key: (None if values.get(f"{prefix}_{key}") in (None, "") else str(values[f"{prefix}_{key}"]))
+             if f"{prefix}_{key}" in values else default for key, default in model_keys.items()}
+    return settings, model
+
+
+def _read_config_file(path: Path, known: set[str], path_keys: set[str]) -> dict[str, Any]:
+    """The JSON object of a config file; relative paths among ``path_keys`` are taken relative to the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SettingsError(f"cannot read the API config file {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"{path}: the API config file must hold a JSON object")
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise SettingsError(f"{path}: unknown keys {unknown}; known keys are {sorted(known)}")
+    for key in path_keys & set(data):
+        if isinstance(data[key], str) and data[key] and not Path(data[key]).is_absolute():
+            data[key] = str(path.parent / data[key])
+    return data

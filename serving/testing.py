@@ -1,0 +1,100 @@
+"""Helpers for tests and benchmarks: run a real uvicorn server in a subprocess and make small test images."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def image_bytes(size: tuple[int, int] = (48, 32), fmt: str = "PNG", mode: str = "RGB",
+                color: int | tuple[int, ...] = (200, 30, 30), **save_kwargs: object) -> bytes:
+    """An encoded image of one colour with a contrasting square, so that captions can differ between images."""
+    image = Image.new(mode, size, color)
+    if mode in ("RGB", "RGBA"):
+        image.paste((20, 20, 220) + ((255,) if mode == "RGBA" else ()), (0, 0, size[0] // 2, size[1] // 2))
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **save_kwargs)
+    return buffer.getvalue()
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class RunningServer:
+    """A uvicorn subprocess: its base URL (or UDS path), process and log file."""
+
+    base_url: str
+    process: subprocess.Popen
+    log_path: Path
+    uds: Path | None = None
+
+    def client(self, **kwargs: object) -> httpx.Client:
+        """An httpx client for this server (UDS transport when it listens on a socket file)."""
+        if self.uds is not None:
+            kwargs.setdefault("transport", httpx.HTTPTransport(uds=str(self.uds)))
+        return httpx.Client(base_url=self.base_url, **kwargs)  # type: ignore[arg-type]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@contextmanager
+def uvicorn_server(app: str, env: Mapping[str, str], log_path: Path, *, app_dir: Path = ROOT, cwd: Path | None = None,
+                   uds: Path | None = None, workers: int = 1, startup_timeout_s: float = 60.0
+                   ) -> Iterator[RunningServer]:
+    """Start ``python -m uvicorn app`` on a free 127.0.0.1 port (or ``uds``), wait until /ready answers 200, stop it
+    (SIGTERM, then SIGKILL) on exit. Environment: the current one, HF offline, plus ``env``."""
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", app, "--app-dir", str(app_dir), "--workers", str(workers),
+               "--log-level", "warning"]
+    command += ["--uds", str(uds)] if uds is not None else ["--host", "127.0.0.1", "--port", str(port)]
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **env}
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, env=full_env, cwd=cwd or app_dir, stdout=log, stderr=subprocess.STDOUT)
+    server = RunningServer("http://127.0.0.1" if uds else f"http://127.0.0.1:{port}", process, log_path, uds)
+    try:
+        _wait_ready(server, startup_timeout_s)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+
+def _wait_ready(server: RunningServer, timeout_s: float) -> None:
+    """Poll /ready; fail with the server log if the process exits or the time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"uvicorn exited with code {server.process.returncode}:\n{server.log()}")
+        if server.uds is None or server.uds.exists():
+            try:
+                with server.client(timeout=2.0) as client:
+                    if client.get("/ready").status_code == 200:
+                        return
+            except httpx.HTTPError:
+                pass
+        time.sleep(0.1)
+    raise RuntimeError(f"uvicorn did not become ready within {timeout_s:g} s:\n{server.log()}")

@@ -1,0 +1,190 @@
+"""Checkpoints and the Python API: round trips, foreign files refused clearly, every image mode, demo.py."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, tiny_config, tiny_vocab
+from PIL import Image
+
+from captioner import load_captioner
+from data.images import ImageLoadError
+from engine.checkpoints import read_backbone_file, restore_model, save_backbone_file, save_model_checkpoint
+from models import build_model
+from models.backbone import create_backbone, load_backbone_state_dict
+from utils.checkpoint import CheckpointError, load_checkpoint_file
+
+PHOTO = Path(__import__("matplotlib").get_data_path()) / "sample_data" / "grace_hopper.jpg"
+
+
+def test_checkpoint_round_trip_gives_identical_captions_and_weights(tiny_checkpoint, tmp_path):
+    a = load_captioner(tiny_checkpoint)
+    ckpt = load_checkpoint_file(tiny_checkpoint)
+    assert ckpt["format_version"] == 1 and ckpt["vocab"]["tokens"] == list(tiny_vocab().tokens)
+    again = save_model_checkpoint(tmp_path / "again.pth", a.model, a.config, a.vocab)
+    b = load_captioner(again)
+    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    img = Image.open(PHOTO)
+    assert a.caption([img], beam_size=3, max_len=8) == b.caption([img], beam_size=3, max_len=8)
+
+
+def test_checkpoint_with_pickled_python_objects_is_refused(tmp_path):
+    bad = tmp_path / "namespace.pth"
+    torch.save({"model_state_dict": {}, "args": argparse.Namespace(lr=1)}, bad)
+    with pytest.raises(CheckpointError, match="beyond tensors and plain data"):
+        load_checkpoint_file(bad)
+
+
+def test_truncated_or_missing_checkpoint_error_names_the_file(tmp_path, tiny_checkpoint):
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(tiny_checkpoint.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="cut.pth"):
+        load_checkpoint_file(cut)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint_file(tmp_path / "nope.pth")
+
+
+def _official_like(tmp_path: Path, vocab_tokens: list[str], vocab_size: int) -> tuple[Path, Path]:
+    """A checkpoint laid out like the official release (no config, no vocabulary) and its vocabulary pickle."""
+    cfg = tiny_config("expansionnet_v2", end_to_end=False, vocab_size=vocab_size, num_exp_enc_list=(32, 64, 128, 256,
+                                                                                                     512))
+    model = build_model(cfg)
+    path = tmp_path / "official.pth"
+    torch.save({"model_state_dict": model.state_dict(), "optimizer_state_dict": {}}, path)
+    vocab = tmp_path / "demo_coco_tokens.pickle"
+    with open(vocab, "wb") as f:
+        pickle.dump({"word2idx_dict": {w: i for i, w in enumerate(vocab_tokens)}, "idx2word_list": vocab_tokens,
+                     "sos_str": "SOS", "eos_str": "EOS"}, f)
+    return path, vocab
+
+
+def test_official_layout_checkpoint_loads_with_its_vocabulary_pickle(tmp_path):
+    tokens = list(tiny_vocab().tokens)
+    path, vocab = _official_like(tmp_path, tokens, len(tokens))
+    restored = restore_model(path, vocab_path=vocab)
+    assert restored.official and restored.config.name == "expansionnet_v2" and len(restored.vocab) == len(tokens)
+    with pytest.raises(CheckpointError, match="--vocab"):
+        restore_model(path)
+
+
+def test_foreign_checkpoint_with_wrong_vocabulary_size_is_refused_clearly(tmp_path):
+    tokens = list(tiny_vocab().tokens)
+    path, vocab = _official_like(tmp_path, tokens, len(tokens) + 7)
+    with pytest.raises(CheckpointError, match=rf"vocabulary has {len(tokens)} tokens .* {len(tokens) + 7} outputs"):
+        restore_model(path, vocab_path=vocab)
+
+
+def test_weights_for_another_backbone_are_refused_with_what_differs(tiny_checkpoint):
+    cfg, state = read_backbone_file(tiny_checkpoint)
+    wider = replace(cfg, overrides={**cfg.overrides, "embed_dim": 24})
+    with pytest.raises(ValueError, match=r"shape mismatches.*patch_embed"):
+        load_backbone_state_dict(create_backbone(wider), state, "tiny.pth")
+
+
+def test_backbone_files_in_microsoft_layout_and_ours_load_the_same_weights(tmp_path):
+    cfg = tiny_config().backbone
+    torch.manual_seed(0)
+    src = create_backbone(cfg)
+    state = src.state_dict()
+    # Microsoft's layout: downsample at the end of the previous stage, classifier head, non-learned buffers
+    ms = {}
+    for k, v in state.items():
+        if k.startswith("layers.1.downsample"):
+            k = k.replace("layers.1.downsample", "layers.0.downsample")
+        ms[k] = v
+    ms["head.weight"], ms["head.bias"] = torch.zeros(10, 32), torch.zeros(10)
+    ms["layers.0.blocks.0.attn.relative_position_index"] = torch.zeros(16, 16, dtype=torch.long)
+    dst = create_backbone(cfg)
+    load_backbone_state_dict(dst, {"model": ms}["model"], "ms.pth")
+    for k, v in state.items():
+        assert torch.equal(dst.state_dict()[k], v), k
+    ours = save_backbone_file(tmp_path / "bb.pth", src, cfg)
+    cfg2, state2 = read_backbone_file(ours)
+    assert cfg2 == cfg and all(torch.equal(state2[k], v) for k, v in state.items())
+
+
+def _photo_folder(tmp_path: Path) -> Path:
+    """Real photographs in mixed sizes and modes, the way users' folders look."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photo = Image.open(PHOTO).convert("RGB")
+    photo.save(folder / "hopper.jpg")
+    photo.resize((123, 301)).convert("L").save(folder / "gray.png")
+    rgba = photo.resize((640, 200)).convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(folder / "alpha.png")
+    photo.resize((90, 90)).convert("CMYK").save(folder / "cmyk.jpg")
+    photo.resize((77, 55)).convert("P").save(folder / "palette.gif")
+    deep = (np.asarray(photo.convert("L").resize((64, 48)), dtype=np.uint16) * 257)
+    Image.fromarray(deep).save(folder / "deep16.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo.resize((200, 100)).save(folder / "rotated.jpg", exif=exif)
+    return folder
+
+
+def test_caption_accepts_paths_pil_bytes_and_tensors_with_scores(tiny_checkpoint, tmp_path):
+    cap = load_captioner(tiny_checkpoint)
+    folder = _photo_folder(tmp_path)
+    files = sorted(folder.iterdir())
+    tensor = cap.preprocess([files[0]])[0]
+    images = [str(files[0]), Image.open(files[1]), files[2].read_bytes(), tensor, *files[3:]]
+    out = cap.caption(images, beam_size=3, max_len=6, num_captions=2, batch_size=3)
+    assert len(out) == len(images) and all(len(c) == 2 for c in out)
+    assert all(c[0].score >= c[1].score for c in out)
+    alone = cap.caption([files[0]], beam_size=3, max_len=6, num_captions=2)[0]
+    for same in (alone, out[3]):  # batched = alone; the preprocessed tensor of the file = the file
+        assert [c.text for c in same] == [c.text for c in out[0]]
+        assert [c.score for c in same] == pytest.approx([c.score for c in out[0]], abs=1e-5)
+
+
+def test_logprobs_are_teacher_forced_distributions(tiny_checkpoint):
+    cap = load_captioner(tiny_checkpoint)
+    lp = cap.logprobs([PHOTO, PHOTO], ["a red circle", "two blue squares and a triangle"])
+    V = len(cap.vocab)
+    assert lp.shape == (2, 7, V)
+    torch.testing.assert_close(lp[1].exp().sum(-1), torch.ones(7))
+    assert (lp[0, 4:] == 0).all()  # padding after "a red circle EOS"
+
+
+def test_bad_image_error_names_the_file(tiny_checkpoint, tmp_path):
+    cap = load_captioner(tiny_checkpoint)
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not an image")
+    with pytest.raises(ImageLoadError, match="notes.jpg"):
+        cap.caption([bad])
+
+
+def test_features_only_checkpoint_refuses_images_clearly(tmp_path):
+    cfg = tiny_config(end_to_end=False)
+    path = save_model_checkpoint(tmp_path / "f.pth", build_model(cfg), cfg, tiny_vocab())
+    cap = load_captioner(path)
+    with pytest.raises(ValueError, match="features-only"):
+        cap.caption([PHOTO])
+    assert len(cap.caption_features(torch.randn(2, 5, 24), beam_size=2, max_len=5)) == 2
+
+
+@pytest.mark.slow
+def test_demo_captions_a_folder_of_mixed_photos_and_draws_a_grid(tiny_checkpoint, tmp_path):
+    folder = _photo_folder(tmp_path)
+    (folder / "broken.jpg").write_bytes(PHOTO.read_bytes()[:2000])
+    grid = tmp_path / "grid.png"
+    proc = subprocess.run([sys.executable, "demo.py", "--load_path", str(tiny_checkpoint), "--image_paths",
+                           str(folder), "--beam_size", "3", "--max_seq_len", "6", "--json", "--grid", str(grid)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr  # one unreadable file: reported, the others captioned
+    assert "broken.jpg" in proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(rows) == 7 and all(r["captions"] and isinstance(r["captions"][0]["caption"], str) for r in rows)
+    shown = Image.open(grid)
+    assert shown.format == "PNG" and shown.width > 256

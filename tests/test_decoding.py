@@ -1,0 +1,121 @@
+"""Decoding: incremental (cached) decoding is exact, and the searches keep the reference's semantics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_config
+
+from models import build_model
+from models.decoding import beam_search, greedy_search, sample
+
+IDS = {"sos_idx": 1, "eos_idx": 2, "pad_idx": 0}
+MODELS = ["optimizer_expansionnet", "expansionnet_v2"]
+
+
+def _model(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model(tiny_config(name, end_to_end=False)).eval()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_cached_logprobs_equal_full_recomputation_at_every_step(name):
+    model = _model(name)
+    feats = torch.randn(3, 6, 24)
+    tokens = torch.randint(3, model.vocab_size, (3, 12))
+    with torch.no_grad():
+        memory = model.encode(features=feats)
+        full = F.log_softmax(model.decode(tokens, memory), -1)
+        cache = model.init_cache(memory, None, group=1, max_len=12)
+        for j in range(12):
+            step = F.log_softmax(model.decode_step(tokens[:, j], cache), -1)
+            prefix = F.log_softmax(model.decode(tokens[:, : j + 1], memory)[:, -1], -1)
+            torch.testing.assert_close(step, full[:, j], rtol=0, atol=1e-5)
+            torch.testing.assert_close(step, prefix, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_beam_search_cached_equals_uncached(name):
+    model = _model(name, seed=1)
+    memory = model.encode(features=torch.randn(4, 6, 24))
+    kw = dict(IDS, beam_size=4, max_len=10, num_outputs=4)
+    cached = beam_search(model, memory, None, use_cache=True, **kw)
+    full = beam_search(model, memory, None, use_cache=False, **kw)
+    assert torch.equal(cached.tokens, full.tokens)
+    torch.testing.assert_close(cached.scores, full.scores, rtol=0, atol=1e-5)
+    torch.testing.assert_close(cached.logprobs, full.logprobs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_beam_size_one_equals_greedy(name):
+    model = _model(name, seed=2)
+    memory = model.encode(features=torch.randn(5, 6, 24))
+    beam = beam_search(model, memory, None, beam_size=1, max_len=9, **IDS)
+    greedy = greedy_search(model, memory, None, max_len=9, **IDS)
+    assert torch.equal(beam.tokens, greedy.tokens)
+    torch.testing.assert_close(beam.scores, greedy.scores)
+
+
+def test_beam_outputs_are_ordered_by_length_normalised_score_and_distinct():
+    model = _model("optimizer_expansionnet", seed=3)
+    memory = model.encode(features=torch.randn(3, 6, 24))
+    out = beam_search(model, memory, None, beam_size=5, max_len=8, num_outputs=5, **IDS)
+    assert (out.scores[:, :-1] >= out.scores[:, 1:]).all()
+    # score = cumulative log-prob / (generated tokens + SOS)
+    torch.testing.assert_close(out.scores, out.logprobs.sum(-1) / (out.lengths + 1).float())
+    for b in range(3):
+        rows = {tuple(out.tokens[b, i, : out.lengths[b, i]].tolist()) for i in range(5)}
+        assert len(rows) == 5
+
+
+def test_eos_ends_captions_and_padding_follows():
+    model = _model("expansionnet_v2", seed=4)
+    with torch.no_grad():
+        model.vocab_linear.bias[IDS["eos_idx"]] = 50.0  # EOS is overwhelmingly likely at once
+    memory = model.encode(features=torch.randn(2, 6, 24))
+    out = beam_search(model, memory, None, beam_size=3, max_len=10, num_outputs=3, **IDS)
+    assert out.tokens.shape[-1] < 10  # stopped early: every hypothesis finished
+    assert (out.lengths[:, 0] == 1).all() and (out.tokens[:, 0, 0] == IDS["eos_idx"]).all()
+    assert (out.tokens[:, 0, 1:] == IDS["pad_idx"]).all()
+    assert (out.logprobs[:, 0, 1:] == 0).all()
+
+
+def test_max_length_is_respected_without_eos():
+    model = _model("optimizer_expansionnet", seed=5)
+    with torch.no_grad():
+        model.vocab_linear.bias[IDS["eos_idx"]] = -50.0  # EOS never wins
+    memory = model.encode(features=torch.randn(2, 6, 24))
+    for out in (beam_search(model, memory, None, beam_size=2, max_len=7, **IDS),
+                greedy_search(model, memory, None, max_len=7, **IDS)):
+        assert out.tokens.shape[-1] == 7 and (out.lengths == 7).all()
+        assert not (out.tokens == IDS["eos_idx"]).any()
+
+
+def test_sampling_draws_k_captions_per_image_reproducibly_and_pads_after_eos():
+    model = _model("optimizer_expansionnet", seed=6)
+    memory = model.encode(features=torch.randn(3, 6, 24))
+    a = sample(model, memory, None, num_samples=5, max_len=12, generator=torch.Generator().manual_seed(0), **IDS)
+    b = sample(model, memory, None, num_samples=5, max_len=12, generator=torch.Generator().manual_seed(0), **IDS)
+    c = sample(model, memory, None, num_samples=5, max_len=12, use_cache=False,
+               generator=torch.Generator().manual_seed(0), **IDS)
+    assert a.tokens.shape[:2] == (3, 5)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.tokens, c.tokens)
+    assert len({tuple(r) for r in a.tokens.flatten(0, 1).tolist()}) > 1  # samples differ
+    for row, n in zip(a.tokens.flatten(0, 1), a.lengths.flatten()):
+        assert (row[n:] == IDS["pad_idx"]).all()
+        if n < row.numel():
+            assert row[n - 1] == IDS["eos_idx"]
+    # the per-token log-probs are those of the model under teacher forcing
+    toks = a.tokens.flatten(0, 1)
+    inputs = torch.cat([torch.full_like(toks[:, :1], IDS["sos_idx"]), toks[:, :-1]], 1)
+    logp = F.log_softmax(model.decode(inputs, memory.repeat_interleave(5, 0)), -1).gather(-1, toks[..., None])[..., 0]
+    mask = torch.arange(toks.shape[1])[None] < a.lengths.flatten()[:, None]
+    torch.testing.assert_close(a.logprobs.flatten(0, 1), logp * mask, rtol=0, atol=1e-5)
+
+
+def test_decoder_rejects_lengths_beyond_position_embeddings():
+    model = _model("expansionnet_v2")
+    memory = model.encode(features=torch.randn(1, 6, 24))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model.init_cache(memory, None, group=1, max_len=model.max_seq_len + 1)
