@@ -82,12 +82,14 @@ def main(cfg: PipelineConfig) -> int:
         manifest.data["results"] = {"test_cider_xe": results["test_xe"]["metrics"]["CIDEr-D"],
                                     "test_cider_final": results["test_final"]["metrics"]["CIDEr-D"],
                                     "best_constant_cider": results["best_constant_cider"],
-                                    "colour_accuracy": results["grounded_final"]["colour_accuracy"]}
+                                    "colour_named": results["grounded_final"]["colour_named"],
+                                    "shape_accuracy": results["grounded_final"]["shape_accuracy"]}
         manifest.save()
         r = manifest.data["results"]
         print(f"test CIDEr-D: {r['test_cider_xe']:.1f} after XE, {r['test_cider_final']:.1f} after SCST; best "
-              f"constant caption {r['best_constant_cider']:.1f}; colours named correctly "
-              f"{100 * r['colour_accuracy']:.0f}%\nreport: {run_dir / 'report.md'}", flush=True)
+              f"constant caption {r['best_constant_cider']:.1f}; colours named correctly for "
+              f"{100 * r['colour_named']:.0f}% of the shapes, shape words right for {100 * r['shape_accuracy']:.0f}%"
+              f"\nreport: {run_dir / 'report.md'}", flush=True)
     print(f"== done in {time.perf_counter() - t0:.0f} s; manifest: {run_dir / 'pipeline.json'}", flush=True)
     return 0
 

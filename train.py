@@ -382,7 +382,8 @@ def _train(cfg: TrainConfig, dist) -> None:
             splits = {k: [r for r in v if setup.features.has(r.image_id)] for k, v in splits.items()}
     mode = "image" if (cfg.reinforce or cfg.grouped) else "caption"
     dataset = CaptionDataset(splits["train"], setup.vocab, source, mode=mode)
-    sampler = EpochBatchSampler(len(dataset), cfg.batch_size, cfg.seed, dist.rank, dist.world)
+    sampler = EpochBatchSampler(len(dataset), cfg.batch_size, cfg.seed, dist.rank, dist.world,
+                                accumulate=cfg.num_accum)
     pin = dist.device.type == "cuda"
 
     def loader_factory(s: EpochBatchSampler):
@@ -403,7 +404,9 @@ def _train(cfg: TrainConfig, dist) -> None:
                             print_every_iter=cfg.print_every_iter, save_every_minutes=cfg.save_every_minutes,
                             how_many_checkpoints=cfg.how_many_checkpoints, run_dir=run_dir, phase=phase,
                             scst_samples=cfg.scst_samples, scst_max_len=cfg.scst_max_len,
-                            num_workers=cfg.num_workers)
+                            num_workers=cfg.num_workers,
+                            eval_at_start=bool(cfg.body_save_path or cfg.init_from) and not resume,
+                            grouped=cfg.grouped)
     run_config = _config_dict(replace(cfg, captions_path=setup.captions_path))
     trainer = Trainer(train_model, setup.model_cfg, setup.vocab, optimizer, splits["train"], splits["val"], source,
                       loader_factory, sampler, settings, dist, run_config, setup.extra)

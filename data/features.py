@@ -8,7 +8,9 @@ run resumes where it stopped.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,31 +34,43 @@ def required_bytes(num_images: int, tokens: int, channels: int, dtype: str) -> i
 
 
 class FeatureWriter:
-    """Creates or resumes a feature file and appends batches in a fixed image order."""
+    """Writes `<path>.partial` in a fixed image order and renames it to `<path>` once complete.
+
+    A rerun of the same job resumes the partial file; an unreadable partial file (a kill during a write) is started
+    over; a complete file is never replaced without overwrite.
+    """
 
     def __init__(self, path: str | Path, image_ids: Sequence[int], tokens: int, channels: int, dtype: str,
                  attrs: dict[str, Any], overwrite: bool = False) -> None:
         self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
         meta = {**attrs, "tokens": tokens, "channels": channels, "dtype": dtype}
-        if self.path.exists():
-            status = inspect_feature_file(self.path)
-            if status["complete"] and not overwrite:
-                raise FileExistsError(f"{self.path} is a complete feature file; pass --overwrite to replace it")
-            if not overwrite and not self._same_job(meta, image_ids):
-                raise FileExistsError(f"{self.path} is a partial feature file of a different job (other backbone, "
-                                      "images or dtype); pass --overwrite to replace it, or choose another output path")
-            if overwrite:
-                self.path.unlink()
+        if self.path.exists() and not overwrite:
+            raise FileExistsError(f"{self.path} already exists; pass --overwrite to replace it")
+        if self.partial.exists():
+            try:
+                same = self._same_job(meta, image_ids)
+            except (OSError, KeyError, FeatureFileError):
+                warnings.warn(f"{self.partial} is unreadable (interrupted during a write?): starting it over",
+                              stacklevel=2)
+                self.partial.unlink()
+            else:
+                if not same and not overwrite:
+                    raise FileExistsError(f"{self.partial} is a partial feature file of a different job (other "
+                                          "backbone, images or dtype); pass --overwrite to replace it, or choose "
+                                          "another output path")
+                if not same:
+                    self.partial.unlink()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.path.exists():
+        if not self.partial.exists():
             needed = required_bytes(len(image_ids), tokens, channels, dtype)
             free = shutil.disk_usage(self.path.parent).free
             if needed > free:
                 raise OSError(f"not enough disk space for {self.path}: needs {needed / 1e9:.2f} GB, "
                               f"{free / 1e9:.2f} GB free")
-            with h5py.File(self.path, "w") as f:
+            with h5py.File(self.partial, "w") as f:
                 f.create_dataset("features", shape=(len(image_ids), tokens, channels), dtype=DTYPES[dtype],
                                  chunks=(1, tokens, channels))
                 f.create_dataset("image_ids", data=np.asarray(image_ids, dtype=np.int64))
@@ -67,17 +81,19 @@ class FeatureWriter:
                     f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list, tuple)) else v
                 f.attrs["num_written"] = 0
                 f.attrs["complete"] = False
-        self._file = h5py.File(self.path, "r+")
+        self._file = h5py.File(self.partial, "r+")
         self.num_written = int(self._file.attrs["num_written"])
         self.total = len(image_ids)
 
     def _same_job(self, meta: dict[str, Any], image_ids: Sequence[int]) -> bool:
-        with h5py.File(self.path, "r") as f:
+        with h5py.File(self.partial, "r") as f:
+            if f.attrs.get("format") != FEATURES_FORMAT:
+                raise FeatureFileError(f"{self.partial} is not a feature file")
             for k, v in meta.items():
-                stored = f.attrs.get(k)
-                expected = json.dumps(v) if isinstance(v, (dict, list, tuple)) else v
-                if k in ("batch_size",):
+                if k == "batch_size":
                     continue
+                expected = json.dumps(v) if isinstance(v, (dict, list, tuple)) else v
+                stored = f.attrs.get(k)
                 if stored is None or str(stored) != str(expected):
                     return False
             return np.array_equal(f["image_ids"][()], np.asarray(image_ids, dtype=np.int64))
@@ -96,10 +112,12 @@ class FeatureWriter:
         self._file.flush()
 
     def finish(self) -> None:
+        """Mark complete and move into place (replacing an existing file only when overwrite was given)."""
         if self.num_written != self.total:
-            raise RuntimeError(f"{self.path}: wrote {self.num_written} of {self.total} images")
+            raise RuntimeError(f"{self.partial}: wrote {self.num_written} of {self.total} images")
         self._file.attrs["complete"] = True
         self._file.close()
+        os.replace(self.partial, self.path)
 
     def close(self) -> None:
         if self._file.id.valid:

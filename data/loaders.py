@@ -70,7 +70,7 @@ class ImageSource:
                 tensors.append(load_image_tensor(r.path, self.img_size, self.mean, self.std, name=str(r.path)))
                 kept.append(i)
             except (ImageLoadError, OSError) as e:
-                warnings.warn(f"skipping image {r.path}: {e}", stacklevel=2)
+                warnings.warn(f"skipping unreadable image: {e}", stacklevel=2)
                 skipped.append(str(r.path))
         images = torch.stack(tensors) if tensors else None
         return kept, images, None, skipped
@@ -128,15 +128,16 @@ class EpochBatchSampler(Sampler[list[int]]):
     """Deterministic per-epoch shuffled batches, sharded over `world` processes, resumable at a batch index.
 
     A global batch of batch_size x world samples is drawn; process `rank` takes its contiguous slice, so together the
-    processes see exactly what one process with the global batch would. The incomplete tail is dropped (as the
-    reference). The permutation depends only on (seed, epoch).
+    processes see exactly what one process with the global batch would. The incomplete tail (up to a whole
+    accumulation window) is dropped, as the reference drops its tail. The permutation depends only on (seed, epoch).
     """
 
     def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
-                 shuffle: bool = True) -> None:
-        if num_samples < batch_size * world:
-            raise ValueError(f"{num_samples} samples are fewer than one global batch ({batch_size} x {world})")
-        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+                 shuffle: bool = True, accumulate: int = 1) -> None:
+        if num_samples < batch_size * world * accumulate:
+            raise ValueError(f"{num_samples} samples are fewer than one optimizer step ({batch_size} per batch x "
+                             f"{world} processes x {accumulate} accumulated)")
+        self.num_samples, self.batch_size, self.seed, self.accumulate = num_samples, batch_size, seed, accumulate
         self.rank, self.world, self.shuffle = rank, world, shuffle
         self.epoch, self.start_batch = 0, 0
 
@@ -144,7 +145,8 @@ class EpochBatchSampler(Sampler[list[int]]):
         self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
-        return self.num_samples // (self.batch_size * self.world)
+        """Batches per epoch: whole accumulation windows only, so every optimizer step sees the same sample count."""
+        return self.num_samples // (self.batch_size * self.world * self.accumulate) * self.accumulate
 
     def __iter__(self) -> Iterator[list[int]]:
         if self.shuffle:
@@ -175,9 +177,14 @@ class ShardSampler(Sampler[list[int]]):
 
 def make_loader(dataset: CaptionDataset, sampler: Sampler[list[int]], num_workers: int = 0,
                 pin_memory: bool = False) -> DataLoader:
-    """A DataLoader whose items are whole CaptionBatches (the sampler yields the index lists)."""
+    """A DataLoader whose items are whole CaptionBatches (the sampler yields the index lists).
+
+    It gets its own generator, so creating an iterator never draws from the global RNG (a resumed run would otherwise
+    see a shifted dropout stream).
+    """
     return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      collate_fn=_identity, persistent_workers=False, prefetch_factor=4 if num_workers else None)
+                      collate_fn=_identity, persistent_workers=False, prefetch_factor=4 if num_workers else None,
+                      generator=torch.Generator().manual_seed(0))
 
 
 def _identity(batch: CaptionBatch) -> CaptionBatch:

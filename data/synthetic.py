@@ -689,6 +689,8 @@ def grounded_accuracy(captions: Mapping[int, str], ground_truth_path: str | Path
         alone (a mention with a wrong or missing colour still names the right shape).
     Metrics, over all ground-truth groups of the scored images unless said otherwise:
       - "colour_accuracy": share of groups whose colour is named together with their shape (a (colour, shape) match);
+      - "colour_named": share of groups whose colour is named at all (mention colours matched one-to-one to groups,
+        whatever shape word goes with them): "are the colours of the shapes right?";
       - "shape_accuracy": share of groups whose shape is named (either match);
       - "count_accuracy": share of groups with a (colour, shape) match whose mention has the right count;
       - "object_recall": share of ground-truth objects covered: sum over (colour, shape) matches of
@@ -699,7 +701,7 @@ def grounded_accuracy(captions: Mapping[int, str], ground_truth_path: str | Path
     """
     gt = load_ground_truth(ground_truth_path)
     n_groups = n_objects = n_mentions = n_images = 0
-    colour_hits = shape_hits = count_hits = hallucinated = scene_hits = 0
+    colour_hits = shape_hits = count_hits = hallucinated = scene_hits = colour_named = 0
     covered = 0.0
     for key, caption in captions.items():
         try:
@@ -732,6 +734,11 @@ def grounded_accuracy(captions: Mapping[int, str], ground_truth_path: str | Path
                     shape_only.add(gi)
                     free.remove(mi)
                     break
+        colour_pool = [m[0] for m in mentions]
+        for g in groups:  # colour alone, matched one-to-one: is each group's colour named at all?
+            if g["colour"] in colour_pool:
+                colour_pool.remove(g["colour"])
+                colour_named += 1
         colour_hits += len(exact)
         shape_hits += len(exact) + len(shape_only)
         hallucinated += len(mentions) - len(exact)
@@ -749,6 +756,7 @@ def grounded_accuracy(captions: Mapping[int, str], ground_truth_path: str | Path
 
     return {
         "colour_accuracy": share(colour_hits, n_groups),
+        "colour_named": share(colour_named, n_groups),
         "shape_accuracy": share(shape_hits, n_groups),
         "count_accuracy": share(count_hits, n_groups),
         "object_recall": share(covered, n_objects),

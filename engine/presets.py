@@ -24,9 +24,9 @@ QUICKSTART_COMMON = ["--seed", "775533", "--optim_type", "radam", "--sched_type"
                      "--eval_batch_size", "100"]
 QUICKSTART_PHASES = {
     1: ["--batch_size", "100", "--num_workers", "1"],
-    2: ["--warmup", "300", "--lr", "1e-3", "--anneal_coeff", "0.8", "--anneal_every_epoch", "1",
+    2: ["--warmup", "20", "--lr", "1e-3", "--anneal_coeff", "0.8", "--anneal_every_epoch", "1",
         "--enc_drop", "0.1", "--dec_drop", "0.1", "--enc_input_drop", "0.1", "--dec_input_drop", "0.1",
-        "--drop_other", "0.1", "--batch_size", "16", "--grouped", "True", "--num_epochs", "4"],
+        "--drop_other", "0.1", "--batch_size", "16", "--grouped", "True", "--num_epochs", "3"],
     3: ["--warmup", "1", "--lr", "3e-4", "--anneal_coeff", "0.55", "--anneal_every_epoch", "1",
         "--enc_drop", "0.1", "--dec_drop", "0.1", "--enc_input_drop", "0.1", "--dec_input_drop", "0.1",
         "--drop_other", "0.1", "--batch_size", "16", "--grouped", "True", "--num_epochs", "1"],
@@ -88,7 +88,7 @@ def quickstart_inputs(run_dir: Path, num_train: int = 4000, num_val: int = 500, 
     backbone_file = run_dir / "backbone-init.pth"
     if not backbone_file.exists():
         torch.manual_seed(seed)
-        cfg = tiny_swinv2(img_size=64, embed_dim=32, depths=(1, 1, 2), window_size=4)
+        cfg = tiny_swinv2(img_size=64, embed_dim=32, depths=(1, 1), window_size=4)  # 8 x 8 tokens of 64 channels
         save_backbone_file(backbone_file, create_backbone(cfg), cfg)
     return RecipeInputs(images_path=data_dir, captions_path=captions, backbone=backbone_file,
                         model_args=QUICKSTART_MODEL, phase_args=QUICKSTART_PHASES, common_args=QUICKSTART_COMMON)

@@ -61,6 +61,8 @@ class LoopSettings:
     scst_max_len: int = 20
     label_smoothing: float = 0.1
     num_workers: int = 0
+    eval_at_start: bool = False
+    grouped: bool = False
 
 
 @dataclass
@@ -132,6 +134,7 @@ class Trainer:
         if settings.reinforce:
             self.cider = CiderD(df_refs=[[reward_reference(c) for c in r.captions] for r in train_records])
         self.log_path = settings.run_dir / "metrics.jsonl"
+        self.sampler_unit = "image" if settings.reinforce or settings.grouped else "caption"
         self.last_save = time.monotonic()
 
     # ------------------------------------------------------------------ steps
@@ -204,10 +207,13 @@ class Trainer:
         self.model.train()
         if self.dist.is_main:
             eff = self.sampler.batch_size * self.dist.world * s.num_accum
+            unit = "captions" if self.sampler_unit == "caption" else "images"
             print(f"[{s.phase}] {len(self.train_records)} train images, {len(self.sampler)} batches/epoch, "
-                  f"effective batch {eff}{' images' if s.reinforce else ' captions'}, "
+                  f"effective batch {eff} {unit}, "
                   f"lr {s.schedule.lr:g} ({s.schedule.sched_type}), {s.num_epochs} epochs, run folder {s.run_dir}",
                   flush=True)
+        if s.eval_at_start and st.it == 0:  # the starting point counts: best.pth never scores below it
+            self.evaluate()
         while st.epoch < s.num_epochs:
             self.sampler.set_epoch(st.epoch, st.batch_in_epoch)
             loader_iter = iter(self.loader_factory(self.sampler))

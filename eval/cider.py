@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-__all__ = ["CiderD"]
+__all__ = ["CiderD", "best_constant_caption"]
 
 
 def _split(sentences: Sequence[str]) -> tuple[list[str], np.ndarray]:
@@ -230,7 +231,8 @@ class CiderD:
         grp_h = grp_u[hyp_rep]
         hyp_num = hyp_first[grp_h] + r_u[hyp_rep] - refs_per_group[grp_h]
         pair_id = pair_base[hyp_num] + r_u[ref_rep]
-        dot = np.bincount(pair_id * n + order_u[hyp_rep], weights=contrib, minlength=num_pairs * n).reshape(-1, n)
+        dot = np.bincount(pair_id * n + order_u[hyp_rep], weights=contrib, minlength=num_pairs * n)
+        dot = dot.astype(np.float64, copy=False).reshape(-1, n)  # bincount of nothing is int64
 
         # Cosine, Gaussian penalty on the "length" (the bigram count, the original code's quirk), mean over n.
         hyp_sent = group_first_sent[hyp_group] + refs_of_hyp + (np.arange(num_hyps) - hyp_first[hyp_group])
@@ -278,3 +280,106 @@ def _count_triples(
         new_pair[1:] = (grp_u[1:] != grp_u[:-1]) | (gid_u[1:] != gid_u[:-1])
     counts = np.diff(np.append(starts, len(new)))
     return grp_u, gid_u, r_u, counts, new_pair
+
+
+def _ngram_counts(sentence: str, n: int) -> dict[tuple[str, ...], int]:
+    words = sentence.split()
+    out: dict[tuple[str, ...], int] = {}
+    for k in range(1, n + 1):
+        for i in range(len(words) - k + 1):
+            g = tuple(words[i:i + k])
+            out[g] = out.get(g, 0) + 1
+    return out
+
+
+def best_constant_caption(candidates: Sequence[str], refs: Sequence[Sequence[str]], sigma: float = 6.0,
+                          chunk: int = 2048) -> tuple[str, float]:
+    """The candidate that, given to every image, has the highest mean CIDEr-D against refs (what the language prior
+    alone achieves), searched exhaustively: (caption, score on pycocoevalcap's scale).
+
+    With idf_g from the references, the clipped numerator sum_g min(w_c, w_r) w_r equals
+    sum_k sum_g [tf_c >= k] [tf_r >= k] tf_r idf_g^2, so each n-gram order is a few sparse x dense products of all
+    candidates against all references at once.
+    """
+    n = 4
+    cands = list(dict.fromkeys(candidates))
+    if not cands or not refs:
+        raise ValueError("best_constant_caption needs candidates and references")
+    flat = [r for rs in refs for r in rs]
+    image_of = torch.tensor([i for i, rs in enumerate(refs) for _ in rs])
+    refs_per_image = torch.bincount(image_of).double()
+    log_n = np.log(float(len(refs)))
+    ref_counts = [_ngram_counts(r, n) for r in flat]
+    df: dict[tuple[str, ...], int] = {}
+    for rs in refs:
+        for g in {g for r in rs for g in _ngram_counts(r, n)}:
+            df[g] = df.get(g, 0) + 1
+    gram_id = {g: j for j, g in enumerate(df)}
+    idf = np.array([log_n - np.log(max(1.0, float(df[g]))) for g in gram_id])
+    order = np.array([len(g) for g in gram_id])
+    # reference side: weights, norms and bigram-count lengths
+    r_rows, r_cols, r_tf = [], [], []
+    for j, cnt in enumerate(ref_counts):
+        for g, tf in cnt.items():
+            r_rows.append(j)
+            r_cols.append(gram_id[g])
+            r_tf.append(tf)
+    r_rows, r_cols, r_tf = np.array(r_rows), np.array(r_cols), np.array(r_tf, dtype=np.float64)
+    r_w = r_tf * idf[r_cols]
+    r_norm = np.zeros((len(flat), n))
+    np.add.at(r_norm, (r_rows, order[r_cols] - 1), r_w ** 2)
+    r_norm = torch.from_numpy(np.sqrt(r_norm))
+    r_len = torch.tensor([sum(tf for g, tf in c.items() if len(g) == 2) for c in ref_counts], dtype=torch.float64)
+    max_tf = int(r_tf.max())
+    ref_mats = {}  # (order, k) -> dense (G, R): [tf_r >= k] tf_r idf^2, on the n-grams of that order
+    for k_order in range(1, n + 1):
+        cols = np.nonzero(order == k_order)[0]
+        local = np.full(len(gram_id), -1)
+        local[cols] = np.arange(len(cols))
+        sel = order[r_cols] == k_order
+        for k in range(1, max_tf + 1):
+            keep = sel & (r_tf >= k)
+            mat = torch.zeros(len(cols), len(flat), dtype=torch.float64)
+            mat[local[r_cols[keep]], r_rows[keep]] = torch.from_numpy(r_tf[keep] * idf[r_cols[keep]] ** 2)
+            ref_mats[k_order, k] = (mat, local)
+    best, best_score = "", -1.0
+    for start in range(0, len(cands), chunk):
+        part = cands[start:start + chunk]
+        counts = [_ngram_counts(c, n) for c in part]
+        h_norm = torch.zeros(len(part), n, dtype=torch.float64)
+        h_len = torch.tensor([sum(tf for g, tf in c.items() if len(g) == 2) for c in counts], dtype=torch.float64)
+        sims = torch.zeros(len(part), len(flat), dtype=torch.float64)
+        entries: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
+        for ci, cnt in enumerate(counts):
+            for g, tf in cnt.items():
+                j = gram_id.get(g)
+                w = tf * (idf[j] if j is not None else log_n)
+                h_norm[ci, len(g) - 1] += w * w
+                if j is None:
+                    continue
+                for k in range(1, min(tf, max_tf) + 1):
+                    rows, cols = entries.setdefault((len(g), k), ([], []))
+                    rows.append(ci)
+                    cols.append(j)
+        h_norm = h_norm.sqrt()
+        for k_order in range(1, n + 1):
+            num = torch.zeros(len(part), len(flat), dtype=torch.float64)
+            for k in range(1, max_tf + 1):
+                if (k_order, k) not in entries:
+                    continue
+                rows, cols = entries[k_order, k]
+                mat, local = ref_mats[k_order, k]
+                ind = torch.sparse_coo_tensor(torch.tensor([rows, local[cols].tolist()]),
+                                              torch.ones(len(rows), dtype=torch.float64), (len(part), mat.shape[0]),
+                                              check_invariants=False)
+                num += torch.sparse.mm(ind, mat)
+            den = h_norm[:, k_order - 1, None] * r_norm[None, :, k_order - 1]
+            sims += torch.where(den > 0, num / den.clamp_min(1e-300), num)
+        penalty = torch.exp(-((h_len[:, None] - r_len[None, :]) ** 2) / (2 * sigma ** 2))
+        per_ref = sims / n * penalty  # (C, R)
+        per_image = torch.zeros(len(part), len(refs), dtype=torch.float64).index_add_(1, image_of, per_ref)
+        scores = (per_image / refs_per_image).mean(1) * 10.0
+        i = int(scores.argmax())
+        if float(scores[i]) > best_score:
+            best, best_score = part[i], float(scores[i])
+    return best, best_score

@@ -181,3 +181,23 @@ def test_ciderd_is_several_times_faster_than_pycocoevalcap() -> None:
     ours = best(lambda: CiderD().score(hyps, refs))
     theirs = best(lambda: _pycoco(hyps, refs))
     assert theirs / ours > 3.0, f"pycocoevalcap {theirs:.3f} s vs ours {ours:.3f} s"
+
+
+def test_cider_all_empty_hypotheses_score_zero():
+    mean, per = CiderD().score(["", ""], [["a cat"], ["a dog on a mat", "dog"]])
+    assert mean == 0.0 and per.tolist() == [0.0, 0.0]
+
+
+def test_best_constant_caption_equals_brute_force_search():
+    import random
+
+    from eval.cider import best_constant_caption
+
+    rng = random.Random(3)
+    words = "a the red blue green cat dog on mat sofa two of with".split()
+    refs = [[" ".join(rng.choices(words, k=rng.randint(2, 9))) for _ in range(rng.randint(1, 5))] for _ in range(12)]
+    candidates = [" ".join(rng.choices(words, k=rng.randint(1, 10))) for _ in range(60)] + ["", "a a a a a"]
+    scorer = CiderD()
+    brute = max((scorer.score([c] * len(refs), refs)[0], c) for c in candidates)
+    caption, score = best_constant_caption(candidates, refs, chunk=7)
+    assert caption == brute[1] and score == pytest.approx(brute[0], abs=1e-12)

@@ -7,7 +7,6 @@ import math
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from data.synthetic import (
     load_ground_truth,
     shape_vocabulary,
 )
+from eval.cider import best_constant_caption
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL = SyntheticConfig(num_train=60, num_val=10, num_test=10, seed=0)
@@ -187,56 +187,6 @@ def test_ground_truth_layout_is_consistent(small_dataset: Path) -> None:
 # The language prior cannot score well
 
 
-def _best_constant_cider(candidates: list[str], refs: dict[int, list[str]]) -> tuple[float, str]:
-    """Exhaustive search of the best constant caption with pycocoevalcap's CIDEr-D, made fast by n-gram postings.
-
-    Reproduces pycocoevalcap.cider (idf from the references, clipped tf-idf cosine per n, Gaussian length penalty on
-    its bigram-count 'length', x10); the winner is re-scored with pycocoevalcap itself by the caller.
-    """
-
-    def grams(s: str) -> dict[tuple[str, ...], int]:
-        words, out = s.split(), defaultdict(int)
-        for n in range(1, 5):
-            for i in range(len(words) - n + 1):
-                out[tuple(words[i : i + n])] += 1
-        return out
-
-    ids = list(refs)
-    flat = [(k, grams(r)) for k, i in enumerate(ids) for r in refs[i]]
-    df: dict[tuple[str, ...], float] = defaultdict(float)
-    for i in ids:
-        for g in {g for r in refs[i] for g in grams(r)}:
-            df[g] += 1
-    log_n = math.log(len(ids))
-
-    def weight(g: tuple[str, ...], tf: int) -> float:
-        return tf * (log_n - math.log(max(1.0, df[g])))
-
-    norms, lens = np.zeros((len(flat), 4)), np.zeros(len(flat))
-    postings: dict[tuple[str, ...], list[tuple[int, float]]] = defaultdict(list)
-    for j, (_, cnt) in enumerate(flat):
-        for g, tf in cnt.items():
-            norms[j, len(g) - 1] += weight(g, tf) ** 2
-            lens[j] += tf if len(g) == 2 else 0
-            postings[g].append((j, weight(g, tf)))
-    norms, img_of = np.sqrt(norms), np.array([k for k, _ in flat])
-    best = (-1.0, "")
-    for cand in candidates:
-        cnt, val, hnorm = grams(cand), np.zeros((len(flat), 4)), np.zeros(4)
-        for g, tf in cnt.items():
-            w = weight(g, tf)
-            hnorm[len(g) - 1] += w * w
-            for j, rw in postings.get(g, ()):
-                val[j, len(g) - 1] += min(w, rw) * rw
-        den = np.sqrt(hnorm)[None, :] * norms
-        val = np.divide(val, den, out=val, where=den > 0)
-        hlen = sum(tf for g, tf in cnt.items() if len(g) == 2)
-        per_ref = val.mean(1) * np.exp(-((hlen - lens) ** 2) / 72.0)
-        score = float((np.bincount(img_of, per_ref) / np.bincount(img_of)).mean() * 10.0)
-        best = max(best, (score, cand))
-    return best
-
-
 def test_language_prior_best_constant_caption_scores_low(tmp_path: Path) -> None:
     """The best single training caption, used for every test image, scores far below a ground-truth caption.
 
@@ -252,7 +202,7 @@ def test_language_prior_best_constant_caption_scores_low(tmp_path: Path) -> None
     refs = {im["imgid"]: [" ".join(s["tokens"]) for s in im["sentences"]] for im in images if im["split"] == "test"}
     candidates = sorted({" ".join(s["tokens"]) for im in images if im["split"] == "train" for s in im["sentences"]})
     assert len(candidates) > 1000
-    best_score, best_caption = _best_constant_cider(candidates, refs)
+    best_caption, best_score = best_constant_caption(candidates, list(refs.values()))
     coco_best, _ = Cider().compute_score(refs, {i: [best_caption] for i in refs})
     assert coco_best == pytest.approx(best_score, abs=1e-6)
     oracle = {i: [" ".join(caption_from_ground_truth(gt[i]).replace(",", " ").split())] for i in refs}
