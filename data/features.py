@@ -180,19 +180,24 @@ class FeatureReader:
         return image_id in self.row_of
 
     def read(self, image_ids: Sequence[int]) -> torch.Tensor:
-        """Features (B, tokens, channels) as float32 in the given order; one sorted HDF5 read per batch."""
+        """Features (B, tokens, channels) as float32 in the given order.
+
+        Each image is one uncompressed chunk, read raw (h5py's fancy indexing is ~70x slower for random rows).
+        """
         if self._file is None:
-            self._file = h5py.File(self.path, "r", rdcc_nbytes=64 << 20)
+            self._file = h5py.File(self.path, "r")
         try:
-            rows = np.array([self.row_of[int(i)] for i in image_ids], dtype=np.int64)
+            rows = [self.row_of[int(i)] for i in image_ids]
         except KeyError as e:
             raise FeatureFileError(f"image id {e.args[0]} is not in feature file {self.path}") from None
-        order = np.argsort(rows, kind="stable")
-        sorted_rows = rows[order]
-        unique_rows, inverse = np.unique(sorted_rows, return_inverse=True)
-        block = self._file["features"][unique_rows]
-        out = np.empty((len(rows),) + block.shape[1:], dtype=block.dtype)
-        out[order] = block[inverse]
+        ds = self._file["features"]
+        out = np.empty((len(rows),) + ds.shape[1:], dtype=ds.dtype)
+        raw = ds.chunks == (1,) + ds.shape[1:] and ds.compression is None
+        for i, r in enumerate(rows):
+            if raw:
+                out[i] = np.frombuffer(ds.id.read_direct_chunk((r, 0, 0))[1], dtype=ds.dtype).reshape(ds.shape[1:])
+            else:
+                out[i] = ds[r]
         return torch.from_numpy(out).float()
 
     def check_matches(self, backbone_config: dict[str, Any] | None, img_feature_dim: int) -> None:

@@ -89,8 +89,11 @@ def render_report(results: dict[str, Any], manifest: dict[str, Any], grid_name: 
         lines.append(f"| {label} | " + " | ".join(f"{m[n]:.1f}" for n in names) + " |")
     lines += ["", f"Best constant caption (the training caption scoring highest on every test image): "
                   f"\"{results['best_constant_caption']}\", CIDEr-D {results['best_constant_cider']:.1f}.", "",
-              "## Grounded accuracies (test split)", "", "| model | colour | shape | count | object recall | "
-              "hallucination |", "|---|---|---|---|---|---|"]
+              "## Grounded accuracies (test split)", "",
+              "Colour named: the share of shape groups whose colour the caption names; colour + shape: named together "
+              "with the right shape word; count: with the right number as well.", "",
+              "| model | colour named | colour + shape | shape | count | object recall | hallucination |",
+              "|---|---|---|---|---|---|---|"]
     for label, key in (("after XE", "grounded_xe"), ("after SCST", "grounded_final")):
         g = results[key]
         lines.append(f"| {label} | {100 * g['colour_named']:.1f}% | {100 * g['colour_accuracy']:.1f}% | "

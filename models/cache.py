@@ -10,28 +10,37 @@ import torch
 class DynamicExpansionCache:
     """Per-layer state of the dynamic expansion, preallocated to max_len positions.
 
-    For every past position it keeps K, Va, Vb (D each) and its E expanded rows: queries Qe and the forward-step
-    outputs plus biases Ca+Be, Cb+Be (E x D each). Those rows never change once written (the forward step is causal).
+    For every past position it keeps K, Va, Vb and the conditioning vector cond (D each), and the forward-step
+    outputs Ca, Cb of its E expanded rows (E x D each), which never change once written (the forward step is causal).
+    Expanded queries and biases are not stored: they are q_exp[e] + cond_t and b_exp[e] + cond_t.
+    Every buffer has a spare twin so that a beam re-ordering is one gather into the spare and a swap.
     """
+
+    NAMES = ("k", "va", "vb", "cond", "ca", "cb")
 
     def __init__(self, batch: int, max_len: int, num_exp: int, d_model: int, device: torch.device,
                  dtype: torch.dtype) -> None:
         kw = {"device": device, "dtype": dtype}
-        self.k = torch.zeros(batch, max_len, d_model, **kw)
-        self.va = torch.zeros(batch, max_len, d_model, **kw)
-        self.vb = torch.zeros(batch, max_len, d_model, **kw)
-        self.qe = torch.zeros(batch, max_len * num_exp, d_model, **kw)
-        self.ca_be = torch.zeros(batch, max_len * num_exp, d_model, **kw)
-        self.cb_be = torch.zeros(batch, max_len * num_exp, d_model, **kw)
+        rows = {"k": max_len, "va": max_len, "vb": max_len, "cond": max_len, "ca": max_len * num_exp,
+                "cb": max_len * num_exp}
+        self._buffers = {name: torch.zeros(batch, n, d_model, **kw) for name, n in rows.items()}
+        self._spares = {name: torch.empty(batch, n, d_model, **kw) for name, n in rows.items()}
         self.num_exp = num_exp
         self.length = 0
 
+    def __getattr__(self, name: str) -> torch.Tensor:
+        buffers = self.__dict__.get("_buffers", {})
+        if name in buffers:
+            return buffers[name]
+        raise AttributeError(name)
+
     def reorder(self, index: torch.Tensor) -> None:
-        """Gather rows along the batch axis (beam re-ordering); only the filled prefix is copied."""
-        j, n = self.length, self.length * self.num_exp
-        for name, filled in (("k", j), ("va", j), ("vb", j), ("qe", n), ("ca_be", n), ("cb_be", n)):
-            t = getattr(self, name)
-            t[:, :filled] = t[:, :filled].index_select(0, index)
+        """Gather rows along the batch axis (beam re-ordering): the filled prefix, into the spare buffers."""
+        for name in self.NAMES:
+            filled = self.length * (self.num_exp if name in ("ca", "cb") else 1)
+            src, dst = self._buffers[name], self._spares[name]
+            torch.index_select(src[:, :filled], 0, index, out=dst[:, :filled])
+            self._buffers[name], self._spares[name] = dst, src
 
 
 @dataclass

@@ -224,25 +224,35 @@ class DynamicExpansionBlock(nn.Module):
         return s * oa + (1 - s) * ob
 
     def step(self, x: torch.Tensor, cache: DynamicExpansionCache) -> torch.Tensor:
-        """One new position x (B, 1, D) at index cache.length; appends to the cache and returns (B, 1, D)."""
+        """One new position x (B, 1, D) at index cache.length; appends to the cache and returns (B, 1, D).
+
+        Backward-step scores of the expanded rows (t, e) against the new key are K_j . cond_t + K_j . q_exp[e], and
+        the biases b_exp[e] + cond_t enter the output through the weights' marginals, so neither expanded queries
+        nor biases are cached.
+        """
         B, _, D = x.shape
         E = self.num_exp
         j = cache.length
-        qe, be = self._expand(x)  # (B, 1, E, D)
-        qe, be = qe.view(B, E, D), be.view(B, E, D)
+        scale = math.sqrt(D)
+        cond = self.cond_embed(x)  # (B, 1, D)
+        k_j = self.key_linear(x)
         va, vb = self.values(x)
-        cache.k[:, j] = self.key_linear(x)[:, 0]
+        cache.k[:, j], cache.cond[:, j] = k_j[:, 0], cond[:, 0]
         cache.va[:, j], cache.vb[:, j] = va[:, 0], vb[:, 0]
-        k = cache.k[:, : j + 1]  # (B, j+1, D)
-        z = self.Z_dropout(torch.matmul(qe, k.transpose(1, 2)) / math.sqrt(D))  # (B, E, j+1): rows of position j
-        ca = self.dropout_class_a_fw(torch.matmul(_normalise(F.relu(z)), cache.va[:, : j + 1]))
-        cb = self.dropout_class_b_fw(torch.matmul(_normalise(F.relu(-z)), cache.vb[:, : j + 1]))
-        rows = slice(j * E, (j + 1) * E)
-        cache.qe[:, rows], cache.ca_be[:, rows], cache.cb_be[:, rows] = qe, ca + be, cb + be
-        n = (j + 1) * E
-        zb = torch.matmul(k[:, j:], cache.qe[:, :n].transpose(1, 2)) / math.sqrt(D)  # (B, 1, n)
-        zb = self.Z_dropout(zb)
-        oa = self.dropout_class_a_bw(torch.matmul(_normalise(F.relu(zb)), cache.ca_be[:, :n]))
-        ob = self.dropout_class_b_bw(torch.matmul(_normalise(F.relu(-zb)), cache.cb_be[:, :n]))
+        T = j + 1
+        qe = self.query_exp_vectors.weight + cond  # (B, E, D): the expanded rows of position j
+        z = self.Z_dropout(torch.matmul(qe, cache.k[:, :T].transpose(1, 2)) / scale)  # (B, E, T)
+        rows = slice(j * E, T * E)
+        cache.ca[:, rows] = self.dropout_class_a_fw(torch.matmul(_normalise(F.relu(z)), cache.va[:, :T]))
+        cache.cb[:, rows] = self.dropout_class_b_fw(torch.matmul(_normalise(F.relu(-z)), cache.vb[:, :T]))
+        z_t = torch.matmul(k_j, cache.cond[:, :T].transpose(1, 2))  # (B, 1, T)
+        z_e = torch.matmul(k_j, self.query_exp_vectors.weight.t())  # (B, 1, E)
+        zb = self.Z_dropout(((z_t[..., :, None] + z_e[..., None, :]) / scale).reshape(B, 1, T * E))
+        outs = []
+        for w, c, drop in ((_normalise(F.relu(zb)), cache.ca, self.dropout_class_a_bw),
+                           (_normalise(F.relu(-zb)), cache.cb, self.dropout_class_b_bw)):
+            w4 = w.view(B, 1, T, E)
+            bias = torch.matmul(w4.sum(2), self.bias_exp_vectors.weight) + torch.matmul(w4.sum(3), cache.cond[:, :T])
+            outs.append(drop(torch.matmul(w, c[:, :T * E]) + bias))
         s = torch.sigmoid(self.selector_embed(x))
-        return s * oa + (1 - s) * ob
+        return s * outs[0] + (1 - s) * outs[1]

@@ -1,0 +1,124 @@
+"""Decoding speed: cached (incremental) beam search against full recomputation, and end-to-end captioning images/s.
+
+    python benchmarks/bench_decoding.py                      # CPU: beam 5, batch 8, 20 tokens, both models
+    python benchmarks/bench_decoding.py --device cuda --e2e_batch 64 --precision bf16 --compile
+
+Random weights make every caption run to the maximum length: worst-case decoding cost, as in the reference figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models import build_model, expansionnet_v2_config, optimizer_expansionnet_config  # noqa: E402
+from models.backbone import backbone_tokens  # noqa: E402
+from models.decoding import beam_search  # noqa: E402
+from utils.runtime import autocast  # noqa: E402
+
+IDS = {"sos_idx": 79, "eos_idx": 77, "pad_idx": 78}
+
+
+def median_time(fn, repeats: int, sync) -> float:
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_cached_vs_full(name: str, device: torch.device, batch: int, beam: int, max_len: int, repeats: int,
+                         sync) -> dict:
+    """Beam search on cached features with the same weights: incremental decoding vs the reference's recomputation."""
+    cfg_fn = optimizer_expansionnet_config if name == "optimizer_expansionnet" else expansionnet_v2_config
+    torch.manual_seed(0)
+    model = build_model(cfg_fn(end_to_end=False)).to(device).eval()
+    with torch.no_grad():
+        model.vocab_linear.bias[IDS["eos_idx"]] = -1e4  # no early stop: every caption runs to max_len
+    feats = torch.randn(batch, 144, model.input_linear.in_features, device=device)
+    with torch.no_grad():
+        memory = model.encode(features=feats)
+
+    def run(cache: bool):
+        return beam_search(model, memory, None, beam_size=beam, max_len=max_len, use_cache=cache, **IDS)
+
+    a, b = run(True), run(False)
+    assert torch.equal(a.tokens, b.tokens), "cached and full decoding disagree"
+    t_cached = median_time(lambda: run(True), repeats, sync)
+    t_full = median_time(lambda: run(False), max(1, repeats // 2), sync)
+    return {"model": name, "cached_img_s": batch / t_cached, "full_img_s": batch / t_full, "speedup": t_full / t_cached}
+
+
+def bench_end_to_end(name: str, device: torch.device, batch: int, beam: int, max_len: int, precision: str,
+                     repeats: int, compile_backbone: bool, sync) -> dict:
+    """Captioning images -> captions (backbone + encoder + cached beam search) against the backbone alone."""
+    cfg_fn = optimizer_expansionnet_config if name == "optimizer_expansionnet" else expansionnet_v2_config
+    torch.manual_seed(0)
+    model = build_model(cfg_fn()).to(device).eval()
+    if compile_backbone:
+        model.swin_transf = torch.compile(model.swin_transf)
+    with torch.no_grad():
+        model.vocab_linear.bias[IDS["eos_idx"]] = -1e4
+    images = torch.randn(batch, 3, 384, 384, device=device)
+
+    @torch.inference_mode()
+    def caption():
+        with autocast(device, precision):
+            memory = model.encode(images=images)
+            return beam_search(model, memory, None, beam_size=beam, max_len=max_len, **IDS)
+
+    @torch.inference_mode()
+    def backbone_only():
+        with autocast(device, precision):
+            return backbone_tokens(model.swin_transf, images)
+
+    caption()
+    backbone_only()
+    t_cap = median_time(caption, repeats, sync)
+    t_bb = median_time(backbone_only, repeats, sync)
+    return {"model": name, "caption_img_s": batch / t_cap, "backbone_img_s": batch / t_bb,
+            "share_of_ceiling": t_bb / t_cap}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", type=int, default=8, help="images for the cached-vs-full comparison")
+    p.add_argument("--beam", type=int, default=5)
+    p.add_argument("--max_len", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--e2e_batch", type=int, default=2, help="images for end-to-end captioning (0 skips it)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone for the end-to-end figure")
+    p.add_argument("--models", nargs="+", default=["optimizer_expansionnet", "expansionnet_v2"])
+    a = p.parse_args()
+    device = torch.device(a.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads")
+    for name in a.models:
+        r = bench_cached_vs_full(name, device, a.batch, a.beam, a.max_len, a.repeats, sync)
+        print(f"{name}: beam {a.beam}, batch {a.batch}, {a.max_len} tokens, cached features: cached "
+              f"{r['cached_img_s']:.1f} img/s, full recomputation {r['full_img_s']:.1f} img/s, "
+              f"speed-up {r['speedup']:.1f}x")
+    if a.e2e_batch:
+        for name in a.models:
+            r = bench_end_to_end(name, device, a.e2e_batch, a.beam, a.max_len, a.precision, a.repeats, a.compile,
+                                 sync)
+            print(f"{name}: end-to-end captioning 384px, batch {a.e2e_batch}, beam {a.beam}, {a.precision}: "
+                  f"{r['caption_img_s']:.2f} img/s; backbone alone {r['backbone_img_s']:.2f} img/s "
+                  f"(captioning reaches {100 * r['share_of_ceiling']:.0f}% of the backbone ceiling)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""pipeline.py: phase selection, skipping finished phases, resuming an interrupted one, and the quickstart learns."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from engine.pipeline import parse_phases
+
+TINY = ["--preset", "quickstart", "--num_train", "40", "--num_val", "8", "--num_test", "8"]
+
+
+def test_phase_ranges_parse_and_bad_ranges_are_refused():
+    assert parse_phases("1-6") == [1, 2, 3, 4, 5, 6]
+    assert parse_phases("2-5") == [2, 3, 4, 5]
+    assert parse_phases("3") == [3]
+    assert parse_phases("2,4,5") == [2, 4, 5]
+    for bad in ("0-3", "5-7", "", "x"):
+        with pytest.raises(ValueError):
+            parse_phases(bad)
+
+
+def test_a_phase_whose_inputs_are_missing_is_refused_clearly(tmp_path):
+    proc = subprocess.run([sys.executable, "pipeline.py", *TINY, "--run_dir", str(tmp_path), "--phases", "3"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "phase 3 needs the output of phase(s) [2]" in proc.stderr
+
+
+@pytest.mark.slow
+def test_rerun_skips_finished_phases_and_redoes_the_interrupted_one(tmp_path):
+    cmd = [sys.executable, "pipeline.py", *TINY, "--run_dir", str(tmp_path), "--phases", "1-3", "--no_report"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    marker = tmp_path / "phase3-xe-e2e" / "metrics.jsonl"  # phase 3 has started training
+    deadline = time.time() + 240
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    manifest = json.loads((tmp_path / "pipeline.json").read_text())
+    assert manifest["phases"]["1"]["status"] == "done" and manifest["phases"]["2"]["status"] == "done"
+    assert manifest["phases"]["3"]["status"] == "running"
+    features = tmp_path / "phase1-features" / "features.hdf5"
+    stamp = features.stat().st_mtime_ns
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "phase 1 (features from the initial backbone): already done, skipping" in again.stdout
+    assert "phase 2 (cross-entropy on cached features): already done, skipping" in again.stdout
+    manifest = json.loads((tmp_path / "pipeline.json").read_text())
+    assert manifest["phases"]["3"]["status"] == "done" and (tmp_path / "phase3-xe-e2e" / "best.pth").exists()
+    assert features.stat().st_mtime_ns == stamp  # nothing finished was redone
+    assert "--body_save_path" in manifest["phases"]["3"]["command"]
+
+
+@pytest.mark.slow
+def test_quickstart_learns_beyond_the_language_prior(tmp_path):
+    """`make quickstart` as it ships: captions beat the best constant caption by a wide margin, name the right
+    colours for most shapes, and SCST does not lower CIDEr-D compared with XE."""
+    proc = subprocess.run([sys.executable, "pipeline.py", "--preset", "quickstart", "--run_dir", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((tmp_path / "pipeline.json").read_text())["results"]
+    assert r["test_cider_final"] > 2 * r["best_constant_cider"] and r["test_cider_final"] > 60, r
+    assert r["colour_named"] > 0.5, r
+    assert r["test_cider_final"] >= r["test_cider_xe"], r
+    for picture in ("test_captions.png", "report.md", "curves-phase2-xe-features.png"):
+        assert (tmp_path / picture).exists(), picture
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["test_final"]["official"] in (True, False)
+    assert set(results["test_final"]["metrics"]) >= {"BLEU-4", "ROUGE-L", "CIDEr-D"}
