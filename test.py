@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
@@ -15,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
 from data.captions import DatasetError, ImageRecord, load_records, split_records
 from data.features import FeatureFileError, FeatureReader
@@ -24,7 +22,7 @@ from engine.checkpoints import CheckpointError, restore_model
 from engine.evaluate import caption_records, evaluation_report
 from utils.checkpoint import file_sha256
 from utils.cli import int_list, str2bool
-from utils.dist import cleanup, init_distributed
+from utils.dist import cleanup, init_distributed, launch
 from utils.runtime import resolve_precision
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -113,10 +111,14 @@ def folder_records(folder: Path) -> list[ImageRecord]:
 
 
 def load_split(cfg: TestConfig, checkpoint: dict) -> list[ImageRecord]:
+    """The split's records, or, with --predictions_only and a folder holding images, that folder's images."""
+    folder = Path(cfg.images_path) if cfg.images_path else None
+    if cfg.predictions_only and not cfg.captions_path and folder is not None and any(
+            f.suffix.lower() in IMAGE_SUFFIXES for f in folder.iterdir() if f.is_file()):
+        print(f"captioning every image in {folder} (no references)")
+        return folder_records(folder)
     captions = cfg.captions_path or checkpoint.get("train_config", {}).get("captions_path", "")
     if not captions:
-        if cfg.predictions_only and cfg.images_path:
-            return folder_records(Path(cfg.images_path))
         raise DatasetError("no captions file: pass --captions_path (or --predictions_only with an image folder)")
     records = split_records(load_records(captions, cfg.images_path or None))[cfg.split]
     if not records:
@@ -174,6 +176,9 @@ def _evaluate(cfg: TestConfig, dist) -> list[dict]:
                                          desc=f"{cfg.split} beam {beam}")
         if not dist.is_main:
             continue
+        if not preds:
+            raise DatasetError(f"none of the {len(records)} images could be read (e.g. {records[0].path}); check "
+                               "--images_path")
         by_id = {r.image_id: r for r in records}
         results = [{"image_id": i, "caption": preds[i], **({"file_name": by_id[i].path.name}
                                                             if cfg.predictions_only else {})} for i in sorted(preds)]
@@ -199,16 +204,7 @@ def _evaluate(cfg: TestConfig, dist) -> list[dict]:
 
 
 def main(cfg: TestConfig) -> list[dict]:
-    if cfg.num_gpus > 1 and "WORLD_SIZE" not in os.environ:
-        mp.spawn(_spawned, args=(cfg,), nprocs=cfg.num_gpus, join=True)
-        return []
-    return worker(cfg)
-
-
-def _spawned(rank: int, cfg: TestConfig) -> None:
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(cfg.num_gpus),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(cfg.ddp_sync_port)})
-    worker(cfg)
+    return launch(worker, cfg, cfg.num_gpus, cfg.ddp_sync_port) or []
 
 
 if __name__ == "__main__":

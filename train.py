@@ -7,14 +7,12 @@ run started again with the same command continues from its last checkpoint.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.multiprocessing as mp
 
 from data.captions import DatasetError, ImageRecord, load_records, split_records
 from data.features import FeatureFileError, FeatureReader
@@ -34,7 +32,7 @@ from models.config import MODEL_NAMES, optimizer_expansionnet_config
 from optims import ScheduleConfig, build_optimizer
 from utils.checkpoint import load_checkpoint_file
 from utils.cli import int_list, str2bool
-from utils.dist import cleanup, init_distributed
+from utils.dist import cleanup, init_distributed, launch
 from utils.runtime import resolve_precision, seed_everything
 
 # settings that may change when a killed run is started again without changing what it computes
@@ -420,16 +418,7 @@ def _train(cfg: TrainConfig, dist) -> None:
 
 
 def main(cfg: TrainConfig) -> None:
-    if cfg.num_gpus > 1 and "WORLD_SIZE" not in os.environ:
-        mp.spawn(_spawned, args=(cfg,), nprocs=cfg.num_gpus, join=True)
-    else:
-        worker(cfg)
-
-
-def _spawned(rank: int, cfg: TrainConfig) -> None:
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(cfg.num_gpus),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(cfg.ddp_sync_port)})
-    worker(cfg)
+    launch(worker, cfg, cfg.num_gpus, cfg.ddp_sync_port)
 
 
 if __name__ == "__main__":

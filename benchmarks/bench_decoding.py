@@ -9,14 +9,14 @@ Random weights make every caption run to the maximum length: worst-case decoding
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import median_seconds  # noqa: E402
 
 from models import build_model, expansionnet_v2_config, optimizer_expansionnet_config  # noqa: E402
 from models.backbone import backbone_tokens  # noqa: E402
@@ -24,17 +24,6 @@ from models.decoding import beam_search  # noqa: E402
 from utils.runtime import autocast  # noqa: E402
 
 IDS = {"sos_idx": 79, "eos_idx": 77, "pad_idx": 78}
-
-
-def median_time(fn, repeats: int, sync) -> float:
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def bench_cached_vs_full(name: str, device: torch.device, batch: int, beam: int, max_len: int, repeats: int,
@@ -54,8 +43,8 @@ def bench_cached_vs_full(name: str, device: torch.device, batch: int, beam: int,
 
     a, b = run(True), run(False)
     assert torch.equal(a.tokens, b.tokens), "cached and full decoding disagree"
-    t_cached = median_time(lambda: run(True), repeats, sync)
-    t_full = median_time(lambda: run(False), max(1, repeats // 2), sync)
+    t_cached = median_seconds(lambda: run(True), repeats, sync)
+    t_full = median_seconds(lambda: run(False), max(1, repeats // 2), sync)
     return {"model": name, "cached_img_s": batch / t_cached, "full_img_s": batch / t_full, "speedup": t_full / t_cached}
 
 
@@ -84,8 +73,8 @@ def bench_end_to_end(name: str, device: torch.device, batch: int, beam: int, max
 
     caption()
     backbone_only()
-    t_cap = median_time(caption, repeats, sync)
-    t_bb = median_time(backbone_only, repeats, sync)
+    t_cap = median_seconds(caption, repeats, sync)
+    t_bb = median_seconds(backbone_only, repeats, sync)
     return {"model": name, "caption_img_s": batch / t_cap, "backbone_img_s": batch / t_bb,
             "share_of_ceiling": t_bb / t_cap}
 

@@ -13,15 +13,15 @@ Baselines, measured in the same run with the same weights:
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import median_seconds  # noqa: E402
 
 from eval.cider import CiderD  # noqa: E402
 from losses import LabelSmoothingLoss, scst_loss, scst_rewards  # noqa: E402
@@ -30,18 +30,6 @@ from models.decoding import sample  # noqa: E402
 from utils.runtime import autocast  # noqa: E402
 
 V, SOS, EOS, PAD = 10000, 79, 77, 78
-
-
-def timed(fn, repeats: int, sync) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def random_captions(n: int, length: int, device) -> torch.Tensor:
@@ -69,10 +57,10 @@ def bench_xe(device, batch: int, precision: str, repeats: int, sync, compile_mod
         return step
 
     ref_opt = torch.optim.RAdam(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-9, foreach=False)
-    t_ref = timed(make_step(ref_opt, model, "fp32"), repeats, sync)
+    t_ref = median_seconds(make_step(ref_opt, model, "fp32"), repeats, sync, warmup=1)
     fast = torch.compile(model) if compile_model else model
     opt = torch.optim.RAdam(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-9, foreach=True)
-    t_ours = timed(make_step(opt, fast, precision), repeats, sync)
+    t_ours = median_seconds(make_step(opt, fast, precision), repeats, sync, warmup=1)
     return batch / t_ref, batch / t_ours
 
 
@@ -127,10 +115,10 @@ def bench_scst(device, batch: int, precision: str, repeats: int, sync, k: int = 
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    t_reward = timed(lambda: reward(random_captions(batch * k, max_len, device),
-                                    torch.full((batch * k,), max_len)), repeats, sync)
-    t_ref = timed(reference, max(1, repeats // 2), sync)
-    t_ours = timed(ours, repeats, sync)
+    t_reward = median_seconds(lambda: reward(random_captions(batch * k, max_len, device),
+                                    torch.full((batch * k,), max_len)), repeats, sync, warmup=1)
+    t_ref = median_seconds(reference, max(1, repeats // 2), sync, warmup=1)
+    t_ours = median_seconds(ours, repeats, sync, warmup=1)
     return batch / t_ref, batch / t_ours, t_reward * 1000
 
 
@@ -161,8 +149,8 @@ def bench_e2e(device, batch: int, img_size: int, precision: str, repeats: int, s
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t_caption = timed(lambda: step(False), repeats, sync)
-    t_grouped = timed(lambda: step(True), repeats, sync)
+    t_caption = median_seconds(lambda: step(False), repeats, sync, warmup=1)
+    t_grouped = median_seconds(lambda: step(True), repeats, sync, warmup=1)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     # caption-wise processes `batch` caption pairs per step; grouped processes 5 x batch
     return batch / t_caption, 5 * batch / t_grouped, peak

@@ -12,6 +12,7 @@ from data.loaders import CaptionBatch, CaptionDataset, ImageSource, ShardSampler
 from data.vocab import Vocabulary
 from eval.caption_stats import caption_stats
 from eval.cider import CiderD
+from eval.metrics import python_tokenize, score_captions
 from models.decoding import beam_search
 from models.expansionnet import ExpansionNet
 from utils.dist import all_gather_objects
@@ -98,8 +99,6 @@ def caption_records(model: ExpansionNet, records: Sequence[ImageRecord], vocab: 
 def quick_cider(predictions: dict[int, str], records: Sequence[ImageRecord]) -> float:
     """CIDEr-D x100 with a pure-Python tokenizer and document frequencies from these references (training-time
     validation; test.py computes the official PTB-tokenised numbers)."""
-    from eval.metrics import python_tokenize
-
     ids = [r.image_id for r in records if r.image_id in predictions]
     if not ids:
         return 0.0
@@ -111,8 +110,6 @@ def quick_cider(predictions: dict[int, str], records: Sequence[ImageRecord]) -> 
 def evaluation_report(predictions: dict[int, str], records: Sequence[ImageRecord], metrics: Sequence[str],
                       spice_dir: str | None = None) -> dict:
     """COCO metrics (x100, PTB-tokenised when Java works) plus caption statistics, as one JSON-able dict."""
-    from eval.metrics import score_captions
-
     gts = {r.image_id: list(r.captions) for r in records if r.image_id in predictions}
     res = {i: predictions[i] for i in gts}
     report = score_captions(gts, res, metrics=metrics, spice_dir=spice_dir)

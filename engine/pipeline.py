@@ -173,9 +173,11 @@ def run_phases(run_dir: Path, phases: list[Phase], selected: list[int], manifest
     return outputs
 
 
+PHASE_INPUTS = {2: {1}, 3: {2}, 4: {3}, 5: {3, 4}, 6: {3, 5}}  # which earlier outputs each phase reads
+
+
 def _needs(ph: Phase, n: int) -> bool:
-    """Which earlier outputs a phase reads (from the recipe's wiring)."""
-    return {2: {1}, 3: {2}, 4: {3}, 5: {3, 4}, 6: {3, 5}}.get(ph.number, set()).__contains__(n)
+    return n in PHASE_INPUTS.get(ph.number, set())
 
 
 def phase_metrics(folder: Path) -> dict[str, Any]:

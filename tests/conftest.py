@@ -53,3 +53,16 @@ def tiny_checkpoint(tmp_path) -> Path:
     cfg = tiny_config()
     model = build_model(cfg)
     return save_model_checkpoint(tmp_path / "tiny.pth", model, cfg, tiny_vocab())
+
+
+def make_tiny_dataset(root: Path, num_train: int = 48) -> tuple[Path, Path]:
+    """A synthetic dataset at 32 px (num_train / 8 / 8 images) and a from-scratch tiny SwinV2 backbone file."""
+    from data.synthetic import SyntheticConfig, generate_synthetic_dataset
+    from engine.checkpoints import save_backbone_file
+    from models.backbone import create_backbone
+
+    captions = generate_synthetic_dataset(root / "data", SyntheticConfig(num_train=num_train, num_val=8, num_test=8,
+                                                                        image_size=32), progress=False)
+    cfg = tiny_swinv2(img_size=32, embed_dim=16, depths=(1, 1), window_size=4)
+    torch.manual_seed(0)
+    return captions, save_backbone_file(root / "bb.pth", create_backbone(cfg), cfg)

@@ -11,15 +11,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
-from conftest import ROOT
+from conftest import ROOT, make_tiny_dataset
 
 import data_generator
 from data.features import FeatureFileError, FeatureReader, FeatureWriter, inspect_feature_file
-from data.synthetic import SyntheticConfig, generate_synthetic_dataset
-from engine.checkpoints import save_backbone_file
-from models import tiny_swinv2
-from models.backbone import create_backbone
 
 ATTRS = {"backbone_name": "x", "backbone_config": {"name": "x", "img_size": 32, "overrides": {}}, "img_size": 32}
 
@@ -97,13 +92,7 @@ def test_rows_of_unreadable_images_are_skipped_by_readers(tmp_path):
 
 @pytest.fixture(scope="module")
 def small_dataset(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("gen")
-    captions = generate_synthetic_dataset(root / "data", SyntheticConfig(num_train=40, num_val=8, num_test=8,
-                                                                        image_size=32), progress=False)
-    cfg = tiny_swinv2(img_size=32, embed_dim=16, depths=(1, 1), window_size=4)
-    torch.manual_seed(0)
-    backbone = save_backbone_file(root / "bb.pth", create_backbone(cfg), cfg)
-    return captions, backbone
+    return make_tiny_dataset(tmp_path_factory.mktemp("gen"), num_train=40)
 
 
 def _gen_args(captions: Path, backbone: Path, out: Path, batch: int = 4) -> list[str]:

@@ -11,16 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, tiny_config, tiny_vocab
+from conftest import ROOT, make_tiny_dataset, tiny_config, tiny_vocab
 
 import data_generator
 import train
-from engine.checkpoints import save_backbone_file
 from engine.trainer import reward_reference, scst_words
 from eval.cider import CiderD
 from losses import scst_loss, scst_rewards
-from models import build_model, tiny_swinv2
-from models.backbone import create_backbone
+from models import build_model
 from models.decoding import sample
 from optims import ScheduleConfig, lr_at
 from utils.checkpoint import load_checkpoint_file
@@ -32,14 +30,8 @@ TINY_MODEL = ["--model_dim", "32", "--num_heads", "4", "--ff", "64", "--num_exp_
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> dict[str, Path]:
     """A small synthetic dataset at 32 px, a from-scratch tiny backbone and its feature file."""
-    from data.synthetic import SyntheticConfig, generate_synthetic_dataset
-
     root = tmp_path_factory.mktemp("train")
-    captions = generate_synthetic_dataset(root / "data", SyntheticConfig(num_train=48, num_val=8, num_test=8,
-                                                                        image_size=32), progress=False)
-    cfg = tiny_swinv2(img_size=32, embed_dim=16, depths=(1, 1), window_size=4)
-    torch.manual_seed(0)
-    backbone = save_backbone_file(root / "bb.pth", create_backbone(cfg), cfg)
+    captions, backbone = make_tiny_dataset(root)
     features = data_generator.main(data_generator.parse_config([
         "--save_model_path", str(backbone), "--output_path", str(root / "f.hdf5"), "--images_path",
         str(captions.parent), "--captions_path", str(captions), "--num_workers", "0"]))

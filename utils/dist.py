@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 
 @dataclass(frozen=True)
@@ -85,3 +87,18 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def launch(worker: Callable[[Any], Any], cfg: Any, num_procs: int, port: int) -> Any:
+    """Run worker(cfg) in this process, or in num_procs spawned ones (the seed's --num_gpus) unless torchrun already
+    set WORLD_SIZE; returns the worker's result in the single-process case."""
+    if num_procs > 1 and "WORLD_SIZE" not in os.environ:
+        mp.spawn(_spawned, args=(worker, cfg, num_procs, port), nprocs=num_procs, join=True)
+        return None
+    return worker(cfg)
+
+
+def _spawned(rank: int, worker: Callable[[Any], Any], cfg: Any, num_procs: int, port: int) -> None:
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(num_procs),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    worker(cfg)
