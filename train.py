@@ -30,7 +30,7 @@ from models import ModelConfig, build_model, count_parameters
 from models.backbone import backbone_out_dim
 from models.config import MODEL_NAMES, optimizer_expansionnet_config
 from optims import ScheduleConfig, build_optimizer
-from utils.checkpoint import load_checkpoint_file
+from utils.checkpoint import load_checkpoint_file, state_dict_sha256
 from utils.cli import int_list, str2bool
 from utils.dist import cleanup, init_distributed, launch
 from utils.runtime import resolve_precision, seed_everything
@@ -300,11 +300,23 @@ def resolve_setup(cfg: TrainConfig, resume: dict[str, Any] | None, run_dir: Path
         model_cfg = fresh_model_config(cfg, vocab, records, features, bb_cfg)
         state = None
     if features is not None:
-        features.check_matches(model_cfg.backbone.to_dict() if model_cfg.backbone else None,
-                               model_cfg.img_feature_dim)
+        check_features(features, model_cfg, body)
     extra = {"features_attrs": {k: v for k, v in features.attrs.items() if isinstance(v, (str, int, float, bool))}
              } if features else {}
     return Setup(model_cfg, vocab, records, state, backbone_state, features, captions_path, extra)
+
+
+def check_features(features: FeatureReader, model_cfg: ModelConfig, body) -> None:
+    """Refuse features of another width or backbone than the model's; warn when they come from other backbone
+    weights than the body checkpoint's (phase 5 should read the features regenerated from the phase-3 backbone)."""
+    body_backbone = body.model.backbone if body is not None else None
+    expected = body.config.backbone if body is not None and body.config.backbone is not None else model_cfg.backbone
+    features.check_matches(expected.to_dict() if expected else None, model_cfg.img_feature_dim)
+    if body_backbone is not None and features.attrs.get("weights_sha256") not in (
+            None, state_dict_sha256(body_backbone.state_dict())):
+        print(f"warning: {features.path} was extracted with other backbone weights than those in the body "
+              "checkpoint; for the recipe's phase 5, regenerate the features from that checkpoint (phase 4)",
+              file=sys.stderr)
 
 
 def fresh_vocabulary(cfg: TrainConfig, records: list[ImageRecord], run_dir: Path) -> Vocabulary:

@@ -145,9 +145,9 @@ class Trainer:
             logits = self.model(inputs, features=batch.features, images=batch.images,
                                 caption_index=batch.caption_index)
         loss_sum, _ = self.xe_loss(logits, targets)
-        loss = loss_sum / denom
-        self._backward(loss, {"loss_sum": loss_sum.item()})
-        return {"loss_sum": loss_sum.item()}
+        terms = {"loss_sum": loss_sum.item()}
+        self._backward(loss_sum / denom, terms)
+        return terms
 
     def scst_step(self, batch: CaptionBatch, denom: float) -> dict[str, float]:
         """Sample k captions per image without gradient (cached decoder, dropout on), reward them with CIDEr-D

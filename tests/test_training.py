@@ -15,10 +15,13 @@ from conftest import ROOT, make_tiny_dataset, tiny_config, tiny_vocab
 
 import data_generator
 import train
+from data.features import FeatureFileError
+from engine.checkpoints import save_backbone_file
 from engine.trainer import reward_reference, scst_words
 from eval.cider import CiderD
 from losses import scst_loss, scst_rewards
-from models import build_model
+from models import build_model, tiny_swinv2
+from models.backbone import create_backbone
 from models.decoding import sample
 from optims import ScheduleConfig, lr_at
 from utils.checkpoint import load_checkpoint_file
@@ -230,3 +233,22 @@ def test_two_gloo_processes_equal_one_process_on_the_same_global_batch(tiny_data
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
     log = _rows(tmp_path / "two" / "xe-features", "val")
     assert log and log[-1]["skipped"] == 0
+
+
+def test_features_of_another_backbone_than_the_body_are_refused(tiny_data, tmp_path):
+    """A body trained end-to-end on one backbone config cannot train on features made with another."""
+    d = tiny_data
+    other = tiny_swinv2(img_size=32, embed_dim=16, depths=(1, 1), window_size=2)
+    torch.manual_seed(1)
+    bb = save_backbone_file(tmp_path / "other.pth", create_backbone(other), other)
+    feats = data_generator.main(data_generator.parse_config([
+        "--save_model_path", str(bb), "--output_path", str(tmp_path / "other.hdf5"), "--images_path",
+        str(d["images"]), "--captions_path", str(d["captions"]), "--num_workers", "0"]))
+    e2e = tmp_path / "e2e"
+    train.main(train.parse_config(_train_args(d, e2e, "--is_end_to_end", "True", "--backbone_save_path",
+                                              str(d["backbone"]), "--num_epochs", "1", "--batch_size", "16")))
+    args = _train_args(d, tmp_path / "scst", "--reinforce", "True", "--body_save_path",
+                       str(e2e / "xe-e2e" / "best.pth"), "--partial_load", "True", "--num_epochs", "1")
+    args[args.index("--features_path") + 1] = str(feats)
+    with pytest.raises(FeatureFileError, match="another backbone.*window_size"):
+        train.main(train.parse_config(args))
