@@ -21,7 +21,7 @@ from data.captions import DatasetError, ImageRecord, load_records
 from data.features import FeatureWriter, required_bytes
 from data.images import ImageLoadError, load_image_tensor
 from engine.checkpoints import CheckpointError, read_backbone_file
-from models.backbone import backbone_tokens, create_backbone, load_backbone_state_dict
+from models.backbone import backbone_output_shape, backbone_tokens, create_backbone, load_backbone_state_dict
 from models.config import BackboneConfig
 from utils.checkpoint import state_dict_sha256
 from utils.runtime import autocast, resolve_device, resolve_precision
@@ -85,14 +85,6 @@ class _Images(Dataset):
             return torch.zeros(3, self.bb.img_size, self.bb.img_size), False
 
 
-def feature_shape(bb: BackboneConfig) -> tuple[int, int]:
-    """(tokens, channels) of the backbone output at its image size, computed on the meta device."""
-    with torch.device("meta"):
-        model = create_backbone(bb)
-        out = backbone_tokens(model, torch.empty(1, 3, bb.img_size, bb.img_size))
-    return out.shape[1], out.shape[2]
-
-
 def main(cfg: GeneratorConfig) -> Path:
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
@@ -100,7 +92,7 @@ def main(cfg: GeneratorConfig) -> Path:
     bb, state = read_backbone_file(cfg.save_model_path, img_size=cfg.img_size or None)
     if cfg.img_size:
         bb = BackboneConfig.from_dict({**bb.to_dict(), "img_size": cfg.img_size})
-    tokens, channels = feature_shape(bb)
+    tokens, channels = backbone_output_shape(bb)
     backbone = create_backbone(bb)
     load_backbone_state_dict(backbone, state, cfg.save_model_path)
     backbone.eval().to(device)

@@ -9,10 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from captioner import load_captioner
-from data.images import ImageLoadError, open_image
+from data.images import ImageLoadError, list_images, open_image
 from utils.plots import save_caption_grid
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 @dataclass(frozen=True)
@@ -58,7 +56,7 @@ def expand_paths(paths: tuple[str, ...]) -> list[Path]:
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
-            out.extend(sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()))
+            out.extend(list_images(p))
         else:
             out.append(p)
     return out

@@ -17,6 +17,7 @@ import torch
 
 from data.captions import DatasetError, ImageRecord, load_records, split_records
 from data.features import FeatureFileError, FeatureReader
+from data.images import list_images
 from data.loaders import ImageSource
 from engine.checkpoints import CheckpointError, restore_model
 from engine.evaluate import caption_records, evaluation_report
@@ -25,7 +26,6 @@ from utils.cli import int_list, str2bool
 from utils.dist import cleanup, init_distributed, launch
 from utils.runtime import resolve_precision
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 METRIC_NAMES = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 
 
@@ -100,7 +100,7 @@ def parse_config(argv: list[str] | None = None) -> TestConfig:
 
 def folder_records(folder: Path) -> list[ImageRecord]:
     """Every image of a plain folder; the id is the number in the file name (COCO style) when all have one."""
-    files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    files = list_images(folder)
     if not files:
         raise DatasetError(f"{folder}: no image files found")
     numbers = [re.findall(r"\d+", f.stem) for f in files]
@@ -113,8 +113,7 @@ def folder_records(folder: Path) -> list[ImageRecord]:
 def load_split(cfg: TestConfig, checkpoint: dict) -> list[ImageRecord]:
     """The split's records, or, with --predictions_only and a folder holding images, that folder's images."""
     folder = Path(cfg.images_path) if cfg.images_path else None
-    if cfg.predictions_only and not cfg.captions_path and folder is not None and any(
-            f.suffix.lower() in IMAGE_SUFFIXES for f in folder.iterdir() if f.is_file()):
+    if cfg.predictions_only and not cfg.captions_path and folder is not None and list_images(folder):
         print(f"captioning every image in {folder} (no references)")
         return folder_records(folder)
     captions = cfg.captions_path or checkpoint.get("train_config", {}).get("captions_path", "")

@@ -27,7 +27,7 @@ from engine.checkpoints import (
 )
 from engine.trainer import LoopSettings, Trainer, latest_checkpoint
 from models import ModelConfig, build_model, count_parameters
-from models.backbone import backbone_out_dim
+from models.backbone import backbone_output_shape
 from models.config import MODEL_NAMES, optimizer_expansionnet_config
 from optims import ScheduleConfig, build_optimizer
 from utils.checkpoint import load_checkpoint_file, state_dict_sha256
@@ -335,7 +335,7 @@ def fresh_model_config(cfg: TrainConfig, vocab: Vocabulary, records: list[ImageR
     """A new captioner from the flags; max_seq_len = longest training caption + 20 (the reference's rule)."""
     train_caps = [c for r in records if r.split == "train" for c in r.captions]
     max_len = max_caption_length(train_caps, vocab) + 20
-    feature_dim = features.channels if features is not None else backbone_out_dim(backbone)
+    feature_dim = features.channels if features is not None else backbone_output_shape(backbone)[1]
     base = optimizer_expansionnet_config if cfg.model == "optimizer_expansionnet" else None
     memory = cfg.memory_slots if cfg.memory_slots >= 0 else (40 if base else 0)
     gated = cfg.mult_residual == "on" or (cfg.mult_residual == "auto" and base is not None)

@@ -252,3 +252,11 @@ def _check_tensor(item: torch.Tensor, position: int, height: int, width: int) ->
     if batch.dim() != 4 or tuple(batch.shape[1:]) != (3, height, width):
         raise ValueError(f"image {position}: tensor shape {tuple(item.shape)} does not match {expected}")
     return batch.detach().to(device="cpu", dtype=torch.float32)
+
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """The image files directly inside a folder (by suffix), sorted by name."""
+    return sorted(f for f in Path(folder).iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)

@@ -21,10 +21,11 @@ def create_backbone(cfg: BackboneConfig) -> nn.Module:
                              drop_path_rate=cfg.drop_path_rate, **cfg.overrides)
 
 
-def backbone_out_dim(cfg: BackboneConfig) -> int:
-    """Channels of the backbone's last stage, without building it on a real device."""
+def backbone_output_shape(cfg: BackboneConfig) -> tuple[int, int]:
+    """(tokens, channels) of the backbone's output at its image size, computed on the meta device (no weights)."""
     with torch.device("meta"):
-        return create_backbone(cfg).num_features
+        out = backbone_tokens(create_backbone(cfg), torch.empty(1, 3, cfg.img_size, cfg.img_size))
+    return out.shape[1], out.shape[2]
 
 
 def backbone_tokens(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
