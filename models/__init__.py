@@ -9,6 +9,7 @@ from models.config import (
     BackboneConfig,
     ModelConfig,
     expansionnet_v2_config,
+    model_config,
     optimizer_expansionnet_config,
     tiny_swinv2,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "clean_state_dict",
     "count_parameters",
     "expansionnet_v2_config",
+    "model_config",
     "official_checkpoint_filter_fn",
     "official_model_config",
     "optimizer_expansionnet_config",
@@ -37,7 +39,7 @@ def build_model(cfg: ModelConfig) -> ExpansionNet:
         vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len, d_model=cfg.d_model, N_enc=cfg.N_enc,
         N_dec=cfg.N_dec, num_heads=cfg.num_heads, ff=cfg.ff, num_exp_enc_list=cfg.num_exp_enc_list,
         num_exp_dec=cfg.num_exp_dec, img_feature_dim=cfg.img_feature_dim, memory_slots=cfg.memory_slots,
-        mult_residual=cfg.mult_residual, enc_drop=cfg.enc_drop, dec_drop=cfg.dec_drop,
+        mult_residual=cfg.mult_residual, memory_init=cfg.memory_init, enc_drop=cfg.enc_drop, dec_drop=cfg.dec_drop,
         enc_input_drop=cfg.enc_input_drop, dec_input_drop=cfg.dec_input_drop, drop_other=cfg.drop_other,
         backbone=backbone)
 

@@ -1,4 +1,8 @@
-"""Model configuration: plain frozen dataclasses that travel inside every checkpoint."""
+"""Model configuration: the one home of every model hyperparameter and its default; travels inside checkpoints.
+
+`ModelConfig`'s defaults are the seed's model (Optimizer-ExpansionNet); `MODEL_VARIANTS` lists what the baseline
+changes. Fields marked `hyperparameter(...)` become command-line flags of train.py (utils.cli.add_dataclass_flags).
+"""
 
 from __future__ import annotations
 
@@ -7,19 +11,29 @@ from typing import Any
 
 SWIN_L_384 = "swin_large_patch4_window12_384"
 SWINV2_B_384 = "swinv2_base_window12to24_192to384"
-MODEL_NAMES = ("optimizer_expansionnet", "expansionnet_v2")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def hyperparameter(default: Any, help: str, flag: str | None = None, choices: tuple[Any, ...] | None = None) -> Any:
+    """A dataclass field that is also a command-line flag (`--<flag or field name>`), with its help text."""
+    meta = {"help": help, "flag": flag, "choices": choices}
+    if isinstance(default, (list, dict)):
+        raise TypeError("hyperparameter defaults must be immutable")
+    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    """A timm backbone: its registry name plus constructor overrides (small test configs change width and depth)."""
+    """A timm backbone: its registry name, constructor overrides (small configs change width and depth), and the
+    preprocessing it expects (input side, mean and std); data/ and models/ read them from here."""
 
     name: str
     img_size: int = 384
     drop_path_rate: float = 0.0
     overrides: dict[str, Any] = field(default_factory=dict)
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -29,10 +43,7 @@ class BackboneConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BackboneConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"backbone config: unknown fields {sorted(unknown)}")
+        _refuse_unknown(cls, d, "backbone config")
         d = dict(d)
         d["overrides"] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.get("overrides", {}).items()}
         for key in ("mean", "std"):
@@ -47,36 +58,45 @@ class ModelConfig:
 
     memory_slots > 0 turns on memory-augmented attention (an encoder self-attention sub-layer and memory slots in the
     decoder cross-attention); mult_residual gates the expansion value projections; the backbone is a timm model.
+    vocab_size and max_seq_len come from the data, img_feature_dim from the backbone or the feature file.
     """
 
-    name: str
-    vocab_size: int
-    max_seq_len: int
-    d_model: int = 512
-    N_enc: int = 3
-    N_dec: int = 3
-    num_heads: int = 8
-    ff: int = 2048
-    num_exp_enc_list: tuple[int, ...] = (32, 64, 128, 256, 512)
-    num_exp_dec: int = 16
-    img_feature_dim: int = 1536
-    memory_slots: int = 0
-    mult_residual: bool = False
-    enc_drop: float = 0.0
-    dec_drop: float = 0.0
-    enc_input_drop: float = 0.0
-    dec_input_drop: float = 0.0
-    drop_other: float = 0.0
+    name: str = "optimizer_expansionnet"
+    vocab_size: int = 10000
+    max_seq_len: int = 74
+    d_model: int = hyperparameter(512, "width of every captioner layer", flag="model_dim")
+    N_enc: int = hyperparameter(2, "encoder layers (the seed's model 2, ExpansionNet v2 3)")
+    N_dec: int = hyperparameter(2, "decoder layers (the seed's model 2, ExpansionNet v2 3)")
+    num_heads: int = hyperparameter(8, "attention heads")
+    ff: int = hyperparameter(2048, "feed-forward width")
+    num_exp_enc_list: tuple[int, ...] = hyperparameter((32, 64, 128, 256, 512),
+                                                       "static expansion lengths of the encoder, e.g. [32,64]")
+    num_exp_dec: int = hyperparameter(16, "dynamic expansion length of the decoder")
+    img_feature_dim: int = 1024
+    memory_slots: int = hyperparameter(40, "memory slots of memory-augmented attention (0: plain attention)")
+    memory_init: str = hyperparameter("xavier", "initialisation of the memory slots: xavier (the sibling project's, "
+                                      "whose numbers the seed reports) or m2 (the Meshed-Memory Transformer's)",
+                                      choices=("xavier", "m2"))
+    mult_residual: bool = hyperparameter(True, "multiplicative residual embedding (gated expansion values)")
+    enc_drop: float = hyperparameter(0.1, "dropout inside the encoder layers")
+    dec_drop: float = hyperparameter(0.1, "dropout inside the decoder layers")
+    enc_input_drop: float = hyperparameter(0.1, "dropout after the input projection of the features")
+    dec_input_drop: float = hyperparameter(0.1, "dropout of the word embeddings")
+    drop_other: float = hyperparameter(0.1, "dropout of the layer-combining projections")
     backbone: BackboneConfig | None = None
 
     def __post_init__(self) -> None:
-        if self.name not in MODEL_NAMES:
-            raise ValueError(f"model name {self.name!r} is not one of {MODEL_NAMES}")
+        if self.name not in MODEL_VARIANTS:
+            raise ValueError(f"model name {self.name!r} is not one of {tuple(MODEL_VARIANTS)}")
         if self.d_model % self.num_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}")
         for key in ("vocab_size", "max_seq_len", "d_model", "N_enc", "N_dec", "ff", "num_exp_dec", "img_feature_dim"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"model config: {key} must be positive, got {getattr(self, key)}")
+        if self.memory_slots < 0 or not self.num_exp_enc_list or min(self.num_exp_enc_list) <= 0:
+            raise ValueError("model config: memory_slots must be >= 0 and num_exp_enc_list positive lengths")
+        if self.memory_init not in ("xavier", "m2"):
+            raise ValueError(f"model config: memory_init must be xavier or m2, got {self.memory_init!r}")
 
     @property
     def end_to_end(self) -> bool:
@@ -86,10 +106,6 @@ class ModelConfig:
         """The same captioner working on cached features (the features model of phases 2 and 5)."""
         return replace(self, backbone=None)
 
-    def with_dropouts(self, enc: float, dec: float, enc_input: float, dec_input: float, other: float) -> ModelConfig:
-        return replace(self, enc_drop=enc, dec_drop=dec, enc_input_drop=enc_input, dec_input_drop=dec_input,
-                       drop_other=other)
-
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["num_exp_enc_list"] = list(self.num_exp_enc_list)
@@ -98,15 +114,36 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"model config: unknown fields {sorted(unknown)}")
+        """A stored config (fields a checkpoint predates take their defaults)."""
+        _refuse_unknown(cls, d, "model config")
         d = dict(d)
         d["num_exp_enc_list"] = tuple(d.get("num_exp_enc_list", cls.num_exp_enc_list))
         if d.get("backbone") is not None:
             d["backbone"] = BackboneConfig.from_dict(d["backbone"])
         return cls(**d)
+
+
+# what each named model changes from ModelConfig's defaults (the seed's model)
+MODEL_VARIANTS: dict[str, dict[str, Any]] = {
+    "optimizer_expansionnet": {},
+    "expansionnet_v2": {"N_enc": 3, "N_dec": 3, "memory_slots": 0, "mult_residual": False, "img_feature_dim": 1536},
+}
+MODEL_NAMES = tuple(MODEL_VARIANTS)
+HYPERPARAMETERS = tuple(f.name for f in fields(ModelConfig) if "help" in f.metadata)
+
+
+def _refuse_unknown(cls: type, d: dict[str, Any], what: str) -> None:
+    unknown = set(d) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"{what}: unknown fields {sorted(unknown)}")
+
+
+def model_config(name: str = "optimizer_expansionnet", **overrides: Any) -> ModelConfig:
+    """The named model's config with overrides (None values are ignored: 'not given on the command line')."""
+    if name not in MODEL_VARIANTS:
+        raise ValueError(f"unknown model {name!r}: use one of {MODEL_NAMES}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return ModelConfig(name=name, **{**MODEL_VARIANTS[name], **given})
 
 
 def backbone_preset(name: str, img_size: int = 384, drop_path_rate: float = 0.0) -> BackboneConfig:
@@ -120,7 +157,7 @@ def backbone_preset(name: str, img_size: int = 384, drop_path_rate: float = 0.0)
 
 def tiny_swinv2(img_size: int = 64, embed_dim: int = 32, depths: tuple[int, ...] = (1, 1, 1),
                 window_size: int = 4) -> BackboneConfig:
-    """A small SwinV2 for tests and the quickstart: same code path as the real one, a fraction of the cost."""
+    """A small SwinV2 for tests: same code path as the real one, a fraction of the cost."""
     heads = tuple(max(1, embed_dim * 2**i // 32) for i in range(len(depths)))
     return BackboneConfig(
         name=SWINV2_B_384,
@@ -132,15 +169,12 @@ def tiny_swinv2(img_size: int = 64, embed_dim: int = 32, depths: tuple[int, ...]
 def expansionnet_v2_config(vocab_size: int = 10000, max_seq_len: int = 74, end_to_end: bool = True,
                            **overrides: Any) -> ModelConfig:
     """The baseline as released: 3 + 3 layers, Swin-L, no memory, no gating (loads the official checkpoint)."""
-    cfg = ModelConfig(name="expansionnet_v2", vocab_size=vocab_size, max_seq_len=max_seq_len, N_enc=3, N_dec=3,
-                      img_feature_dim=1536, backbone=backbone_preset("swin_l") if end_to_end else None)
-    return replace(cfg, **overrides)
+    return model_config("expansionnet_v2", vocab_size=vocab_size, max_seq_len=max_seq_len,
+                        backbone=backbone_preset("swin_l") if end_to_end else None, **overrides)
 
 
 def optimizer_expansionnet_config(vocab_size: int = 10000, max_seq_len: int = 74, end_to_end: bool = True,
                                   **overrides: Any) -> ModelConfig:
     """The seed's model: SwinV2-B (1024 channels), memory-augmented attention (40 slots), gated values, 2 + 2 layers."""
-    cfg = ModelConfig(name="optimizer_expansionnet", vocab_size=vocab_size, max_seq_len=max_seq_len, N_enc=2,
-                      N_dec=2, img_feature_dim=1024, memory_slots=40, mult_residual=True,
-                      backbone=backbone_preset("swinv2_b") if end_to_end else None)
-    return replace(cfg, **overrides)
+    return model_config("optimizer_expansionnet", vocab_size=vocab_size, max_seq_len=max_seq_len,
+                        backbone=backbone_preset("swinv2_b") if end_to_end else None, **overrides)

@@ -86,7 +86,7 @@ class ExpansionNet(nn.Module):
     def __init__(self, *, vocab_size: int, max_seq_len: int, d_model: int = 512, N_enc: int = 3, N_dec: int = 3,
                  num_heads: int = 8, ff: int = 2048, num_exp_enc_list: tuple[int, ...] = (32, 64, 128, 256, 512),
                  num_exp_dec: int = 16, img_feature_dim: int = 1536, memory_slots: int = 0,
-                 mult_residual: bool = False, enc_drop: float = 0.0, dec_drop: float = 0.0,
+                 mult_residual: bool = False, memory_init: str = "xavier", enc_drop: float = 0.0, dec_drop: float = 0.0,
                  enc_input_drop: float = 0.0, dec_input_drop: float = 0.0, drop_other: float = 0.0,
                  backbone: nn.Module | None = None) -> None:
         super().__init__()
@@ -101,7 +101,6 @@ class ExpansionNet(nn.Module):
         self.input_embedder_dropout = nn.Dropout(enc_input_drop)
         self.input_linear = nn.Linear(img_feature_dim, d_model)
         self.vocab_linear = nn.Linear(d_model, vocab_size)
-        self.log_softmax = nn.LogSoftmax(dim=-1)
         self.out_enc_dropout = nn.Dropout(drop_other)
         self.out_dec_dropout = nn.Dropout(drop_other)
         self.out_embedder = EmbeddingLayer(vocab_size, d_model, dec_input_drop)
@@ -114,15 +113,17 @@ class ExpansionNet(nn.Module):
         self.max_seq_len = max_seq_len
         self.vocab_size = vocab_size
         self.num_exp_dec = num_exp_dec
-        self._init_captioner_weights()
+        self._init_captioner_weights(memory_init)
 
-    def _init_captioner_weights(self) -> None:
-        """Xavier-uniform on every captioner matrix (the reference's init); the backbone keeps timm's init."""
+    def _init_captioner_weights(self, memory_init: str) -> None:
+        """Xavier-uniform on every captioner matrix (the reference's init), then the memory slots and the biases of
+        memory-augmented attention as `memory_init` says; the backbone keeps timm's init."""
         for name, p in self.named_parameters():
-            if name.startswith("swin_transf.") or name.endswith((".m_k", ".m_v")):
-                continue
-            if p.dim() > 1:
+            if not name.startswith("swin_transf.") and p.dim() > 1:
                 nn.init.xavier_uniform_(p)
+        for module in self.modules():
+            if isinstance(module, MultiHeadAttention) and module.memory_slots > 0:
+                module.reset_memory(memory_init)
 
     @property
     def backbone(self) -> nn.Module | None:

@@ -1,7 +1,7 @@
 """ExpansionNet building blocks: static and dynamic expansion, (memory-augmented) attention, feed-forward, embedding.
 
 Parameter names follow the official ExpansionNet v2 release so its checkpoint loads by name. The incremental
-(`step`) paths are exact re-arrangements of the full computations; see docs/decoding.md for why.
+(`step`) paths are exact re-arrangements of the full computations (why: docs/architecture.md, "Cached decoding").
 """
 
 from __future__ import annotations
@@ -19,19 +19,6 @@ EXP_EPS = 1e-9  # normalisation epsilon of the expansion blocks (the reference's
 
 def _normalise(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return x / (x.sum(dim=dim, keepdim=True) + EXP_EPS)
-
-
-class GatedLinear(nn.Module):
-    """Linear projection, optionally followed by the multiplicative residual gate v * sigmoid(W' v)."""
-
-    def __init__(self, d_model: int, gated: bool) -> None:
-        super().__init__()
-        self.proj = nn.Linear(d_model, d_model)
-        self.gate = nn.Linear(d_model, d_model) if gated else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        v = self.proj(x)
-        return v * torch.sigmoid(self.gate(v)) if self.gate is not None else v
 
 
 class FeedForward(nn.Module):
@@ -64,7 +51,8 @@ class MultiHeadAttention(nn.Module):
     """Multi-head attention with optional learned memory slots (Meshed-Memory Transformer style).
 
     With m memory slots, keys are concat(W_k x, sqrt(d_k) m_k) and values concat(W_v x, sqrt(m) m_v); padding masks
-    apply to the real keys only, memory slots are always visible.
+    apply to the real keys only, memory slots are always visible. Memory-augmented attention starts with zero biases
+    and slots drawn by `reset_memory` (xavier: the sibling project's; m2: N(0, 1/d_k) and N(0, 1/m) as in M2).
     """
 
     def __init__(self, d_model: int, num_heads: int, memory_slots: int = 0) -> None:
@@ -77,8 +65,22 @@ class MultiHeadAttention(nn.Module):
         self.Wv = nn.Linear(d_model, d_model)
         self.out_linear = nn.Linear(d_model, d_model)
         if memory_slots > 0:
-            self.m_k = nn.Parameter(torch.randn(1, memory_slots, d_model) * (1.0 / self.d_k) ** 0.5)
-            self.m_v = nn.Parameter(torch.randn(1, memory_slots, d_model) * (1.0 / memory_slots) ** 0.5)
+            self.m_k = nn.Parameter(torch.empty(1, memory_slots, d_model))
+            self.m_v = nn.Parameter(torch.empty(1, memory_slots, d_model))
+            self.reset_memory("xavier")
+
+    def reset_memory(self, init: str) -> None:
+        """Memory slots drawn as `init` says (xavier or m2) and the projections' biases set to zero."""
+        if init == "xavier":
+            nn.init.xavier_uniform_(self.m_k)
+            nn.init.xavier_uniform_(self.m_v)
+        elif init == "m2":
+            nn.init.normal_(self.m_k, 0.0, 1.0 / self.d_k)
+            nn.init.normal_(self.m_v, 0.0, 1.0 / self.memory_slots)
+        else:
+            raise ValueError(f"memory init must be xavier or m2, got {init!r}")
+        for linear in (self.Wq, self.Wk, self.Wv, self.out_linear):
+            nn.init.zeros_(linear.bias)
 
     def project_kv(self, kv: torch.Tensor, key_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor,
                                                                                        torch.Tensor | None]:

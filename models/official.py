@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from models.backbone import filter_backbone_state_dict
-from models.config import ModelConfig, backbone_preset
+from models.config import ModelConfig, backbone_preset, model_config
 
 
 def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -41,9 +41,9 @@ def official_model_config(state_dict: dict[str, torch.Tensor]) -> ModelConfig:
         if width != 192:
             raise ValueError(f"official checkpoint backbone has embed_dim {width}; the release uses Swin-L (192)")
         backbone = backbone_preset("swin_l")
-    return ModelConfig(name="expansionnet_v2", vocab_size=vocab_size, max_seq_len=max_seq_len, d_model=d_model,
-                       N_enc=n_enc, N_dec=n_dec, ff=ff, num_exp_enc_list=default_exp, num_exp_dec=num_exp_dec,
-                       img_feature_dim=img_feature_dim, backbone=backbone)
+    return model_config("expansionnet_v2", vocab_size=vocab_size, max_seq_len=max_seq_len, d_model=d_model,
+                        N_enc=n_enc, N_dec=n_dec, ff=ff, num_exp_enc_list=default_exp, num_exp_dec=num_exp_dec,
+                        img_feature_dim=img_feature_dim, backbone=backbone)
 
 
 def official_checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

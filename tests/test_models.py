@@ -211,3 +211,21 @@ def test_attention_equals_masked_softmax_with_memory_slots(slots):
     scores = (qh @ kh.transpose(-1, -2) / math.sqrt(dk)).masked_fill(~mask[:, None, None, :], -1e4)
     ref = mha.out_linear((scores.softmax(-1) @ vh).transpose(1, 2).reshape(B, 3, 16))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("init, scaled_std", [("xavier", None), ("m2", (1 / math.sqrt(16), 1 / math.sqrt(5)))])
+def test_memory_slots_start_as_their_init_says_and_memory_attention_biases_start_at_zero(init, scaled_std):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(end_to_end=False, memory_init=init, memory_slots=5, d_model=64, num_heads=4))
+    mha = model.decoders[0].mha
+    assert all(torch.count_nonzero(lin.bias) == 0 for lin in (mha.Wq, mha.Wk, mha.Wv, mha.out_linear))
+    k = math.sqrt(mha.d_k) * mha.m_k
+    v = math.sqrt(mha.memory_slots) * mha.m_v
+    if scaled_std is None:  # xavier-uniform over (1, m, D): bound sqrt(6 / ((m + 1) D))
+        bound = math.sqrt(6 / ((mha.memory_slots + 1) * 64))
+        assert mha.m_k.abs().max() <= bound and mha.m_k.std() > 0.4 * bound
+    else:
+        assert k.std().item() == pytest.approx(scaled_std[0], rel=0.15)
+        assert v.std().item() == pytest.approx(scaled_std[1], rel=0.15)
+    plain = build_model(tiny_config(name="expansionnet_v2", end_to_end=False))
+    assert torch.count_nonzero(plain.decoders[0].mha.Wq.bias) > 0  # the baseline keeps PyTorch's default biases
