@@ -4,6 +4,10 @@
     captioner = load_captioner("phase6/best.pth", device="cpu")
     captioner.caption(["photo.jpg"], beam_size=5, max_len=20, num_captions=1)   # [[Caption(text, score, tokens)]]
     captioner.logprobs(["photo.jpg"], ["a cat on a sofa"])                       # (B, T, V) teacher-forced
+    load_captioner("model_dir/")                         # a model folder (save_pretrained) or an ONNX export
+    load_captioner(["a.pth", "b.pth"])                   # an ensemble (one vocabulary)
+    load_captioner("a.pth", backend="onnx")              # ONNX Runtime (exports to a temporary folder first)
+    captioner.save_pretrained("model_dir/")              # config.json, vocab.json, model.safetensors, README.md
 """
 
 from __future__ import annotations
@@ -11,16 +15,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from data.images import DEFAULT_MAX_PIXELS, BatchItem, to_image_batch
+from data.images import DEFAULT_MAX_PIXELS, BatchItem, open_image, to_image_batch
 from data.vocab import Vocabulary
-from engine.checkpoints import restore_model
+from deploy.folder import card_facts, save_pretrained
+from deploy.loading import load_model, training_facts
+from deploy.runtime import CaptionRuntime, TorchRuntime
 from models import ExpansionNet, ModelConfig
-from models.decoding import beam_search
-from utils.runtime import autocast, resolve_device, resolve_precision
+from models.decoding import SearchOutput, beam_search, greedy_search, sample
+from utils.runtime import resolve_device, resolve_precision
 
 
 @dataclass(frozen=True)
@@ -32,63 +38,148 @@ class Caption:
     tokens: tuple[int, ...]
 
 
+SEARCH_METHODS = ("beam", "greedy", "sample")
+
+
 class Captioner:
-    """A model in eval mode with its vocabulary and preprocessing, on one device, at one precision."""
+    """A captioning runtime (PyTorch, ONNX Runtime or an ensemble) with its vocabulary and preprocessing.
+
+    Captioner(model, config, vocab, device, precision) wraps a PyTorch ExpansionNet; Captioner.from_runtime wraps
+    any deploy.runtime.CaptionRuntime. caption / caption_features / logprobs work the same for every kind.
+    """
 
     def __init__(self, model: ExpansionNet, config: ModelConfig, vocab: Vocabulary, device: str | torch.device = "cpu",
                  precision: str = "auto", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
-        self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device)
-        self.model = model.eval().to(self.device)
-        self.config = config
+        dev = resolve_device(device)
+        runtime = TorchRuntime(model.eval().to(dev), config, dev, resolve_precision(precision, dev))
+        self._setup(runtime, vocab, max_pixels)
+
+    @classmethod
+    def from_runtime(cls, runtime: CaptionRuntime, vocab: Vocabulary,
+                     max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Captioner:
+        if runtime.vocab_size != len(vocab):
+            raise ValueError(f"the model has {runtime.vocab_size} outputs but the vocabulary {len(vocab)} tokens")
+        self = cls.__new__(cls)
+        self._setup(runtime, vocab, max_pixels)
+        return self
+
+    def _setup(self, runtime: CaptionRuntime, vocab: Vocabulary, max_pixels: int | None) -> None:
+        self.runtime = runtime
         self.vocab = vocab
         self.max_pixels = max_pixels
+        self.sources: list[Path] = []
+        self.training: dict[str, Any] = {}  # what the source checkpoint records (phase, train_config, ...)
+
+    @property
+    def model(self) -> ExpansionNet:
+        """The PyTorch model (backend torch, single model only)."""
+        if not isinstance(self.runtime, TorchRuntime):
+            raise AttributeError(f"a {self.runtime.kind} captioner has no single PyTorch model; use max_seq_len, "
+                                 "config or runtime")
+        return self.runtime.model
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.runtime.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @property
+    def precision(self) -> str:
+        return self.runtime.precision
+
+    @property
+    def backend(self) -> str:
+        """torch, onnx or ensemble."""
+        return self.runtime.kind
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.runtime.max_seq_len
 
     @property
     def end_to_end(self) -> bool:
-        return self.config.backbone is not None
+        return self.runtime.end_to_end
 
     def preprocess(self, images: Sequence[BatchItem]) -> torch.Tensor:
-        """Paths, bytes, PIL images or preprocessed tensors -> (B, 3, H, W) normalised for this model's backbone."""
+        """Paths, bytes, PIL images or preprocessed tensors -> (B, 3, H, W) normalised for this model's backbone
+        (an ensemble's first member's; see pixels for members that want other sizes)."""
         if not self.end_to_end:
             raise ValueError("this checkpoint is a features-only model (no backbone): it cannot caption images; "
                              "use caption_features, or an end-to-end checkpoint")
-        bb = self.config.backbone
-        return to_image_batch(images, bb.img_size, bb.mean, bb.std, max_pixels=self.max_pixels)
+        pre = self.runtime.preprocessing
+        return to_image_batch(images, pre.img_size, pre.mean, pre.std, max_pixels=self.max_pixels)
+
+    def pixels(self, images: Sequence[BatchItem]) -> torch.Tensor | list[torch.Tensor]:
+        """The encoder input: one batch, or for an ensemble whose members preprocess differently one per member
+        (each image is opened once)."""
+        pres = getattr(self.runtime, "preprocessings", None)
+        if not pres or len(set(pres)) == 1:
+            return self.preprocess(images)
+        if not self.end_to_end:
+            raise ValueError("this ensemble works on cached features: it cannot caption images")
+        opened = [im if isinstance(im, torch.Tensor) else open_image(im, max_pixels=self.max_pixels)
+                  for im in images]
+        if any(isinstance(im, torch.Tensor) for im in opened):
+            raise ValueError("ensemble members preprocess images differently, so give images (paths, bytes, PIL), "
+                             "not preprocessed tensors")
+        batches = {p: to_image_batch(opened, p.img_size, p.mean, p.std, max_pixels=None) for p in set(pres)}
+        return [batches[p] for p in pres]
 
     def _check_len(self, max_len: int) -> None:
-        if not 1 <= max_len <= self.model.max_seq_len:
-            raise ValueError(f"max_len must be between 1 and {self.model.max_seq_len} (the model's position "
+        if not 1 <= max_len <= self.max_seq_len:
+            raise ValueError(f"max_len must be between 1 and {self.max_seq_len} (the model's position "
                              f"embeddings), got {max_len}")
 
     @torch.inference_mode()
     def caption(self, images: Sequence[BatchItem], beam_size: int = 5, max_len: int = 20, num_captions: int = 1,
-                batch_size: int = 16) -> list[list[Caption]]:
-        """Beam-search captions for each image, best first: a list (per image) of num_captions Captions."""
+                batch_size: int = 16, method: str = "beam", generator: torch.Generator | None = None
+                ) -> list[list[Caption]]:
+        """Captions for each image, best first: a list (per image) of num_captions Captions.
+
+        method: beam (beam search of beam_size), greedy (num_captions 1) or sample (num_captions captions drawn
+        with temperature 1 from `generator`, ranked by score).
+        """
         results: list[list[Caption]] = []
         for start in range(0, len(images), batch_size):
-            pixels = self.preprocess(images[start:start + batch_size]).to(self.device)
-            with autocast(self.device, self.precision):
-                memory = self.model.encode(images=pixels)
-            results.extend(self._search(memory, beam_size, max_len, num_captions))
+            memory = self.runtime.encode(images=self.pixels(images[start:start + batch_size]))
+            results.extend(self._search(memory, beam_size, max_len, num_captions, method, generator))
         return results
 
     @torch.inference_mode()
     def caption_features(self, features: torch.Tensor, beam_size: int = 5, max_len: int = 20,
-                         num_captions: int = 1) -> list[list[Caption]]:
-        """Captions from cached backbone features (B, N, C)."""
-        with autocast(self.device, self.precision):
-            memory = self.model.encode(features=features.to(self.device))
-        return self._search(memory, beam_size, max_len, num_captions)
+                         num_captions: int = 1, method: str = "beam", generator: torch.Generator | None = None
+                         ) -> list[list[Caption]]:
+        """Captions from cached backbone features (B, N, C) (see caption for the arguments)."""
+        memory = self.runtime.encode(features=features)
+        return self._search(memory, beam_size, max_len, num_captions, method, generator)
 
-    def _search(self, memory: torch.Tensor, beam_size: int, max_len: int, num_captions: int) -> list[list[Caption]]:
+    def _search(self, memory: Any, beam_size: int, max_len: int, num_captions: int, method: str,
+                generator: torch.Generator | None) -> list[list[Caption]]:
         self._check_len(max_len)
-        if beam_size < 1:
-            raise ValueError(f"beam_size must be at least 1, got {beam_size}")
         v = self.vocab
-        with autocast(self.device, self.precision):
-            out = beam_search(self.model, memory, None, sos_idx=v.sos_idx, eos_idx=v.eos_idx, pad_idx=v.pad_idx,
-                              beam_size=beam_size, max_len=max_len, num_outputs=num_captions)
+        ids = {"sos_idx": v.sos_idx, "eos_idx": v.eos_idx, "pad_idx": v.pad_idx}
+        if method == "beam":
+            if beam_size < 1:
+                raise ValueError(f"beam_size must be at least 1, got {beam_size}")
+            out = beam_search(self.runtime, memory, None, beam_size=beam_size, max_len=max_len,
+                              num_outputs=num_captions, **ids)
+        elif method == "greedy":
+            if num_captions != 1:
+                raise ValueError(f"greedy search gives one caption per image, not {num_captions}")
+            out = greedy_search(self.runtime, memory, None, max_len=max_len, **ids)
+        elif method == "sample":
+            drawn = sample(self.runtime, memory, None, num_samples=num_captions, max_len=max_len,
+                           generator=generator, **ids)
+            scores = drawn.scores / (drawn.lengths + 1).float()  # ranked like beam search
+            order = scores.argsort(dim=-1, descending=True)
+            pick = order[..., None].expand(-1, -1, drawn.tokens.shape[-1])
+            out = SearchOutput(drawn.tokens.gather(1, pick), drawn.logprobs.gather(1, pick), scores.gather(1, order),
+                               drawn.lengths.gather(1, order))
+        else:
+            raise ValueError(f"method must be one of {SEARCH_METHODS}, got {method!r}")
         tokens, scores, lengths = out.tokens.cpu().tolist(), out.scores.float().cpu().tolist(), out.lengths.tolist()
         return [[Caption(v.decode(t[:n]), s, tuple(t[:n])) for t, s, n in zip(ts, ss, ns)]
                 for ts, ss, ns in zip(tokens, scores, lengths)]
@@ -107,18 +198,37 @@ class Captioner:
         inputs = torch.full((len(encoded), T), self.vocab.pad_idx, dtype=torch.long)
         for i, e in enumerate(encoded):
             inputs[i, :len(e) - 1] = torch.tensor(e[:-1])
-        pixels = self.preprocess(images).to(self.device)
-        with autocast(self.device, self.precision):
-            logits = self.model(inputs.to(self.device), images=pixels)
-        out = F.log_softmax(logits.float(), dim=-1)
+        memory = self.runtime.encode(images=self.pixels(images))
+        out = self.runtime.teacher_forced_logprobs(inputs, memory)
         lengths = torch.tensor([len(e) - 1 for e in encoded], device=out.device)
         valid = torch.arange(T, device=out.device)[None, :] < lengths[:, None]
         return out * valid[..., None]
 
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write a shareable model folder (config.json, vocab.json, model.safetensors, README.md); load it again
+        with load_captioner(folder). Only a single PyTorch model can be saved (export.py writes ONNX folders)."""
+        if not isinstance(self.runtime, TorchRuntime):
+            raise ValueError(f"save_pretrained needs a single PyTorch model; this captioner is {self.backend} "
+                             "(save each ensemble member on its own; an ONNX folder is already shareable)")
+        return save_pretrained(folder, self.model, self.config, self.vocab,
+                               source=str(self.sources[0]) if self.sources else "",
+                               card_extra=card_facts(self.training), training=self.training)
 
-def load_captioner(path: str | Path, device: str | torch.device = "cpu", vocab: str | Path | None = None,
-                   precision: str = "auto", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Captioner:
-    """Load a checkpoint (ours, or the official one with vocab= its vocabulary pickle) for captioning."""
-    restored = restore_model(path, vocab_path=vocab)
-    return Captioner(restored.model, restored.config, restored.vocab, device=device, precision=precision,
-                     max_pixels=max_pixels)
+
+def load_captioner(path: str | Path | Sequence[str | Path], device: str | torch.device = "cpu",
+                   vocab: str | Path | None = None, precision: str = "auto",
+                   max_pixels: int | None = DEFAULT_MAX_PIXELS, backend: str = "auto", threads: int | None = None
+                   ) -> Captioner:
+    """Load a captioner from a training checkpoint, an official checkpoint (vocab= its vocabulary pickle), a model
+    folder (save_pretrained), an exported ONNX folder (export.py), or a list of any of those: an ensemble averaging
+    the members' word probabilities (one vocabulary; backbones may differ).
+
+    backend: auto (ONNX Runtime for exported folders, PyTorch otherwise), torch, or onnx (a PyTorch source is
+    exported to a temporary folder first). threads: ONNX Runtime's intra-op threads (default torch's).
+    """
+    loaded = load_model(path if isinstance(path, (str, Path)) else list(path), backend=backend, device=device,
+                        precision=precision, vocab=vocab, threads=threads)
+    captioner = Captioner.from_runtime(loaded.runtime, loaded.vocab, max_pixels=max_pixels)
+    captioner.sources = loaded.sources
+    captioner.training = training_facts(loaded.checkpoint)
+    return captioner

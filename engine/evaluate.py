@@ -10,22 +10,30 @@ from tqdm import tqdm
 from data.captions import ImageRecord
 from data.loaders import CaptionBatch, CaptionDataset, ImageSource, ShardSampler, make_loader
 from data.vocab import Vocabulary
+from deploy.runtime import CaptionRuntime, TorchRuntime
 from eval.caption_stats import caption_stats
 from eval.cider import CiderD
 from eval.metrics import python_tokenize, score_captions
 from models.decoding import beam_search
 from models.expansionnet import ExpansionNet
 from utils.dist import all_gather_objects
-from utils.runtime import autocast
 
 
-def _decode_batch(model: ExpansionNet, batch: CaptionBatch, vocab: Vocabulary, beam_size: int, max_len: int,
-                  device: torch.device, precision: str) -> list[str]:
+def as_runtime(model: ExpansionNet | CaptionRuntime, device: torch.device, precision: str) -> CaptionRuntime:
+    """What evaluation decodes with: a runtime as given (ONNX Runtime, ensemble, ...) or a PyTorch model wrapped
+    with the run's device and autocast precision."""
+    if isinstance(model, CaptionRuntime):
+        return model
+    return TorchRuntime(model, None, device, precision)
+
+
+def _decode_batch(model: ExpansionNet | CaptionRuntime, batch: CaptionBatch, vocab: Vocabulary, beam_size: int,
+                  max_len: int, device: torch.device, precision: str) -> list[str]:
+    runtime = as_runtime(model, device, precision)
     batch = batch.to(device)
-    with autocast(device, precision):
-        memory = model.encode(features=batch.features, images=batch.images)
-        out = beam_search(model, memory, None, sos_idx=vocab.sos_idx, eos_idx=vocab.eos_idx, pad_idx=vocab.pad_idx,
-                          beam_size=beam_size, max_len=max_len, num_outputs=1)
+    memory = runtime.encode(features=batch.features, images=batch.images)
+    out = beam_search(runtime, memory, None, sos_idx=vocab.sos_idx, eos_idx=vocab.eos_idx, pad_idx=vocab.pad_idx,
+                      beam_size=beam_size, max_len=max_len, num_outputs=1)
     tokens, lengths = out.tokens[:, 0].cpu().tolist(), out.lengths[:, 0].tolist()
     return [vocab.decode(t[:n]) for t, n in zip(tokens, lengths)]
 
@@ -41,8 +49,8 @@ def _split_batch(batch: CaptionBatch) -> tuple[CaptionBatch, CaptionBatch]:
     return part(slice(0, h)), part(slice(h, None))
 
 
-def decode_with_backoff(model: ExpansionNet, batch: CaptionBatch, vocab: Vocabulary, beam_size: int, max_len: int,
-                        device: torch.device, precision: str) -> list[str]:
+def decode_with_backoff(model: ExpansionNet | CaptionRuntime, batch: CaptionBatch, vocab: Vocabulary, beam_size: int,
+                        max_len: int, device: torch.device, precision: str) -> list[str]:
     """Decode a batch; on CUDA out-of-memory, halve it and retry (most OOMs happen at evaluation)."""
     try:
         return _decode_batch(model, batch, vocab, beam_size, max_len, device, precision)
@@ -56,16 +64,24 @@ def decode_with_backoff(model: ExpansionNet, batch: CaptionBatch, vocab: Vocabul
 
 
 @torch.no_grad()
-def caption_records(model: ExpansionNet, records: Sequence[ImageRecord], vocab: Vocabulary, source: ImageSource, *,
+def caption_records(model: ExpansionNet | CaptionRuntime, records: Sequence[ImageRecord], vocab: Vocabulary,
+                    source: ImageSource, *,
                     beam_size: int, max_len: int, batch_size: int, device: torch.device, precision: str = "fp32",
                     rank: int = 0, world: int = 1, num_workers: int = 0, progress: bool = True,
                     desc: str = "captioning") -> tuple[dict[int, str], list[str]]:
     """Captions for every record (gathered from all processes) and the names of unreadable images.
 
     Each process decodes every world-th image; the gathered ids are checked to be exactly the records' ids.
+    `model` is a PyTorch ExpansionNet (decoded on `device` under `precision`) or any deploy.runtime runtime: an
+    ONNX Runtime export or an ensemble (deploy.loading.load_model gives one from paths). A runtime's vocabulary
+    size must be the vocabulary's.
     """
-    was_training = model.training
-    model.eval()
+    if isinstance(model, CaptionRuntime) and model.vocab_size != len(vocab):
+        raise ValueError(f"the model has {model.vocab_size} outputs but the vocabulary {len(vocab)} tokens")
+    is_module = isinstance(model, torch.nn.Module)
+    was_training = model.training if is_module else False
+    if is_module:
+        model.eval()
     dataset = CaptionDataset(records, vocab, source, mode="image")
     loader = make_loader(dataset, ShardSampler(len(dataset), batch_size, rank, world), num_workers=num_workers,
                          pin_memory=device.type == "cuda")
@@ -79,7 +95,8 @@ def caption_records(model: ExpansionNet, records: Sequence[ImageRecord], vocab: 
                                                                   precision)))
         bar.update(len(batch) + len(batch.skipped))
     bar.close()
-    model.train(was_training)
+    if is_module:
+        model.train(was_training)
     merged: dict[int, str] = {}
     all_skipped: list[str] = []
     for part, sk in all_gather_objects((local, skipped)):

@@ -34,6 +34,16 @@ class DynamicExpansionCache:
             return buffers[name]
         raise AttributeError(name)
 
+    def append(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """Write the newest position's rows (B, n, D) after the filled prefix; return the whole filled buffer.
+
+        n is 1 for k, va, vb and cond and num_exp for ca and cb; `length` moves on in DecoderCache.advance.
+        """
+        start = self.length * rows.shape[1]
+        buf = self._buffers[name]
+        buf[:, start:start + rows.shape[1]] = rows
+        return buf[:, :start + rows.shape[1]]
+
     def reorder(self, index: torch.Tensor) -> None:
         """Gather rows along the batch axis (beam re-ordering): the filled prefix, into the spare buffers."""
         for name in self.NAMES:
@@ -41,6 +51,26 @@ class DynamicExpansionCache:
             src, dst = self._buffers[name], self._spares[name]
             torch.index_select(src[:, :filled], 0, index, out=dst[:, :filled])
             self._buffers[name], self._spares[name] = dst, src
+
+
+class ConcatExpansionCache:
+    """The same per-layer state as DynamicExpansionCache, as plain tensors: the past (B, t, D) / (B, t * E, D) goes
+    in, `append` concatenates the newest position and `present` holds the result.
+
+    This is the functional form of a decoding step (no in-place writes), which an exported graph needs: its past
+    tensors are graph inputs and its present tensors graph outputs.
+    """
+
+    NAMES = DynamicExpansionCache.NAMES
+
+    def __init__(self, past: dict[str, torch.Tensor]) -> None:
+        self.past = past
+        self.present: dict[str, torch.Tensor] = {}
+
+    def append(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        full = torch.cat([self.past[name], rows], dim=1)
+        self.present[name] = full
+        return full
 
 
 @dataclass

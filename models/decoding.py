@@ -1,19 +1,27 @@
 """Search algorithms over a captioner: beam search, greedy search and multinomial sampling.
 
-They only use `model.encode` output, `model.init_cache` / `model.decode_step` (incremental, one position per step)
-or `model.decode` (full recomputation of the prefix, the reference's way; `use_cache=False`). Batched over
-images x hypotheses with tensor operations; the only host-device sync per step is the "all finished?" check.
+They see the model only through a Stepper (next-token log-probs, beam re-ordering): for an ExpansionNet, its
+`init_cache` / `decode_step` (incremental, one position per step) or `decode` (full recomputation of the prefix, the
+reference's way; `use_cache=False`); for ONNX Runtime sessions or an ensemble, the stepper their StepModel makes.
+`memory` is whatever the model's encoder gave (a tensor for an ExpansionNet). Batched over images x hypotheses with
+tensor operations; the only host-device sync per step is the "all finished?" check.
 `max_len` counts generated tokens (EOS included, SOS not).
 """
 
 from __future__ import annotations
 
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from models.expansionnet import ExpansionNet
+from utils.runtime import autocast
 
 
 @dataclass
@@ -27,13 +35,43 @@ class SearchOutput:
     lengths: torch.Tensor
 
 
-class _Stepper:
-    """Next-token log-probabilities for B images x group hypotheses, cached or by full recomputation."""
+class Stepper(ABC):
+    """Next-token log-probabilities for `batch` images x `group` hypotheses, one position per call.
+
+    The search algorithms below only talk to this interface, so one algorithm runs over every way of computing a
+    step: PyTorch (TorchStepper, cached or by full recomputation), ONNX Runtime (deploy.runtime.OrtStepper) or an
+    ensemble of either (EnsembleStepper).
+    """
+
+    batch: int
+    group: int
+    device: torch.device
+
+    @abstractmethod
+    def logprobs(self, prefix: torch.Tensor) -> torch.Tensor:
+        """prefix (batch*group, t) of input tokens (SOS first) -> log-probs (batch*group, V) of token t, float32."""
+
+    @abstractmethod
+    def reorder(self, index: torch.Tensor) -> None:
+        """Hypothesis r continues hypothesis index[r] (index (batch*group,), within its own image's group)."""
+
+
+class StepModel(Protocol):
+    """Anything the searches can decode with besides an ExpansionNet: it makes a Stepper from its encoder output."""
+
+    def stepper(self, memory: Any, key_mask: torch.Tensor | None, group: int, max_len: int) -> Stepper: ...
+
+
+class TorchStepper(Stepper):
+    """An ExpansionNet in PyTorch: incremental (cached) steps, or the reference's recomputation of the whole prefix
+    (use_cache=False); `precision` is the autocast of the step (fp32: none)."""
 
     def __init__(self, model: ExpansionNet, memory: torch.Tensor, key_mask: torch.Tensor | None, group: int,
-                 max_len: int, use_cache: bool) -> None:
+                 max_len: int, use_cache: bool = True, precision: str = "fp32") -> None:
         self.model = model
         self.use_cache = use_cache
+        self.batch, self.group, self.device = memory.shape[0], group, memory.device
+        self.precision = precision
         if use_cache:
             self.cache = model.init_cache(memory, key_mask, group, max_len)
         else:
@@ -41,16 +79,51 @@ class _Stepper:
             self.key_mask = key_mask.repeat_interleave(group, dim=0) if key_mask is not None else None
 
     def logprobs(self, prefix: torch.Tensor) -> torch.Tensor:
-        """prefix (B*group, t) of input tokens (SOS first) -> log-probs (B*group, V) of token t, in float32."""
-        if self.use_cache:
-            logits = self.model.decode_step(prefix[:, -1], self.cache)
-        else:
-            logits = self.model.decode(prefix, self.memory, self.key_mask)[:, -1]
+        with autocast(self.device, self.precision):
+            if self.use_cache:
+                logits = self.model.decode_step(prefix[:, -1], self.cache)
+            else:
+                logits = self.model.decode(prefix, self.memory, self.key_mask)[:, -1]
         return F.log_softmax(logits.float(), dim=-1)
 
     def reorder(self, index: torch.Tensor) -> None:
         if self.use_cache:
             self.cache.reorder(index)
+
+
+class EnsembleStepper(Stepper):
+    """Members' word probabilities averaged at every step (the reference's ensemble): log(mean_i softmax_i).
+
+    Each member keeps its own caches and follows the same re-orderings; its log-probs are moved to the first
+    member's device. A single member gives its own log-probs unchanged.
+    """
+
+    def __init__(self, members: Sequence[Stepper]) -> None:
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = list(members)
+        first = self.members[0]
+        if any(m.batch != first.batch or m.group != first.group for m in self.members):
+            raise ValueError("ensemble members decode different batches")
+        self.batch, self.group, self.device = first.batch, first.group, first.device
+
+    def logprobs(self, prefix: torch.Tensor) -> torch.Tensor:
+        logps = [m.logprobs(prefix.to(m.device)).to(self.device) for m in self.members]
+        if len(logps) == 1:
+            return logps[0]
+        return torch.logsumexp(torch.stack(logps), dim=0) - math.log(len(logps))
+
+    def reorder(self, index: torch.Tensor) -> None:
+        for m in self.members:
+            m.reorder(index.to(m.device))
+
+
+def make_stepper(model: ExpansionNet | StepModel, memory: Any, key_mask: torch.Tensor | None, group: int,
+                 max_len: int, use_cache: bool = True) -> Stepper:
+    """The Stepper of an ExpansionNet (PyTorch, under the caller's autocast) or of any StepModel."""
+    if isinstance(model, nn.Module):
+        return TorchStepper(model, memory, key_mask, group, max_len, use_cache)
+    return model.stepper(memory, key_mask, group, max_len)
 
 
 def _lengths(tokens: torch.Tensor, eos_idx: int) -> torch.Tensor:
@@ -62,7 +135,7 @@ def _lengths(tokens: torch.Tensor, eos_idx: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def beam_search(model: ExpansionNet, memory: torch.Tensor, key_mask: torch.Tensor | None, *, sos_idx: int,
+def beam_search(model: ExpansionNet | StepModel, memory: Any, key_mask: torch.Tensor | None, *, sos_idx: int,
                 eos_idx: int, pad_idx: int, beam_size: int = 5, max_len: int = 20, num_outputs: int = 1,
                 use_cache: bool = True) -> SearchOutput:
     """The reference's beam search: beam-many distinct first words, global top-beam by cumulative log-prob,
@@ -70,8 +143,9 @@ def beam_search(model: ExpansionNet, memory: torch.Tensor, key_mask: torch.Tenso
     log-prob divided by the number of tokens including SOS and EOS."""
     if not 1 <= num_outputs <= beam_size:
         raise ValueError(f"num_outputs must be between 1 and beam_size ({beam_size}), got {num_outputs}")
-    B, k, device = memory.shape[0], beam_size, memory.device
-    stepper = _Stepper(model, memory, key_mask, k, max_len, use_cache)
+    k = beam_size
+    stepper = make_stepper(model, memory, key_mask, k, max_len, use_cache)
+    B, device = stepper.batch, stepper.device
     prefix = torch.full((B * k, 1), sos_idx, dtype=torch.long, device=device)
     cum = torch.full((B, k), float("-inf"), device=device)
     cum[:, 0] = 0.0  # only beam 0 is live at the first step, so the first words are distinct
@@ -107,11 +181,11 @@ def beam_search(model: ExpansionNet, memory: torch.Tensor, key_mask: torch.Tenso
 
 
 @torch.no_grad()
-def greedy_search(model: ExpansionNet, memory: torch.Tensor, key_mask: torch.Tensor | None, *, sos_idx: int,
+def greedy_search(model: ExpansionNet | StepModel, memory: Any, key_mask: torch.Tensor | None, *, sos_idx: int,
                   eos_idx: int, pad_idx: int, max_len: int = 20, use_cache: bool = True) -> SearchOutput:
     """Arg-max decoding; scored like beam search so beam_size=1 gives the same output."""
-    B, device = memory.shape[0], memory.device
-    stepper = _Stepper(model, memory, key_mask, 1, max_len, use_cache)
+    stepper = make_stepper(model, memory, key_mask, 1, max_len, use_cache)
+    B, device = stepper.batch, stepper.device
     prefix = torch.full((B, 1), sos_idx, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     lps = []
@@ -132,7 +206,7 @@ def greedy_search(model: ExpansionNet, memory: torch.Tensor, key_mask: torch.Ten
 
 
 @torch.no_grad()
-def sample(model: ExpansionNet, memory: torch.Tensor, key_mask: torch.Tensor | None, *, sos_idx: int,
+def sample(model: ExpansionNet | StepModel, memory: Any, key_mask: torch.Tensor | None, *, sos_idx: int,
            eos_idx: int, pad_idx: int, num_samples: int = 5, max_len: int = 20, use_cache: bool = True,
            generator: torch.Generator | None = None) -> SearchOutput:
     """Ancestral sampling (temperature 1, full softmax) of num_samples captions per image, for SCST.
@@ -140,8 +214,9 @@ def sample(model: ExpansionNet, memory: torch.Tensor, key_mask: torch.Tensor | N
     Runs without gradient (the SCST loss re-scores the samples in one teacher-forced pass); dropout follows the
     model's mode. Returns tokens (B, num_samples, L).
     """
-    B, k, device = memory.shape[0], num_samples, memory.device
-    stepper = _Stepper(model, memory, key_mask, k, max_len, use_cache)
+    k = num_samples
+    stepper = make_stepper(model, memory, key_mask, k, max_len, use_cache)
+    B, device = stepper.batch, stepper.device
     prefix = torch.full((B * k, 1), sos_idx, dtype=torch.long, device=device)
     finished = torch.zeros(B * k, dtype=torch.bool, device=device)
     lps = []

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from models.backbone import backbone_tokens
-from models.cache import CrossAttentionCache, DecoderCache, DynamicExpansionCache
+from models.cache import ConcatExpansionCache, CrossAttentionCache, DecoderCache, DynamicExpansionCache
 from models.layers import (
     DynamicExpansionBlock,
     EmbeddingLayer,
@@ -68,11 +68,13 @@ class DecoderLayer(nn.Module):
         h = h + self.dropout_2(self.mha.attend(self.norm_2(h), cross.k, cross.v, cross.bias))
         return h + self.dropout_3(self.ff(self.norm_3(h)))
 
-    def step(self, h: torch.Tensor, cross: CrossAttentionCache, dyn: DynamicExpansionCache, group: int) -> torch.Tensor:
-        """h (B*group, 1, D), one new position; cross holds B images, each shared by `group` hypotheses."""
+    def step(self, h: torch.Tensor, cross: CrossAttentionCache, dyn: DynamicExpansionCache | ConcatExpansionCache
+             ) -> torch.Tensor:
+        """h (B*group, 1, D), one new position; cross holds B images, each shared by the group of hypotheses that
+        follow it (rows b*group .. (b+1)*group-1)."""
         h = h + self.dropout_1(self.dyn_exp.step(self.norm_1(h), dyn))
-        q = self.norm_2(h).view(-1, group, h.shape[-1])  # (B, group, D): hypotheses act as query positions
-        h = h + self.dropout_2(self.mha.attend(q, cross.k, cross.v, cross.bias).view_as(h))
+        q = self.norm_2(h).reshape(cross.k.shape[0], -1, h.shape[-1])  # (B, group, D): hypotheses act as queries
+        h = h + self.dropout_2(self.mha.attend(q, cross.k, cross.v, cross.bias).reshape(h.shape))
         return h + self.dropout_3(self.ff(self.norm_3(h)))
 
 
@@ -204,10 +206,18 @@ class ExpansionNet(nn.Module):
         j = cache.length
         if j >= cache.max_len:
             raise ValueError(f"decoder cache is full ({cache.max_len} positions)")
-        h = self._embed(tokens[:, None], torch.full((1,), j, device=tokens.device, dtype=torch.long))
-        outs = []
-        for layer, cross, dyn in zip(self.decoders, cache.cross, cache.dyn):
-            h = layer.step(h, cross, dyn, cache.group)
-            outs.append(h)
+        logits = self.step(tokens, torch.full((1,), j, device=tokens.device, dtype=torch.long), cache.cross, cache.dyn)
         cache.advance()
+        return logits
+
+    def step(self, tokens: torch.Tensor, position: torch.Tensor, cross: list[CrossAttentionCache],
+             dyn: list[DynamicExpansionCache] | list[ConcatExpansionCache]) -> torch.Tensor:
+        """One decoding step: logits (B*group, V) for tokens (B*group,) at position (1,), appending to each layer's
+        dynamic-expansion cache. decode_step runs it on preallocated buffers; an exported decoder-step graph runs it
+        on ConcatExpansionCache (past caches in, present caches out)."""
+        h = self._embed(tokens[:, None], position)
+        outs = []
+        for layer, c, d in zip(self.decoders, cross, dyn):
+            h = layer.step(h, c, d)
+            outs.append(h)
         return self._head(outs)[:, 0]

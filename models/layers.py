@@ -12,13 +12,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.cache import DynamicExpansionCache
+from models.cache import ConcatExpansionCache, DynamicExpansionCache
 
 EXP_EPS = 1e-9  # normalisation epsilon of the expansion blocks (the reference's value)
 
 
+def _eps(dtype: torch.dtype) -> float:
+    """EXP_EPS, raised to the smallest normal number where the dtype cannot hold it (fp16: 1e-9 would round to 0
+    and an all-zero row would divide 0 by 0); float32 and bfloat16 keep the reference's 1e-9 exactly."""
+    return max(EXP_EPS, torch.finfo(dtype).tiny)
+
+
 def _normalise(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    return x / (x.sum(dim=dim, keepdim=True) + EXP_EPS)
+    return x / (x.sum(dim=dim, keepdim=True) + _eps(x.dtype))
 
 
 class FeedForward(nn.Module):
@@ -137,8 +143,6 @@ class StaticExpansionBlock(nn.Module):
         self.dropout_class_b_fw = nn.Dropout(dropout)
         self.dropout_class_a_bw = nn.Dropout(dropout)
         self.dropout_class_b_bw = nn.Dropout(dropout)
-        block_index = torch.tensor([b for b, n in enumerate(num_exp_list) for _ in range(n)], dtype=torch.long)
-        self.register_buffer("block_index", block_index, persistent=False)
 
     def values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         va, vb = self.class_a_embed(x), self.class_b_embed(x)
@@ -170,8 +174,8 @@ class StaticExpansionBlock(nn.Module):
         return s * oa + (1 - s) * ob
 
     def _block_normalise(self, w: torch.Tensor) -> torch.Tensor:
-        sums = w.new_zeros(*w.shape[:-1], len(self.num_exp_list)).index_add_(-1, self.block_index, w)
-        return w / (sums.index_select(-1, self.block_index) + EXP_EPS)
+        """Normalise each block of expanded rows on its own (a split, not an index_add: exportable to ONNX)."""
+        return torch.cat([_normalise(block) for block in w.split(self.num_exp_list, dim=-1)], dim=-1)
 
 
 class DynamicExpansionBlock(nn.Module):
@@ -225,36 +229,33 @@ class DynamicExpansionBlock(nn.Module):
         s = torch.sigmoid(self.selector_embed(x))
         return s * oa + (1 - s) * ob
 
-    def step(self, x: torch.Tensor, cache: DynamicExpansionCache) -> torch.Tensor:
-        """One new position x (B, 1, D) at index cache.length; appends to the cache and returns (B, 1, D).
+    def step(self, x: torch.Tensor, cache: DynamicExpansionCache | ConcatExpansionCache) -> torch.Tensor:
+        """One new position x (B, 1, D) after the cached ones; appends to the cache and returns (B, 1, D).
 
         Backward-step scores of the expanded rows (t, e) against the new key are K_j . cond_t + K_j . q_exp[e], and
         the biases b_exp[e] + cond_t enter the output through the weights' marginals, so neither expanded queries
-        nor biases are cached.
+        nor biases are cached. Only `cache.append` touches the cache, so the in-place buffers of decoding and the
+        concatenated tensors of an exported graph run the same code.
         """
-        B, _, D = x.shape
         E = self.num_exp
-        j = cache.length
-        scale = math.sqrt(D)
+        scale = math.sqrt(x.shape[-1])
         cond = self.cond_embed(x)  # (B, 1, D)
         k_j = self.key_linear(x)
         va, vb = self.values(x)
-        cache.k[:, j], cache.cond[:, j] = k_j[:, 0], cond[:, 0]
-        cache.va[:, j], cache.vb[:, j] = va[:, 0], vb[:, 0]
-        T = j + 1
+        keys, conds = cache.append("k", k_j), cache.append("cond", cond)  # (B, T, D): positions 0..j
+        vas, vbs = cache.append("va", va), cache.append("vb", vb)
         qe = self.query_exp_vectors.weight + cond  # (B, E, D): the expanded rows of position j
-        z = self.Z_dropout(torch.matmul(qe, cache.k[:, :T].transpose(1, 2)) / scale)  # (B, E, T)
-        rows = slice(j * E, T * E)
-        cache.ca[:, rows] = self.dropout_class_a_fw(torch.matmul(_normalise(F.relu(z)), cache.va[:, :T]))
-        cache.cb[:, rows] = self.dropout_class_b_fw(torch.matmul(_normalise(F.relu(-z)), cache.vb[:, :T]))
-        z_t = torch.matmul(k_j, cache.cond[:, :T].transpose(1, 2))  # (B, 1, T)
+        z = self.Z_dropout(torch.matmul(qe, keys.transpose(1, 2)) / scale)  # (B, E, T)
+        ca = cache.append("ca", self.dropout_class_a_fw(torch.matmul(_normalise(F.relu(z)), vas)))  # (B, T*E, D)
+        cb = cache.append("cb", self.dropout_class_b_fw(torch.matmul(_normalise(F.relu(-z)), vbs)))
+        z_t = torch.matmul(k_j, conds.transpose(1, 2))  # (B, 1, T)
         z_e = torch.matmul(k_j, self.query_exp_vectors.weight.t())  # (B, 1, E)
-        zb = self.Z_dropout(((z_t[..., :, None] + z_e[..., None, :]) / scale).reshape(B, 1, T * E))
+        zb = self.Z_dropout(((z_t[..., :, None] + z_e[..., None, :]) / scale).flatten(-2))  # (B, 1, T*E)
         outs = []
-        for w, c, drop in ((_normalise(F.relu(zb)), cache.ca, self.dropout_class_a_bw),
-                           (_normalise(F.relu(-zb)), cache.cb, self.dropout_class_b_bw)):
-            w4 = w.view(B, 1, T, E)
-            bias = torch.matmul(w4.sum(2), self.bias_exp_vectors.weight) + torch.matmul(w4.sum(3), cache.cond[:, :T])
-            outs.append(drop(torch.matmul(w, c[:, :T * E]) + bias))
+        for w, c, drop in ((_normalise(F.relu(zb)), ca, self.dropout_class_a_bw),
+                           (_normalise(F.relu(-zb)), cb, self.dropout_class_b_bw)):
+            w4 = w.unflatten(-1, (-1, E))  # (B, 1, T, E)
+            bias = torch.matmul(w4.sum(2), self.bias_exp_vectors.weight) + torch.matmul(w4.sum(3), conds)
+            outs.append(drop(torch.matmul(w, c) + bias))
         s = torch.sigmoid(self.selector_embed(x))
         return s * outs[0] + (1 - s) * outs[1]

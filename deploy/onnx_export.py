@@ -1,0 +1,199 @@
+"""Export a captioner to ONNX from the one model definition: an encoder graph and a decoder-step graph.
+
+encoder.onnx       images (B, 3, H, W) [or features (B, N, C)] -> cross_k.i, cross_v.i (B, h, S, d_k) per decoder
+                   layer (the encoder memory projected once per image); dynamic batch.
+decoder_step.onnx  tokens (R,), position (1,), beam_index (R,), cross_k.i / cross_v.i (B, ...), and per decoder layer
+                   the past dynamic-expansion caches past.i.{k,va,vb,cond} (R, t, D) and past.i.{ca,cb} (R, t*E, D)
+                   -> logprobs (R, V) float32 and present.i.* (the past re-ordered by beam_index, with position t
+                   appended). R = B x hypotheses per image; every axis but the model's widths is dynamic.
+
+Both graphs trace ExpansionNet.encode / cross_caches / step (the same code PyTorch decoding runs; the step appends
+to a ConcatExpansionCache instead of preallocated buffers). The export is checked with onnx.checker, run once with
+ONNX Runtime and compared with PyTorch before it is reported.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data.vocab import Vocabulary
+from deploy.runtime import DECODER_FILE, ENCODER_FILE, ONNX_FORMAT
+from models import ExpansionNet, ModelConfig, count_parameters
+from models.cache import ConcatExpansionCache, CrossAttentionCache, DynamicExpansionCache
+
+PAST = DynamicExpansionCache.NAMES
+DEFAULT_OPSET = 17
+PRECISIONS = ("fp32", "fp16")
+
+
+class _EncoderGraph(nn.Module):
+    def __init__(self, model: ExpansionNet, end_to_end: bool) -> None:
+        super().__init__()
+        self.model, self.end_to_end = model, end_to_end
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        memory = self.model.encode(images=x) if self.end_to_end else self.model.encode(features=x)
+        return tuple(t for c in self.model.cross_caches(memory, None) for t in (c.k, c.v))
+
+
+class _StepGraph(nn.Module):
+    def __init__(self, model: ExpansionNet) -> None:
+        super().__init__()
+        self.model = model
+        self.layers = len(model.decoders)
+
+    def forward(self, tokens: torch.Tensor, position: torch.Tensor, beam_index: torch.Tensor,
+                *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        n = self.layers
+        cross = [CrossAttentionCache(caches[2 * i], caches[2 * i + 1], None) for i in range(n)]
+        past = caches[2 * n:]
+        dyn = [ConcatExpansionCache({name: past[len(PAST) * i + j].index_select(0, beam_index)
+                                     for j, name in enumerate(PAST)}) for i in range(n)]
+        logits = self.model.step(tokens, position, cross, dyn)
+        return (F.log_softmax(logits.float(), dim=-1), *[c.present[name] for c in dyn for name in PAST])
+
+
+@dataclass
+class ExportResult:
+    folder: Path
+    encoder: Path
+    decoder: Path
+    max_abs_logprob_diff: float
+    seconds: float
+
+
+def io_names(n_dec: int) -> dict[str, Any]:
+    cross = [f"cross_{kv}.{i}" for i in range(n_dec) for kv in ("k", "v")]
+    return {"cross": cross, "past": [f"past.{i}.{name}" for i in range(n_dec) for name in PAST],
+            "present": [f"present.{i}.{name}" for i in range(n_dec) for name in PAST]}
+
+
+def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
+            dynamic_axes: dict[str, dict[int, str]], opset: int) -> None:
+    """The TorchScript-based exporter: dynamic axes by name, no onnxscript needed (torch 2.11 to 2.14)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecation notice of the TorchScript exporter, tracer notes
+        torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
+                          dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False, do_constant_folding=True)
+
+
+def export_onnx(model: ExpansionNet, config: ModelConfig, vocab: Vocabulary, output: str | Path, *,
+                precision: str = "fp32", opset: int = DEFAULT_OPSET, source: str = "",
+                card_extra: dict[str, Any] | None = None, training: dict[str, Any] | None = None,
+                verify: bool = True) -> ExportResult:
+    """Write encoder.onnx, decoder_step.onnx, config.json, vocab.json and README.md into `output`, check both
+    graphs with onnx.checker and (verify) run them once with ONNX Runtime against PyTorch on random inputs."""
+    import onnx
+
+    from deploy.folder import write_model_card
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    t0 = time.perf_counter()
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model = model.eval().cpu()
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    graph_model = copy.deepcopy(model).to(dtype) if dtype != torch.float32 else model
+    names = io_names(len(model.decoders))
+    end_to_end = config.backbone is not None
+    gen = torch.Generator().manual_seed(0)
+    if end_to_end:
+        size = config.backbone.img_size
+        enc_in, x = "images", torch.randn(2, 3, size, size, generator=gen)
+    else:
+        enc_in, x = "features", torch.randn(2, 5, config.img_feature_dim, generator=gen)
+    x = x.to(dtype)
+    enc_path, dec_path = out / ENCODER_FILE, out / DECODER_FILE
+    with torch.no_grad():
+        encoder = _EncoderGraph(graph_model, end_to_end).eval()  # eval: the exporter restores this mode after
+        cross = encoder(x)
+        _export(encoder, (x,), enc_path, [enc_in], names["cross"],
+                {enc_in: {0: "batch"} if end_to_end else {0: "batch", 1: "tokens"},
+                 **{n: {0: "batch", 2: "keys"} for n in names["cross"]}}, opset)
+        # example step: 2 images x 3 hypotheses, 2 past positions (so no axis is traced as a constant)
+        group, past_len, E, D = 3, 2, model.num_exp_dec, config.d_model
+        rows = 2 * group
+        past = [torch.randn(rows, past_len * (E if name in ("ca", "cb") else 1), D, generator=gen).to(dtype)
+                for _ in model.decoders for name in PAST]
+        tokens = torch.randint(4, config.vocab_size, (rows,), generator=gen)
+        position, beam_index = torch.tensor([past_len]), torch.tensor([2, 0, 1, 5, 5, 3])
+        step_inputs = ["tokens", "position", "beam_index", *names["cross"], *names["past"]]
+        step_outputs = ["logprobs", *names["present"]]
+        axes = {"tokens": {0: "rows"}, "beam_index": {0: "rows"}, "logprobs": {0: "rows"},
+                **{n: {0: "batch", 2: "keys"} for n in names["cross"]}}
+        for p_name, q_name in zip(names["past"], names["present"]):
+            axes[p_name] = {0: "rows", 1: "past_" + p_name.rsplit(".", 1)[1]}
+            axes[q_name] = {0: "rows", 1: "present_" + q_name.rsplit(".", 1)[1]}
+        step = _StepGraph(graph_model).eval()
+        _export(step, (tokens, position, beam_index, *cross, *past), dec_path, step_inputs, step_outputs, axes, opset)
+    for path in (enc_path, dec_path):
+        onnx.checker.check_model(str(path), full_check=True)
+    manifest = {
+        "format": ONNX_FORMAT, "format_version": 1, "precision": precision, "opset": opset,
+        "model_config": config.to_dict(), "source": source, "training": training or {},
+        "torch_version": torch.__version__,
+        "io": {"encoder_input": enc_in, **names,
+               "past_rows_per_position": [E if n.rsplit(".", 1)[1] in ("ca", "cb") else 1 for n in names["past"]]},
+    }
+    (out / "config.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    vocab.save(out / "vocab.json", overwrite=True)
+    write_model_card(out, config, vocab, count_parameters(model), source=source, extra=card_extra,
+                     files={ENCODER_FILE: "backbone + encoder graph", DECODER_FILE: "one decoder step with caches"},
+                     onnx={"precision": precision, "opset": opset})
+    diff = verify_export(out, model, config) if verify else float("nan")
+    model.train(was_training)
+    return ExportResult(out, enc_path, dec_path, diff, time.perf_counter() - t0)
+
+
+def verify_export(folder: Path, model: ExpansionNet, config: ModelConfig, batch: int = 2, steps: int = 3) -> float:
+    """Run the exported graphs once with ONNX Runtime (greedy steps on random inputs) and return the largest
+    absolute difference of step log-probs against PyTorch fp32; raise when the graphs cannot run or disagree
+    beyond what their precision allows (1e-3 fp32, 0.5 fp16)."""
+    from deploy.runtime import OrtRuntime
+    from models.decoding import TorchStepper
+
+    rt = OrtRuntime(folder, "cpu")
+    gen = torch.Generator().manual_seed(1)
+    if config.backbone is not None:
+        size = config.backbone.img_size
+        x = {"images": torch.randn(batch, 3, size, size, generator=gen)}
+    else:
+        x = {"features": torch.randn(batch, 7, config.img_feature_dim, generator=gen)}
+    memory = rt.encode(**x)
+    with torch.no_grad():
+        ref = TorchStepper(model, model.encode(**x), None, 2, steps + 1)
+    ort_step = rt.stepper(memory, None, 2, steps + 1)
+    prefix = torch.full((batch * 2, 1), 1, dtype=torch.long)
+    worst = 0.0
+    for _ in range(steps):
+        with torch.no_grad():
+            a = ref.logprobs(prefix)
+        b = ort_step.logprobs(prefix)
+        if not torch.isfinite(b).all():
+            raise RuntimeError(f"ONNX Runtime produced non-finite log-probs from {folder}")
+        worst = max(worst, float((a - b).abs().max()))
+        index = torch.arange(batch * 2).view(batch, 2).flip(1).reshape(-1)  # swap the two hypotheses of each image
+        ref.reorder(index)
+        ort_step.reorder(index)
+        prefix = torch.cat([prefix.index_select(0, index), a.argmax(-1, keepdim=True)], dim=1)
+    limit = 0.5 if rt.precision == "fp16" else 1e-3
+    if not worst <= limit:
+        raise RuntimeError(f"exported graphs in {folder} disagree with PyTorch: step log-probs differ by {worst:.3g} "
+                           f"(limit {limit} at {rt.precision})")
+    return worst
+
+
+def onnx_sizes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in sorted(Path(folder).glob("*.onnx*"))}

@@ -1,0 +1,309 @@
+"""Captioning runtimes: what a Captioner, the evaluation loop and the search algorithms decode with.
+
+A runtime turns images (or cached features) into an encoder output (`encode`) and that output into a Stepper
+(`stepper`), the interface models.decoding's beam search, greedy search and sampling run over. Three kinds:
+
+- TorchRuntime: an ExpansionNet in PyTorch (autocast precision, any device);
+- OrtRuntime: an exported folder (deploy.onnx) run by ONNX Runtime, CPU or CUDA provider;
+- EnsembleRuntime: several runtimes of one vocabulary; each member encodes with its own backbone (one pass per
+  member per image) and keeps its own caches; the searches see the mean of the members' word probabilities.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models import ExpansionNet, ModelConfig
+from models.decoding import EnsembleStepper, Stepper, TorchStepper
+from utils.runtime import autocast
+
+ONNX_FORMAT = "expansionnet-onnx"
+ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder_step.onnx"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a runtime's backbone wants its images: side, mean and std (None for a features-only model)."""
+
+    img_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def preprocessing_of(config: ModelConfig) -> Preprocessing | None:
+    bb = config.backbone
+    return Preprocessing(bb.img_size, tuple(bb.mean), tuple(bb.std)) if bb is not None else None
+
+
+class CaptionRuntime(ABC):
+    """A captioning model seen from outside: encode inputs, make steppers, describe itself."""
+
+    kind: str
+    config: ModelConfig  # an ensemble's is its first member's
+    device: torch.device
+    precision: str
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.config.max_seq_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def end_to_end(self) -> bool:
+        return self.config.backbone is not None
+
+    @property
+    def preprocessing(self) -> Preprocessing | None:
+        return preprocessing_of(self.config)
+
+    @abstractmethod
+    def encode(self, images: torch.Tensor | None = None, features: torch.Tensor | None = None) -> Any:
+        """Encoder output for preprocessed images (B, 3, H, W) or backbone features (B, N, C)."""
+
+    @abstractmethod
+    def stepper(self, memory: Any, key_mask: torch.Tensor | None, group: int, max_len: int) -> Stepper:
+        """A Stepper over `encode`'s output for `group` hypotheses per image."""
+
+    def teacher_forced_logprobs(self, tokens: torch.Tensor, memory: Any) -> torch.Tensor:
+        """Log-probs (K, T, V) of inputs tokens (K, T) (SOS first), one image per row, one step at a time."""
+        stepper = self.stepper(memory, None, 1, tokens.shape[1])
+        tokens = tokens.to(stepper.device)
+        return torch.stack([stepper.logprobs(tokens[:, :t + 1]) for t in range(tokens.shape[1])], dim=1)
+
+    def info(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": self.config.name, "device": str(self.device), "precision": self.precision}
+
+
+class TorchRuntime(CaptionRuntime):
+    """An ExpansionNet in eval mode on one device, steps under one autocast precision."""
+
+    kind = "torch"
+
+    def __init__(self, model: ExpansionNet, config: ModelConfig | None, device: torch.device, precision: str) -> None:
+        self.model = model
+        self.config = config  # None when only the module is known (engine.evaluate's callers)
+        self.device = device
+        self.precision = precision
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.model.max_seq_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.vocab_size
+
+    @property
+    def end_to_end(self) -> bool:
+        return self.model.backbone is not None
+
+    def encode(self, images: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
+        with autocast(self.device, self.precision):
+            return self.model.encode(images=images.to(self.device) if images is not None else None,
+                                     features=features.to(self.device) if features is not None else None)
+
+    def stepper(self, memory: torch.Tensor, key_mask: torch.Tensor | None, group: int, max_len: int) -> Stepper:
+        return TorchStepper(self.model, memory, key_mask, group, max_len, precision=self.precision)
+
+    def teacher_forced_logprobs(self, tokens: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, self.precision):
+            logits = self.model.decode(tokens.to(self.device), memory)
+        return F.log_softmax(logits.float(), dim=-1)
+
+
+@dataclass
+class OrtMemory:
+    """The encoder graph's outputs: cross-attention keys/values of every decoder layer for `batch` images."""
+
+    cross: dict[str, Any]
+    batch: int
+
+
+def onnx_providers(device: str | torch.device) -> list[str]:
+    """ONNX Runtime execution providers for a device: CUDA (then CPU as fallback) or CPU; a clear error when the
+    installed onnxruntime has no CUDA provider."""
+    import onnxruntime as ort
+
+    device = torch.device(device)
+    if device.type == "cpu":
+        return ["CPUExecutionProvider"]
+    if device.type == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ValueError("device cuda was asked for the ONNX backend, but this onnxruntime has no "
+                             f"CUDAExecutionProvider (available: {ort.get_available_providers()}); install "
+                             "onnxruntime-gpu, or use device cpu")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    raise ValueError(f"the ONNX backend runs on cpu or cuda, not {device}")
+
+
+def read_onnx_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != ONNX_FORMAT:
+        raise ValueError(f"{path} is not an exported ONNX folder (format {manifest.get('format')!r}, expected "
+                         f"{ONNX_FORMAT!r})")
+    return manifest
+
+
+class OrtRuntime(CaptionRuntime):
+    """An exported folder (encoder.onnx + decoder_step.onnx, config.json) run by ONNX Runtime.
+
+    The decoder-step graph takes the past dynamic-expansion caches and the beam re-ordering index as inputs and
+    returns the present caches, so the host only hands arrays from one step to the next.
+    """
+
+    kind = "onnx"
+
+    def __init__(self, folder: str | Path, device: str | torch.device = "cpu", threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.folder = Path(folder)
+        manifest = read_onnx_manifest(self.folder)
+        self.manifest = manifest
+        self.config = ModelConfig.from_dict(manifest["model_config"])
+        self.precision = manifest["precision"]
+        self.float_dtype = np.float16 if self.precision == "fp16" else np.float32
+        self.device = torch.device(device)
+        self.providers = onnx_providers(self.device)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3  # errors only: fp16 graphs on the CPU warn about every unfoldable constant
+        opts.intra_op_num_threads = threads if threads is not None else torch.get_num_threads()
+        self.encoder = ort.InferenceSession(str(self.folder / ENCODER_FILE), opts, providers=self.providers)
+        self.decoder = ort.InferenceSession(str(self.folder / DECODER_FILE), opts, providers=self.providers)
+        io = manifest["io"]
+        self.encoder_input = io["encoder_input"]
+        self.cross_names = io["cross"]
+        self.past_names, self.present_names = io["past"], io["present"]
+        self.past_rows = io["past_rows_per_position"]  # 1 for k/va/vb/cond, num_exp_dec for ca/cb
+        self.on_cuda = self.providers[0] == "CUDAExecutionProvider"
+
+    def _feed(self, array: np.ndarray) -> Any:
+        if not self.on_cuda:
+            return array
+        import onnxruntime as ort
+
+        return ort.OrtValue.ortvalue_from_numpy(array, "cuda", self.device.index or 0)
+
+    def encode(self, images: torch.Tensor | None = None, features: torch.Tensor | None = None) -> OrtMemory:
+        x = images if self.encoder_input == "images" else features
+        if x is None:
+            raise ValueError(f"this exported model takes {self.encoder_input}, which were not given")
+        array = np.ascontiguousarray(x.detach().cpu().numpy().astype(self.float_dtype, copy=False))
+        if self.on_cuda:
+            outs = self.encoder.run_with_ort_values(self.cross_names, {self.encoder_input: self._feed(array)})
+        else:
+            outs = self.encoder.run(self.cross_names, {self.encoder_input: array})
+        return OrtMemory(dict(zip(self.cross_names, outs)), array.shape[0])
+
+    def stepper(self, memory: OrtMemory, key_mask: torch.Tensor | None, group: int, max_len: int) -> Stepper:
+        if key_mask is not None:
+            raise ValueError("the exported decoder takes no key mask (images are never padded)")
+        return OrtStepper(self, memory, group, max_len)
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "folder": str(self.folder), "providers": self.providers,
+                "opset": self.manifest.get("opset")}
+
+
+class OrtStepper(Stepper):
+    """Decoder steps in ONNX Runtime: past caches and the pending beam re-ordering go in, present caches come out."""
+
+    def __init__(self, runtime: OrtRuntime, memory: OrtMemory, group: int, max_len: int) -> None:
+        if max_len > runtime.max_seq_len:
+            raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {runtime.max_seq_len}")
+        self.rt = runtime
+        self.memory = memory
+        self.batch, self.group, self.device = memory.batch, group, torch.device("cpu")
+        self.max_len = max_len
+        rows = memory.batch * group
+        d = runtime.config.d_model
+        empty = np.zeros((rows, 0, d), dtype=runtime.float_dtype)
+        self.past = {name: runtime._feed(empty) for name in runtime.past_names}
+        self.identity = np.arange(rows, dtype=np.int64)
+        self.index = self.identity
+        self.position = 0
+
+    def logprobs(self, prefix: torch.Tensor) -> torch.Tensor:
+        if self.position >= self.max_len:
+            raise ValueError(f"decoder cache is full ({self.max_len} positions)")
+        rt = self.rt
+        feeds = {"tokens": rt._feed(np.ascontiguousarray(prefix[:, -1].cpu().numpy().astype(np.int64))),
+                 "position": rt._feed(np.array([self.position], dtype=np.int64)),
+                 "beam_index": rt._feed(self.index), **self.memory.cross, **self.past}
+        names = ["logprobs", *rt.present_names]
+        if rt.on_cuda:
+            outs = rt.decoder.run_with_ort_values(names, feeds)
+            logp = outs[0].numpy()
+        else:
+            outs = rt.decoder.run(names, feeds)
+            logp = outs[0]
+        self.past = dict(zip(rt.past_names, outs[1:]))
+        self.index = self.identity
+        self.position += 1
+        return torch.from_numpy(logp)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.index = np.ascontiguousarray(self.index[index.cpu().numpy()])
+
+
+class EnsembleRuntime(CaptionRuntime):
+    """Several runtimes sharing one vocabulary: word probabilities averaged at every step (EnsembleStepper)."""
+
+    kind = "ensemble"
+
+    def __init__(self, members: Sequence[CaptionRuntime]) -> None:
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = list(members)
+        self.config = self.members[0].config
+        self.device = self.members[0].device
+        self.precision = "/".join(sorted({m.precision for m in self.members}))
+        sizes = {m.vocab_size for m in self.members}
+        if len(sizes) > 1:
+            raise ValueError(f"ensemble members have different vocabulary sizes {sorted(sizes)}")
+        if len({m.end_to_end for m in self.members}) > 1:
+            raise ValueError("ensemble members mix end-to-end and features-only models")
+
+    @property
+    def max_seq_len(self) -> int:
+        return min(m.max_seq_len for m in self.members)
+
+    @property
+    def preprocessings(self) -> list[Preprocessing | None]:
+        return [m.preprocessing for m in self.members]
+
+    def encode(self, images: torch.Tensor | Sequence[torch.Tensor] | None = None,
+               features: torch.Tensor | Sequence[torch.Tensor] | None = None) -> list[Any]:
+        """One encoder pass per member. images/features: one tensor for all members (they must then preprocess
+        alike), or one per member (Captioner does this when their backbones want different images)."""
+        def per_member(x):
+            if x is None or isinstance(x, (list, tuple)):
+                return x if x is not None else [None] * len(self.members)
+            if images is not None and len(set(self.preprocessings)) > 1:
+                raise ValueError("ensemble members preprocess images differently ("
+                                 + ", ".join(f"{p.img_size} px" for p in self.preprocessings if p)
+                                 + "): give one preprocessed batch per member")
+            return [x] * len(self.members)
+
+        imgs, feats = per_member(images), per_member(features)
+        return [m.encode(images=i, features=f) for m, i, f in zip(self.members, imgs, feats)]
+
+    def stepper(self, memory: list[Any], key_mask: torch.Tensor | None, group: int, max_len: int) -> Stepper:
+        return EnsembleStepper([m.stepper(mem, key_mask, group, max_len) for m, mem in zip(self.members, memory)])
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "members": [m.info() for m in self.members]}
+
