@@ -119,3 +119,22 @@ def test_decoder_rejects_lengths_beyond_position_embeddings():
     memory = model.encode(features=torch.randn(1, 6, 24))
     with pytest.raises(ValueError, match="max_seq_len"):
         model.init_cache(memory, None, group=1, max_len=model.max_seq_len + 1)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_functional_step_on_concatenated_caches_equals_decode_step_on_buffers(name):
+    """The form an exported decoder-step graph runs (past caches in, present out) is the same computation."""
+    from models.cache import ConcatExpansionCache
+
+    model = _model(name, seed=7)
+    memory = model.encode(features=torch.randn(2, 6, 24))
+    tokens = torch.randint(3, model.vocab_size, (6, 5))
+    with torch.no_grad():
+        cache = model.init_cache(memory, None, group=3, max_len=5)
+        past = [{n: torch.zeros(6, 0, model.d_model) for n in ConcatExpansionCache.NAMES} for _ in model.decoders]
+        for j in range(5):
+            buffered = model.decode_step(tokens[:, j], cache)
+            dyn = [ConcatExpansionCache(p) for p in past]
+            functional = model.step(tokens[:, j], torch.tensor([j]), cache.cross, dyn)
+            torch.testing.assert_close(functional, buffered, rtol=0, atol=1e-5)
+            past = [d.present for d in dyn]
