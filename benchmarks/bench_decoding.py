@@ -1,6 +1,7 @@
 """Decoding speed: cached (incremental) beam search against full recomputation, and end-to-end captioning images/s.
 
     python benchmarks/bench_decoding.py                      # CPU: beam 5, batch 8, 20 tokens, both models
+                                                             # (encoder timed with the decoding; + ONNX Runtime)
     python benchmarks/bench_decoding.py --device cuda --e2e_batch 64 --precision bf16 --compile
 
 Random weights make every caption run to the maximum length: worst-case decoding cost, as in the reference figures.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import median_seconds  # noqa: E402
 
+from data.vocab import Vocabulary  # noqa: E402
+from deploy.onnx_export import export_onnx  # noqa: E402
+from deploy.runtime import OrtRuntime  # noqa: E402
 from models import build_model, expansionnet_v2_config, optimizer_expansionnet_config  # noqa: E402
 from models.backbone import backbone_tokens  # noqa: E402
 from models.decoding import beam_search  # noqa: E402
@@ -27,25 +32,41 @@ IDS = {"sos_idx": 79, "eos_idx": 77, "pad_idx": 78}
 
 
 def bench_cached_vs_full(name: str, device: torch.device, batch: int, beam: int, max_len: int, repeats: int,
-                         sync) -> dict:
-    """Beam search on cached features with the same weights: incremental decoding vs the reference's recomputation."""
+                         sync, onnx: bool) -> dict:
+    """Beam search from cached features with the same weights, the encoder included (as a user waits for it):
+    incremental decoding (PyTorch, and ONNX Runtime when asked) vs the reference's recomputation of the prefix."""
     cfg_fn = optimizer_expansionnet_config if name == "optimizer_expansionnet" else expansionnet_v2_config
     torch.manual_seed(0)
-    model = build_model(cfg_fn(end_to_end=False)).to(device).eval()
+    cfg = cfg_fn(end_to_end=False)
+    model = build_model(cfg).to(device).eval()
     with torch.no_grad():
         model.vocab_linear.bias[IDS["eos_idx"]] = -1e4  # no early stop: every caption runs to max_len
     feats = torch.randn(batch, 144, model.input_linear.in_features, device=device)
-    with torch.no_grad():
-        memory = model.encode(features=feats)
 
+    @torch.inference_mode()
     def run(cache: bool):
+        memory = model.encode(features=feats)
         return beam_search(model, memory, None, beam_size=beam, max_len=max_len, use_cache=cache, **IDS)
 
     a, b = run(True), run(False)
     assert torch.equal(a.tokens, b.tokens), "cached and full decoding disagree"
     t_cached = median_seconds(lambda: run(True), repeats, sync)
     t_full = median_seconds(lambda: run(False), max(1, repeats // 2), sync)
-    return {"model": name, "cached_img_s": batch / t_cached, "full_img_s": batch / t_full, "speedup": t_full / t_cached}
+    out = {"model": name, "cached_img_s": batch / t_cached, "full_img_s": batch / t_full,
+           "speedup": t_full / t_cached}
+    if onnx and device.type == "cpu":
+        with tempfile.TemporaryDirectory() as tmp:
+            vocab = Vocabulary(["PAD", "SOS", "EOS", "UNK"] + [f"w{i}" for i in range(cfg.vocab_size - 4)])
+            export_onnx(model, cfg, vocab, tmp, verify=False)
+            rt = OrtRuntime(tmp)
+
+            def run_ort():
+                return beam_search(rt, rt.encode(features=feats), None, beam_size=beam, max_len=max_len, **IDS)
+
+            assert torch.equal(run_ort().tokens, a.tokens), "ONNX Runtime and PyTorch decoding disagree"
+            t_ort = median_seconds(run_ort, repeats, sync, warmup=1)
+        out.update(ort_img_s=batch / t_ort, ort_speedup=t_full / t_ort)
+    return out
 
 
 def bench_end_to_end(name: str, device: torch.device, batch: int, beam: int, max_len: int, precision: str,
@@ -90,16 +111,20 @@ def main() -> None:
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone for the end-to-end figure")
     p.add_argument("--models", nargs="+", default=["optimizer_expansionnet", "expansionnet_v2"])
+    p.add_argument("--no_onnx", action="store_true", help="skip the ONNX Runtime figure (CPU only)")
     a = p.parse_args()
     device = torch.device(a.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads")
     for name in a.models:
-        r = bench_cached_vs_full(name, device, a.batch, a.beam, a.max_len, a.repeats, sync)
-        print(f"{name}: beam {a.beam}, batch {a.batch}, {a.max_len} tokens, cached features: cached "
-              f"{r['cached_img_s']:.1f} img/s, full recomputation {r['full_img_s']:.1f} img/s, "
-              f"speed-up {r['speedup']:.1f}x")
+        r = bench_cached_vs_full(name, device, a.batch, a.beam, a.max_len, a.repeats, sync, not a.no_onnx)
+        line = (f"{name}: beam {a.beam}, batch {a.batch}, {a.max_len} tokens, cached features, encoder included: "
+                f"cached {r['cached_img_s']:.1f} img/s, full recomputation {r['full_img_s']:.1f} img/s, "
+                f"speed-up {r['speedup']:.1f}x")
+        if "ort_img_s" in r:
+            line += f"; ONNX Runtime cached {r['ort_img_s']:.1f} img/s, speed-up {r['ort_speedup']:.1f}x"
+        print(line, flush=True)
     if a.e2e_batch:
         for name in a.models:
             r = bench_end_to_end(name, device, a.e2e_batch, a.beam, a.max_len, a.precision, a.repeats, a.compile,
