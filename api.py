@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI
 from PIL import Image
 
-from serving import CaptionParams, ServingSettings, create_app, load_settings
+from serving import Backend, CaptionParams, ServingSettings, create_app, load_settings, weights_summary
 
 if TYPE_CHECKING:
     import torch
@@ -27,8 +27,7 @@ class ExpansionNetBackend:
             raise RuntimeError(f"{checkpoint} is a features-only checkpoint (no backbone): it cannot caption images; "
                                "serve an end-to-end checkpoint")
         self.captioner = captioner
-        self.checkpoint = checkpoint
-        self.max_len = int(captioner.model.max_seq_len)
+        self.max_len = int(captioner.max_seq_len)
 
     @classmethod
     def load(cls, model: Mapping[str, str | None], max_pixels: int | None = None) -> ExpansionNetBackend:
@@ -44,10 +43,12 @@ class ExpansionNetBackend:
         return cls(captioner, str(path))
 
     def info(self) -> dict[str, Any]:
+        """Name, kind, size and weights hash (never the checkpoint's path), device and precision."""
         c = self.captioner
-        return {"backend": "expansionnet", "name": c.config.name, "checkpoint": self.checkpoint,
-                "device": str(c.device), "precision": c.precision, "vocab_size": len(c.vocab),
-                "image_size": c.config.backbone.img_size if c.config.backbone else None, "max_len": self.max_len}
+        return {"backend": "expansionnet", "name": c.config.name, "kind": type(c.model).__name__,
+                **weights_summary(c.model), "device": str(c.device), "precision": c.precision,
+                "vocab_size": len(c.vocab), "image_size": c.config.backbone.img_size if c.config.backbone else None,
+                "max_len": self.max_len}
 
     def check_params(self, params: CaptionParams) -> None:
         if params.repetition_penalty != 1.0 or params.no_repeat_ngram_size != 0:
@@ -66,11 +67,16 @@ class ExpansionNetBackend:
         return [[(c.text, c.score) for c in captions] for captions in results]
 
 
+def load_backend(model: Mapping[str, str | None]) -> Backend:
+    """The one place that turns the CAPTION_* model keys into a loaded backend (runs at start-up, not at import)."""
+    return ExpansionNetBackend.load(model, max_pixels=None)  # uploads are checked and decoded by serving/
+
+
 def build_app(environ: Mapping[str, str] | None = None, settings: ServingSettings | None = None) -> FastAPI:
     """The app for CAPTION_* settings (environment, or CAPTION_API_CONFIG); the model loads at start-up."""
     env_settings, model = load_settings(ENV_PREFIX, MODEL_KEYS, path_keys=("CHECKPOINT", "VOCAB"), environ=environ)
     settings = settings or env_settings
-    return create_app(lambda: ExpansionNetBackend.load(model, max_pixels=None), settings,
+    return create_app(lambda: load_backend(model), settings,
                       title="ExpansionNet v2 captioning API", env_prefix=ENV_PREFIX,
                       description="Caption images with an ExpansionNet v2 / Optimizer-ExpansionNet checkpoint. "
                                   "The web page at / takes a photo or an image file.")

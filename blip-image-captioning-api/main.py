@@ -14,7 +14,7 @@ from PIL import Image
 # `uvicorn main:app` works from this folder, as in the seed.
 if (_ROOT := str(Path(__file__).resolve().parents[1])) not in sys.path:
     sys.path.insert(0, _ROOT)
-from serving import CaptionParams, ServingSettings, create_app, load_settings  # noqa: E402
+from serving import CaptionParams, ServingSettings, create_app, load_settings, weights_summary  # noqa: E402
 
 ENV_PREFIX = "BLIP"
 MODEL_KEYS: dict[str, str | None] = {"MODEL_DIR": None, "DEVICE": "cpu", "PRECISION": "auto", "PROMPT": None}
@@ -27,7 +27,7 @@ class BlipBackend:
     def __init__(self, model: Any, processor: Any, model_dir: str, prompt: str | None = None) -> None:
         self.model = model.eval()
         self.processor = processor
-        self.model_dir = model_dir
+        self.name = Path(model_dir).name  # the folder's name only: /ready never shows a path
         self.prompt = prompt or None
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -63,7 +63,8 @@ class BlipBackend:
         return cls(net, processor, str(model_dir), prompt=model.get("PROMPT"))
 
     def info(self) -> dict[str, Any]:
-        return {"backend": "blip", "name": type(self.model).__name__, "model_dir": self.model_dir,
+        """Name, kind, size and weights hash (never the model directory's path), device, dtype and prompt."""
+        return {"backend": "blip", "name": self.name, "kind": type(self.model).__name__, **weights_summary(self.model),
                 "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "vocab_size": len(self.processor.tokenizer), "max_len": self.max_len, "prompt": self.prompt}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -32,7 +33,8 @@ class Backend(Protocol):
     max_len: int  # longest caption the model can produce, in tokens
 
     def info(self) -> dict[str, Any]:
-        """JSON-able description for /ready (model name, device, precision...)."""
+        """JSON-able description for /ready: name, kind, parameter count, weights hash, device... never a file path
+        (called once, at start-up, in a worker thread)."""
         ...
 
     def check_params(self, params: CaptionParams) -> None:
@@ -42,3 +44,16 @@ class Backend(Protocol):
     def caption_batch(self, images: Sequence[Image.Image], params: CaptionParams) -> list[list[tuple[str, float]]]:
         """For each RGB image (or prepared item), ``params.num_captions`` (text, score) pairs, best first."""
         ...
+
+
+def weights_summary(module: Any) -> dict[str, Any]:
+    """Parameter count and a SHA-256 of every tensor of a torch module's state (name, dtype, shape and bytes, in name
+    order): which weights are served, without saying where they came from."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(memoryview(flat.view(torch.uint8).numpy()))
+    return {"parameters": sum(p.numel() for p in module.parameters()), "weights_sha256": digest.hexdigest()}

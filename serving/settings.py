@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -26,6 +27,8 @@ class ServingSettings:
 
     max_body_bytes: int = 10 * 1024 * 1024  # whole request body (all files together), 413 above
     max_pixels: int = 40_000_000  # width x height after the header is read, 422 above (decompression bombs)
+    max_side: int = 16_384  # longest side in pixels, read from the header, 422 above
+    max_aspect_ratio: float = 20.0  # longer side / shorter side, read from the header, 422 above
     max_files: int = 16  # files per /predicts request
     max_batch_size: int = 16  # images per model call
     max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
@@ -39,14 +42,19 @@ class ServingSettings:
     url_fetch: bool = False  # /captioned may download images
     url_allowlist: tuple[str, ...] = ()  # host names /captioned may fetch from ("*.example.com" for subdomains)
     url_timeout_s: float = 10.0  # whole download, DNS included
+    body_timeout_s: float = 60.0  # the whole request body must arrive within this time; 408 (connection closed)
+    model_timeout_s: float = 60.0  # a request's deadline for its captions, queue wait included; 504 after it
     threads: int = 0  # torch intra-op threads per worker process (0: torch's default)
 
     def __post_init__(self) -> None:
-        positive = ("max_body_bytes", "max_pixels", "max_files", "max_batch_size", "queue_size", "retry_after_s",
-                    "beam_size", "max_len", "num_captions", "max_beam_size", "max_len_limit", "url_timeout_s")
+        positive = ("max_body_bytes", "max_pixels", "max_side", "max_files", "max_batch_size", "queue_size",
+                    "retry_after_s", "beam_size", "max_len", "num_captions", "max_beam_size", "max_len_limit",
+                    "url_timeout_s", "body_timeout_s", "model_timeout_s")
         for key in positive:
             if getattr(self, key) <= 0:
                 raise SettingsError(f"{key} must be positive, got {getattr(self, key)}")
+        if self.max_aspect_ratio < 1:
+            raise SettingsError(f"max_aspect_ratio must be at least 1, got {self.max_aspect_ratio}")
         if self.max_wait_ms < 0 or self.threads < 0:
             raise SettingsError("max_wait_ms and threads must not be negative")
         if self.beam_size > self.max_beam_size or not 1 <= self.num_captions <= self.beam_size:
@@ -71,7 +79,10 @@ def _convert(name: str, raw: Any, default: Any) -> Any:
                 raise ValueError("expected an integer")
             return int(raw)
         if isinstance(default, float):
-            return float(raw)
+            value = float(raw)
+            if not math.isfinite(value):
+                raise ValueError("expected a finite number")
+            return value
         if isinstance(default, tuple):
             items = raw if isinstance(raw, list) else str(raw).split(",")
             return tuple(str(item).strip().lower() for item in items if str(item).strip())

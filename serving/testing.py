@@ -1,14 +1,18 @@
-"""Helpers for tests and benchmarks: run a real uvicorn server in a subprocess and make small test images."""
+"""Helpers for tests and benchmarks: run a real uvicorn server (a subprocess, or a thread for an app built in the
+test) and make small test images."""
 
 from __future__ import annotations
 
 import io
 import os
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator, Mapping
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +32,22 @@ def image_bytes(size: tuple[int, int] = (48, 32), fmt: str = "PNG", mode: str = 
     buffer = io.BytesIO()
     image.save(buffer, fmt, **save_kwargs)
     return buffer.getvalue()
+
+
+def sparse_png(width: int, height: int) -> bytes:
+    """A valid black 1-bit PNG whose pixels compress to almost nothing: a decompression bomb (20,000 x 20,000) or a
+    strip (1 x 39,000,000: 76 kB, seconds of CPU to decode) in tens of kilobytes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows_per_piece = max(1, 1_000_000 // (2 + width // 8))
+    piece = (b"\0" * (1 + (width + 7) // 8)) * rows_per_piece
+    packer = zlib.compressobj(9)
+    full, rest = divmod(height, rows_per_piece)
+    idat = b"".join(packer.compress(piece) for _ in range(full))
+    idat += packer.compress(piece[:rest * (1 + (width + 7) // 8)]) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def free_port() -> int:
@@ -58,13 +78,14 @@ class RunningServer:
 
 @contextmanager
 def uvicorn_server(app: str, env: Mapping[str, str], log_path: Path, *, app_dir: Path = ROOT, cwd: Path | None = None,
-                   uds: Path | None = None, workers: int = 1, startup_timeout_s: float = 60.0
-                   ) -> Iterator[RunningServer]:
+                   uds: Path | None = None, workers: int = 1, startup_timeout_s: float = 60.0,
+                   extra_args: Sequence[str] = ()) -> Iterator[RunningServer]:
     """Start ``python -m uvicorn app`` on a free 127.0.0.1 port (or ``uds``), wait until /ready answers 200, stop it
-    (SIGTERM, then SIGKILL) on exit. Environment: the current one, HF offline, plus ``env``."""
+    (SIGTERM, then SIGKILL) on exit. Environment: the current one, HF offline, plus ``env``; ``extra_args`` go to
+    uvicorn (e.g. ``--limit-concurrency 8``)."""
     port = free_port()
     command = [sys.executable, "-m", "uvicorn", app, "--app-dir", str(app_dir), "--workers", str(workers),
-               "--log-level", "warning"]
+               "--log-level", "warning", *extra_args]
     command += ["--uds", str(uds)] if uds is not None else ["--host", "127.0.0.1", "--port", str(port)]
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **env}
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,3 +119,34 @@ def _wait_ready(server: RunningServer, timeout_s: float) -> None:
                 pass
         time.sleep(0.1)
     raise RuntimeError(f"uvicorn did not become ready within {timeout_s:g} s:\n{server.log()}")
+
+
+@contextmanager
+def server_in_thread(app: object, startup_timeout_s: float = 60.0, **config: object) -> Iterator[str]:
+    """Serve an app object built in this process (a fake model, a pinned URL fetcher) with uvicorn on a free
+    127.0.0.1 port, in a thread; yields the base URL once /ready answers 200. ``config`` goes to uvicorn.Config."""
+    import uvicorn
+
+    port = free_port()
+    settings: dict[str, object] = {"host": "127.0.0.1", "port": port, "log_level": "warning", **config}
+    server = uvicorn.Server(uvicorn.Config(app, **settings))  # type: ignore[arg-type]
+    thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
+    thread.start()
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_timeout_s
+        while not _answers_ready(base_url):
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the in-process uvicorn server did not become ready within {startup_timeout_s:g} s")
+            time.sleep(0.05)
+        yield base_url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def _answers_ready(base_url: str) -> bool:
+    try:
+        return httpx.get(f"{base_url}/ready", timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False

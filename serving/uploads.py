@@ -1,23 +1,26 @@
-"""Request bodies in memory only: size-limited reading, multipart and base64 parsing, safe image decoding."""
+"""Request bodies in memory only: size- and time-limited reading, strict JSON, multipart and base64 parsing."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
-import logging
-from collections.abc import Callable
+import codecs
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import pydantic_core
 from fastapi import HTTPException, Request
-from PIL import Image
+from pydantic import BaseModel, ValidationError
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
-from data.images import ImageLoadError, open_image
+from serving.errors import plain_text, validation_detail
+from serving.settings import ServingSettings
 
-logger = logging.getLogger("serving")
+CLOSE = {"Connection": "close"}  # the rest of an unread body must not be taken for the next request
 
 
 @dataclass
@@ -37,27 +40,104 @@ class _Part:
 
 
 def too_large(limit: int) -> HTTPException:
-    return HTTPException(413, f"request body is larger than the limit of {limit} bytes")
+    return HTTPException(413, f"request body is larger than the limit of {limit} bytes", headers=CLOSE)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused with 413 from Content-Length or as soon as the streamed bytes pass ``limit``."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            size = int(declared)
-        except ValueError:
-            raise HTTPException(400, f"invalid Content-Length header {declared!r}") from None
-        if size > limit:
-            raise too_large(limit)
-    chunks: list[bytes] = []
+async def read_body(request: Request, settings: ServingSettings) -> bytes:
+    """The whole body, refused with 413 (from Content-Length, or as soon as the streamed bytes pass the limit) and
+    with 408 when it has not all arrived within ``body_timeout_s``; both close the connection."""
+    limit = settings.max_body_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large(limit)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.body_timeout_s
+    chunks = request.stream().__aiter__()
+    parts: list[bytes] = []
     received = 0
-    async for chunk in request.stream():
+    while True:
+        try:
+            chunk = await asyncio.wait_for(chunks.__anext__(), deadline - loop.time())
+        except StopAsyncIteration:
+            return b"".join(parts)
+        except asyncio.TimeoutError:
+            raise HTTPException(408, f"the request body did not arrive within {settings.body_timeout_s:g} s "
+                                     f"({received} bytes received)", headers=CLOSE) from None
+        except ClientDisconnect:
+            raise HTTPException(400, "the client closed the connection before the body ended", headers=CLOSE) from None
         received += len(chunk)
         if received > limit:
             raise too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
+        parts.append(chunk)
+
+
+def parse_strict_json(body: bytes) -> Any:
+    """The body as JSON the way RFC 8259 has it: UTF-8 (a BOM is skipped), no NaN or Infinity, no number out of
+    range such as 1e400, no lone surrogate; anything else is a 422 that quotes none of it."""
+    if body.startswith(codecs.BOM_UTF8):
+        body = body[len(codecs.BOM_UTF8):]
+    try:
+        value = pydantic_core.from_json(body, allow_inf_nan=False, cache_strings=False)
+    except ValueError as exc:
+        raise HTTPException(422, f"the body is not valid JSON (UTF-8 text, finite numbers, no NaN or Infinity): "
+                                 f"{plain_text(str(exc), 200)}") from None
+    where = _non_finite_number_at(value)
+    if where is not None:
+        raise HTTPException(422, f"the body is not valid JSON: the number at {where.lstrip('.') or 'the top level'} "
+                                 "is out of range (JSON numbers must be finite)")
+    return value
+
+
+def _non_finite_number_at(value: Any) -> str | None:
+    """The path (``.parameters.num_beams``, ``.items[2]``) of the first infinite or NaN number in value, or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else ""
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        inner = _non_finite_number_at(item)
+        if inner is not None:
+            step = f"[{key}]" if isinstance(key, int) else f".{plain_text(key, 40)}"
+            return step + inner
+    return None
+
+
+async def read_json(request: Request, model: type[BaseModel], settings: ServingSettings) -> Any:
+    """A JSON body validated by ``model``: 415 for another Content-Type, 422 listing what is wrong (with excerpts)."""
+    if media_type(request) != "application/json":
+        raise HTTPException(415, f"expected a JSON body (Content-Type: application/json), got "
+                                 f"{plain_text(media_type(request)) or 'no Content-Type'}")
+    value = parse_strict_json(await read_body(request, settings))
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        raise HTTPException(422, validation_detail(exc.errors(include_url=False, include_context=False))) from None
+
+
+async def read_files(request: Request, field: str, max_files: int, settings: ServingSettings, *,
+                     ignore_text_fields: bool = False) -> list[tuple[bytes, str]]:
+    """(bytes, label) of the files of a multipart body's ``field``; any other field is a 422 unless
+    ``ignore_text_fields`` (a share from a phone may add a title or text)."""
+    kind = media_type(request)
+    if kind != "multipart/form-data":
+        raise HTTPException(415, f"expected multipart/form-data with the image(s) in field {field!r}, got "
+                                 f"{plain_text(kind) or 'no Content-Type'}")
+    body = await read_body(request, settings)
+    files, fields = parse_multipart(body, request.headers["content-type"], frozenset({field}), max_files + 8)
+    others = sorted({f.field for f in files if f.field != field} | (set() if ignore_text_fields else set(fields)))
+    if others:
+        listed = ", ".join(repr(plain_text(name, 40)) for name in others[:10])
+        raise HTTPException(422, f"unknown form fields [{listed}]: send the image(s) in field {field!r} and "
+                                 "decoding parameters as query parameters")
+    if not files:
+        raise HTTPException(422, f"no file in form field {field!r}")
+    if len(files) > max_files:
+        raise HTTPException(422, f"too many files: {len(files)} (at most {max_files} per request)")
+    return [(f.data, f.filename or field) for f in files]
 
 
 def media_type(request: Request) -> str:
@@ -108,7 +188,7 @@ def parse_multipart(body: bytes, content_type: str, file_fields: frozenset[str],
         parser.write(body)
         parser.finalize()
     except MultipartParseError as exc:
-        raise HTTPException(422, f"malformed multipart body: {exc}") from None
+        raise HTTPException(422, f"malformed multipart body: {plain_text(str(exc), 200)}") from None
     files: list[UploadedFile] = []
     fields: dict[str, list[str]] = {}
     for part in parts:
@@ -133,29 +213,7 @@ def decode_base64_image(text: str) -> bytes:
     try:
         data = base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise HTTPException(422, f"inputs is not valid base64: {exc}") from None
+        raise HTTPException(422, f"inputs is not valid base64: {plain_text(str(exc), 200)}") from None
     if not data:
         raise HTTPException(422, "inputs is empty: expected a base64-encoded image")
     return data
-
-
-def _decode_all(blobs: list[tuple[bytes, str]], max_pixels: int, prepare: Callable[[Image.Image], Any] | None
-                ) -> list[Any]:
-    """Decode every blob to RGB (EXIF orientation applied), then ``prepare`` it; HTTPException 422 names a bad one."""
-    items = []
-    for data, name in blobs:
-        try:
-            image = open_image(data, max_pixels=max_pixels, name=name)
-            items.append(prepare(image) if prepare is not None else image)
-        except ImageLoadError as exc:
-            raise HTTPException(422, str(exc)) from None
-        except Exception as exc:  # any decoder failure is the upload's problem, never a 500
-            logger.warning("%s: unexpected decoder error %r", name, exc)
-            raise HTTPException(422, f"{name}: cannot decode image ({type(exc).__name__}: {exc})") from None
-    return items
-
-
-async def decode_images(blobs: list[tuple[bytes, str]], max_pixels: int,
-                        prepare: Callable[[Image.Image], Any] | None = None) -> list[Any]:
-    """Decode (and prepare) uploads in a worker thread: never on the event loop, never in the model thread."""
-    return await run_in_threadpool(_decode_all, blobs, max_pixels, prepare)

@@ -105,6 +105,8 @@ def test_api_ready_503_until_loaded_then_model_info(tiny_checkpoint: Path) -> No
         info = started.get("/ready").json()
     assert info["status"] == "ready" and info["model"]["backend"] == "expansionnet"
     assert info["model"]["name"] == "optimizer_expansionnet" and info["limits"]["max_len_limit"] == 24
+    assert info["model"]["kind"] == "ExpansionNet" and info["model"]["parameters"] > 1000
+    assert len(info["model"]["weights_sha256"]) == 64 and "checkpoint" not in info["model"]
 
 
 def test_api_startup_fails_clearly_without_checkpoint() -> None:
@@ -128,11 +130,17 @@ def test_api_openapi_docs_list_every_endpoint(client: TestClient) -> None:
 def test_api_index_page_is_mobile_friendly_and_self_contained(client: TestClient) -> None:
     answer = client.get("/")
     page = answer.text
+    script = client.get("/app.js")
+    style = client.get("/app.css")
     assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/html")
     assert '<meta name="viewport"' in page and 'accept="image/*"' in page and 'capture="environment"' in page
-    assert "v1/caption" in page and "@media" in page
-    assert "http://" not in page and "https://" not in page and "<script src" not in page  # no CDN
-    assert "default-src 'none'" in answer.headers["content-security-policy"]
+    assert '<link rel="manifest" href="manifest.webmanifest">' in page and '<script src="app.js"' in page
+    assert script.headers["content-type"].startswith("text/javascript") and "v1/caption" in script.text
+    assert style.headers["content-type"].startswith("text/css") and "@media" in style.text
+    for text in (page, script.text, style.text):
+        assert "http://" not in text and "https://" not in text  # no CDN: everything comes from this server
+    csp = answer.headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "script-src 'self'" in csp and "unsafe-inline" not in csp
 
 
 # ---------------------------------------------------------------- /predict and /predicts
@@ -184,13 +192,18 @@ def test_predict_form_errors_are_json(client: TestClient) -> None:
     assert not_form.status_code == 415 and "multipart" in not_form.json()["detail"]
 
 
-@pytest.mark.parametrize("name", ["text.png", "empty.png", "truncated.jpg"])
+@pytest.mark.parametrize("name", ["empty.png", "truncated.jpg", "header-only.gif"])
 def test_predict_bad_image_422_names_the_problem(client: TestClient, name: str) -> None:
-    data = {"text.png": b"hello, not an image", "empty.png": b"",
-            "truncated.jpg": image_bytes((64, 64), "JPEG")[:300]}[name]
+    data = {"empty.png": b"", "truncated.jpg": image_bytes((64, 64), "JPEG")[:300], "header-only.gif": b"GIF89a"}[name]
     answer = client.post("/predict", files={"file": (name, data, "image/jpeg")})
     assert answer.status_code == 422
     assert name in answer.json()["detail"]
+
+
+def test_predict_data_in_no_accepted_format_415_lists_the_formats(client: TestClient) -> None:
+    answer = client.post("/predict", files={"file": ("text.png", b"hello, not an image", "image/png")})
+    detail = answer.json()["detail"]
+    assert answer.status_code == 415 and detail.startswith("text.png: ") and "JPEG, PNG, WebP, GIF, BMP, TIFF" in detail
 
 
 def test_predicts_returns_one_entry_per_file_in_order(client: TestClient) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import importlib.util
+import json
 import re
 import sys
 from collections.abc import Iterator
@@ -114,7 +115,9 @@ def test_blip_tokenizer_vocab_file_keyword_is_the_known_trap(tmp_path: Path) -> 
 def test_blip_ready_reports_fp32_on_cpu(client: TestClient, blip_dir: Path) -> None:
     info = client.get("/ready").json()
     assert info["model"]["backend"] == "blip" and info["model"]["dtype"] == "float32"
-    assert info["model"]["device"] == "cpu" and info["model"]["model_dir"] == str(blip_dir)
+    assert info["model"]["device"] == "cpu" and info["model"]["name"] == blip_dir.name
+    assert info["model"]["kind"] == "BlipForConditionalGeneration" and len(info["model"]["weights_sha256"]) == 64
+    assert str(blip_dir.parent) not in json.dumps(info)  # the model folder's name, never its path
     assert info["model"]["vocab_size"] == len(SPECIALS) + len(WORDS) and info["limits"]["max_len_limit"] == 63
 
 
@@ -180,9 +183,14 @@ def test_blip_greedy_scores_are_mean_log_probabilities(client: TestClient) -> No
 @pytest.mark.parametrize("body", [{"inputs": "aGk=", "parameters": {"temperature": 0.7}},
                                   {"inputs": base64.b64encode(PNG).decode(), "parameters": {"num_beams": 11}},
                                   {"inputs": base64.b64encode(PNG).decode(), "parameters": {"max_new_tokens": 64}},
-                                  {"inputs": base64.b64encode(b"not an image").decode()}])
+                                  {"inputs": base64.b64encode(b"GIF89a").decode()}])
 def test_blip_bad_requests_422(client: TestClient, body: dict) -> None:
     assert client.post("/v1/caption", json=body).status_code == 422
+
+
+def test_blip_data_in_no_accepted_format_415(client: TestClient) -> None:
+    answer = client.post("/v1/caption", json={"inputs": base64.b64encode(b"not an image").decode()})
+    assert answer.status_code == 415 and "accepted formats" in answer.json()["detail"]
 
 
 def test_blip_captioned_disabled_by_default_403(client: TestClient) -> None:

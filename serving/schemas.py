@@ -1,0 +1,109 @@
+"""Request and answer shapes of the API, and their OpenAPI descriptions (bodies read by hand are declared here)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class CaptionOut(BaseModel):
+    caption: str
+    score: float | None = Field(description="mean log-probability per token (higher is better)")
+
+
+class PredictOut(BaseModel):
+    caption: str = Field(description="the best caption")
+    score: float | None
+    captions: list[CaptionOut] = Field(description="num_captions captions, best first")
+
+
+class PredictsItem(PredictOut):
+    filename: str | None = Field(description="the client's file name, echoed as a label (never used as a path)")
+
+
+class CaptionedIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    imageUrl: str = Field(description="http(s) URL of an image on an allowlisted host")
+    imageName: str | None = None
+
+
+class CaptionedOut(PredictOut):
+    imageName: str | None
+    imageUrl: str
+
+
+class HFParameters(BaseModel):
+    """Hugging Face generation parameter names."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    num_beams: int | None = Field(None, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1)
+    num_return_sequences: int | None = Field(None, ge=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    no_repeat_ngram_size: int | None = Field(None, ge=0)
+
+
+class HFRequest(BaseModel):
+    """The Hugging Face image-to-text request: a base64 image (or data URL) and optional parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+    inputs: str = Field(description="base64-encoded image bytes, or a data:image/...;base64 URL")
+    parameters: HFParameters | None = None
+
+
+class GeneratedText(BaseModel):
+    generated_text: str
+    score: float | None
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    408: {"description": "the body did not arrive in time (connection closed)"},
+    413: {"description": "body too large"},
+    415: {"description": "wrong content type, or an image format outside JPEG, PNG, WebP, GIF, BMP, TIFF"},
+    422: {"description": "not valid JSON, corrupt image, over a pixel, side or aspect-ratio limit, or bad parameters"},
+    503: {"description": "queue full or model not loaded (Retry-After)"},
+    504: {"description": "the model did not answer before the request's deadline"},
+}
+
+
+def score_or_none(value: float) -> float | None:
+    """JSON has no NaN or infinity."""
+    return float(value) if math.isfinite(value) else None
+
+
+def captions_json(captions: list[tuple[str, float]]) -> dict[str, Any]:
+    """One image's (text, score) pairs as {caption, score, captions}."""
+    listed = [{"caption": text, "score": score_or_none(score)} for text, score in captions]
+    return {"caption": listed[0]["caption"], "score": listed[0]["score"], "captions": listed}
+
+
+def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """A model's JSON schema with its $defs inlined, usable as an OpenAPI request body schema."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(value) for value in node]
+        return node
+
+    return resolve(schema)
+
+
+def multipart_body(field: str, many: bool) -> dict[str, Any]:
+    """OpenAPI request body of a multipart form with the image(s) in ``field``."""
+    file_schema: dict[str, Any] = {"type": "string", "format": "binary"}
+    prop = {"type": "array", "items": file_schema} if many else file_schema
+    schema = {"type": "object", "properties": {field: prop}, "required": [field]}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
+def json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI request body of a JSON object described by ``model``."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline_schema(model)}}}}
