@@ -1,8 +1,7 @@
-"""Caption local images (files or folders) with a checkpoint: python demo.py --load_path ckpt.pth --image_paths a.jpg"""
+"""Caption local images (files or folders): python demo.py --checkpoint ckpt.pth --image_paths a.jpg photos/"""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass
@@ -10,44 +9,44 @@ from pathlib import Path
 
 from captioner import load_captioner
 from data.images import ImageLoadError, list_images, open_image
+from engine.checkpoints import CheckpointError, require_end_to_end
+from utils.cli import (
+    ArgumentParser,
+    CheckpointOptions,
+    LengthOptions,
+    add_dataclass_flags,
+    add_ignored_flags,
+    dataclass_values,
+    plain_warnings,
+    resolve_max_len,
+)
+from utils.fields import option
 from utils.plots import save_caption_grid
+from utils.runtime import RuntimeOptions
 
 
 @dataclass(frozen=True)
-class DemoConfig:
-    load_path: str
-    image_paths: tuple[str, ...]
-    beam_size: int
-    max_seq_len: int
-    num_captions: int
-    device: str
-    precision: str
-    vocab: str | None
-    json: bool
-    grid: str | None
+class DemoConfig(CheckpointOptions, LengthOptions, RuntimeOptions):
+    """Every demo.py setting (the checkpoint, length and runtime flags are shared with the other scripts)."""
+
+    image_paths: tuple[str, ...] = option((), "image files or folders of images", nargs="+", required=True,
+                                          group="data")
+    beam_size: int = option(5, "beam width", group="evaluation")
+    num_captions: int = option(1, "captions per image (at most --beam_size)", group="evaluation")
+    json: bool = option(False, "print JSON lines instead of text", group="evaluation")
+    grid: str = option("", "also save the images with their captions as this PNG", group="evaluation")
 
 
 def parse_config(argv: list[str] | None = None) -> DemoConfig:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--load_path", required=True, help="checkpoint (ours, or the official one together with --vocab)")
-    p.add_argument("--image_paths", nargs="+", required=True, help="image files or folders of images")
-    p.add_argument("--beam_size", type=int, default=5, help="beam width")
-    p.add_argument("--max_seq_len", type=int, default=20, help="maximum generated tokens per caption (EOS included)")
-    p.add_argument("--num_captions", type=int, default=1, help="captions per image (at most beam_size)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="autocast precision (auto: bf16 on a GPU, fp32 on the CPU)")
-    p.add_argument("--vocab", default=None, help="vocabulary file for official checkpoints (demo_coco_tokens.pickle)")
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON lines instead of text")
-    p.add_argument("--grid", default=None, help="also save the images with their captions as this PNG")
-    # accepted for compatibility with the reference demo; the checkpoint describes its own model
-    for legacy in ("--model_dim", "--N_enc", "--N_dec"):
-        p.add_argument(legacy, type=int, default=None, help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    if a.beam_size < 1 or not 1 <= a.num_captions <= a.beam_size:
-        p.error(f"--num_captions must be between 1 and --beam_size ({a.beam_size}), and --beam_size at least 1")
-    return DemoConfig(a.load_path, tuple(a.image_paths), a.beam_size, a.max_seq_len, a.num_captions, a.device,
-                      a.precision, a.vocab, a.json, a.grid)
+    p = ArgumentParser(description=__doc__)
+    add_dataclass_flags(p, DemoConfig)
+    add_ignored_flags(p, "--model_dim", "--N_enc", "--N_dec")  # the reference demo's; the checkpoint knows its model
+    cfg = DemoConfig(**dataclass_values(p.parse_args(argv), DemoConfig))
+    if cfg.beam_size < 1 or not 1 <= cfg.num_captions <= cfg.beam_size:
+        p.error(f"--num_captions must be between 1 and --beam_size ({cfg.beam_size}), and --beam_size at least 1")
+    if len(cfg.checkpoint) > 1:
+        p.error("ensembles are not supported by demo.py yet: give one --checkpoint")
+    return cfg
 
 
 def expand_paths(paths: tuple[str, ...]) -> list[Path]:
@@ -63,7 +62,10 @@ def expand_paths(paths: tuple[str, ...]) -> list[Path]:
 
 
 def main(cfg: DemoConfig) -> int:
-    captioner = load_captioner(cfg.load_path, device=cfg.device, vocab=cfg.vocab, precision=cfg.precision)
+    captioner = load_captioner(cfg.checkpoint[0], device=cfg.device, vocab=cfg.vocab or None,
+                               precision=cfg.precision)
+    require_end_to_end(captioner.config, cfg.checkpoint[0])
+    max_len = resolve_max_len(cfg, captioner.model.max_seq_len - 1)
     images, names, failures = [], [], 0
     for path in expand_paths(cfg.image_paths):
         try:
@@ -72,7 +74,7 @@ def main(cfg: DemoConfig) -> int:
         except (ImageLoadError, OSError) as e:
             failures += 1
             print(f"error: {e}", file=sys.stderr)
-    captions = captioner.caption(images, beam_size=cfg.beam_size, max_len=cfg.max_seq_len,
+    captions = captioner.caption(images, beam_size=cfg.beam_size, max_len=max_len,
                                  num_captions=cfg.num_captions) if images else []
     for name, caps in zip(names, captions):
         if cfg.json:
@@ -88,4 +90,8 @@ def main(cfg: DemoConfig) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(parse_config()))
+    plain_warnings()
+    try:
+        sys.exit(main(parse_config()))
+    except (CheckpointError, ValueError) as e:
+        sys.exit(f"error: {e}")

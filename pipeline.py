@@ -1,83 +1,92 @@
-"""Run the six-phase recipe in one command, each phase in its own folder; run it again to resume.
+"""Run the whole recipe in one command, each phase in its own folder; run it again to resume.
 
     python pipeline.py --preset quickstart                     # synthetic data, tiny models, CPU, a few minutes
     python pipeline.py --preset coco --images_path coco/ --captions_path dataset_coco.json \\
         --backbone swinv2_base_patch4_window12to24_192to384_22kto1k_ft.pth --run_dir runs/coco
+    python pipeline.py --preset coco ... --set phase2.num_epochs=1 --set lr=1e-4     # overrides, recorded
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.pipeline import Manifest, parse_phases, recipe, run_phases
-from engine.presets import PRESETS, coco_inputs, quickstart_inputs
+from engine.overrides import OverrideError, apply_overrides
+from engine.pipeline import Manifest, parse_phases, run_phases
+from engine.presets import PRESETS, coco_recipe, quickstart_recipe
 from engine.report import quickstart_report
+from utils.cli import ArgumentParser, add_dataclass_flags, dataclass_values, plain_warnings
+from utils.fields import option
+
+GIVEN_PATHS = ("images_path", "captions_path", "backbone")
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    preset: str
-    run_dir: str
-    phases: tuple[int, ...]
-    images_path: str
-    captions_path: str
-    backbone: str
-    num_train: int
-    num_val: int
-    num_test: int
-    report: bool
+    """Every pipeline.py setting."""
+
+    preset: str = option("quickstart", "which recipe", choices=PRESETS, required=True, group="data")
+    images_path: str = option("", "image folder (coco presets)", group="data")
+    captions_path: str = option("", "Karpathy json or manifest (coco presets)", group="data")
+    backbone: str = option("", "backbone weights: SwinV2-B for coco, Swin-L for coco-expansionnet-v2", group="model")
+    num_train: int = option(4000, "quickstart: synthetic training images", group="data")
+    num_val: int = option(500, "quickstart: synthetic validation images", group="data")
+    num_test: int = option(500, "quickstart: synthetic test images", group="data")
+    overrides: tuple[str, ...] = option((), "change a setting of every phase that has it (key=value) or of one "
+                                        "phase (phaseN.key=value); repeatable, recorded in pipeline.json",
+                                        flag="set", nargs="+", group="optimisation")
+    run_dir: str = option("", "where every phase gets its folder (default: runs/<preset>)", group="runtime")
+    phases: str = option("", "subset of the phases to run, e.g. 2-5 (their inputs must exist; default: all)",
+                         group="runtime")
+    report: bool = option(True, "quickstart: evaluate on the test split and write report.md", group="runtime")
 
 
 def parse_config(argv: list[str] | None = None) -> PipelineConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
-    p.add_argument("--preset", choices=PRESETS, required=True)
-    p.add_argument("--run_dir", default="", help="where every phase gets its folder (default: runs/<preset>)")
-    p.add_argument("--phases", default="1-6", help="subset to run, e.g. 2-5 (inputs must exist)")
-    p.add_argument("--images_path", default="", help="COCO image folder (coco presets)")
-    p.add_argument("--captions_path", default="", help="Karpathy json or manifest (coco presets)")
-    p.add_argument("--backbone", default="", help="Swin weights: SwinV2-B for coco, Swin-L for coco-expansionnet-v2")
-    p.add_argument("--num_train", type=int, default=4000, help="quickstart: synthetic training images")
-    p.add_argument("--num_val", type=int, default=500, help="quickstart: synthetic validation images")
-    p.add_argument("--num_test", type=int, default=500, help="quickstart: synthetic test images")
-    p.add_argument("--no_report", action="store_true", help="quickstart: skip the final evaluation and report")
-    a = p.parse_args(argv)
+    p = ArgumentParser(description=__doc__)
+    add_dataclass_flags(p, PipelineConfig)
+    p.group("runtime").add_argument("--no_report", dest="report", action="store_false", help="same as --report False")
+    args = p.parse_args(argv)
+    cfg = PipelineConfig(**dataclass_values(args, PipelineConfig))
     try:
-        phases = tuple(parse_phases(a.phases))
+        parse_phases(cfg.phases or "0-6")
     except ValueError as e:
         p.error(str(e))
-    if a.preset != "quickstart":
-        for name in ("images_path", "captions_path", "backbone"):
-            if not getattr(a, name):
-                p.error(f"--preset {a.preset} needs --{name}")
-            if not Path(getattr(a, name)).exists():
-                p.error(f"--{name} {getattr(a, name)}: no such file or folder")
-    return PipelineConfig(a.preset, a.run_dir or f"runs/{a.preset}", phases, a.images_path, a.captions_path,
-                          a.backbone, a.num_train, a.num_val, a.num_test, not a.no_report)
+    given = [name for name in GIVEN_PATHS if getattr(cfg, name)]
+    if cfg.preset == "quickstart" and given:
+        p.error(f"--preset quickstart generates its own data and backbone, so it would ignore --{given[0]}; "
+                "drop it, or use --preset coco for your own data")
+    if cfg.preset != "quickstart":
+        for name in GIVEN_PATHS:
+            if not getattr(cfg, name):
+                p.error(f"--preset {cfg.preset} needs --{name}")
+            if not Path(getattr(cfg, name)).exists():
+                p.error(f"--{name} {getattr(cfg, name)}: no such file or folder")
+    return cfg
 
 
 def main(cfg: PipelineConfig) -> int:
     t0 = time.perf_counter()
-    run_dir = Path(cfg.run_dir).resolve()
+    run_dir = Path(cfg.run_dir or f"runs/{cfg.preset}").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(run_dir / "pipeline.json", cfg.preset)
     if cfg.preset == "quickstart":
         print(f"== quickstart in {run_dir}: synthetic shapes dataset and a from-scratch tiny SwinV2", flush=True)
-        inputs = quickstart_inputs(run_dir, cfg.num_train, cfg.num_val, cfg.num_test)
+        recipe = quickstart_recipe(run_dir, cfg.num_train, cfg.num_val, cfg.num_test)
     else:
-        inputs = coco_inputs(Path(cfg.images_path), Path(cfg.captions_path), Path(cfg.backbone),
+        recipe = coco_recipe(Path(cfg.images_path), Path(cfg.captions_path), Path(cfg.backbone),
                              expansionnet_v2=cfg.preset == "coco-expansionnet-v2")
-    manifest.data["inputs"] = {"images_path": str(inputs.images_path), "captions_path": str(inputs.captions_path),
-                               "backbone": str(inputs.backbone)}
+    recipe = apply_overrides(recipe, cfg.overrides)
+    manifest.data["inputs"] = {"images_path": str(recipe.images_path), "captions_path": str(recipe.captions_path),
+                               "backbone": str(recipe.backbone) if recipe.backbone else None}
+    manifest.data["overrides"] = list(cfg.overrides)
     manifest.save()
-    outputs = run_phases(run_dir, recipe(run_dir, inputs), list(cfg.phases), manifest)
+    selected = parse_phases(cfg.phases) if cfg.phases else [p.number for p in recipe.phases()]
+    outputs = run_phases(run_dir, recipe, selected, manifest)
     if cfg.preset == "quickstart" and cfg.report and 3 in outputs and 6 in outputs:
         print("== evaluating the XE (phase 3) and final (phase 6) checkpoints on the test split", flush=True)
-        results = quickstart_report(run_dir, inputs.captions_path, inputs.images_path, outputs[3], outputs[6],
+        results = quickstart_report(run_dir, recipe.captions_path, recipe.images_path, outputs[3], outputs[6],
                                     manifest.data)
         manifest.data["results"] = {"test_cider_xe": results["test_xe"]["metrics"]["CIDEr-D"],
                                     "test_cider_final": results["test_final"]["metrics"]["CIDEr-D"],
@@ -95,7 +104,8 @@ def main(cfg: PipelineConfig) -> int:
 
 
 if __name__ == "__main__":
+    plain_warnings()
     try:
         sys.exit(main(parse_config()))
-    except (RuntimeError, FileNotFoundError, ValueError) as e:
+    except (RuntimeError, FileNotFoundError, ValueError, OverrideError) as e:
         sys.exit(f"error: {e}")

@@ -1,11 +1,10 @@
 """Evaluate a checkpoint on the val or test split with the COCO metrics, or caption a split / folder to a results json.
 
-    python test.py --save_model_path runs/scst-e2e/best.pth --images_path coco/ --captions_path dataset_coco.json
+    python test.py --checkpoint runs/scst-e2e/best.pth --images_path coco/ --captions_path dataset_coco.json
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -13,89 +12,73 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from data.captions import DatasetError, ImageRecord, load_records, split_records
 from data.features import FeatureFileError, FeatureReader
 from data.images import list_images
 from data.loaders import ImageSource
-from engine.checkpoints import CheckpointError, restore_model
+from engine.checkpoints import CheckpointError, RestoredModel, require_end_to_end, restore_model
 from engine.evaluate import caption_records, evaluation_report
-from utils.checkpoint import file_sha256
-from utils.cli import int_list, str2bool
-from utils.dist import cleanup, init_distributed, launch
-from utils.runtime import resolve_precision
+from utils.checkpoint import file_sha256, state_dict_sha256
+from utils.cli import (
+    ArgumentParser,
+    CheckpointOptions,
+    LengthOptions,
+    add_dataclass_flags,
+    add_ignored_flags,
+    dataclass_values,
+    plain_warnings,
+    resolve_max_len,
+)
+from utils.dist import DistInfo, cleanup, init_distributed, launch
+from utils.fields import option
+from utils.runtime import RuntimeOptions, resolve_device, resolve_precision
 
 METRIC_NAMES = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 
 
 @dataclass(frozen=True)
-class TestConfig:
-    save_model_path: str
-    vocab: str
-    images_path: str
-    features_path: str
-    captions_path: str
-    split: str
-    eval_beam_sizes: tuple[int, ...]
-    metrics: tuple[str, ...]
-    spice_dir: str
-    results_json: str
-    output_dir: str
-    predictions_only: bool
-    batch_size: int
-    max_len: int
-    num_gpus: int
-    ddp_sync_port: int
-    device: str
-    precision: str
-    num_workers: int
-    is_end_to_end: bool | None
+class TestConfig(CheckpointOptions, LengthOptions, RuntimeOptions):
+    """Every test.py setting (the checkpoint, length and runtime flags are shared with the other scripts)."""
+
+    images_path: str = option("", "image folder (or, with --predictions_only, a plain folder of images)", group="data")
+    features_path: str = option("", "evaluate on cached features instead of images", group="data")
+    captions_path: str = option("", "Karpathy json or manifest (default: the one recorded in the checkpoint)",
+                                group="data")
+    split: str = option("test", "which split to evaluate", choices=("val", "test"), group="data")
+    beam_sizes: tuple[int, ...] = option((5,), "beam width(s), e.g. 5 or [3,5]", flag="beam_size",
+                                         aliases=("--eval_beam_sizes",), group="evaluation")
+    metrics: tuple[str, ...] = option(("BLEU", "METEOR", "ROUGE_L", "CIDEr"), "metrics to compute (SPICE needs "
+                                      "--spice_dir)", nargs="+", choices=METRIC_NAMES, group="evaluation")
+    spice_dir: str = option("", "folder with the Stanford CoreNLP 3.6.0 jars, for SPICE", group="evaluation")
+    results_json: str = option("", "COCO results file to write (default: in --output_dir)", group="evaluation")
+    output_dir: str = option("", "where metrics and predictions go (default: beside the checkpoint)",
+                             group="evaluation")
+    predictions_only: bool = option(False, "caption the split (or a plain image folder) without scoring, for the "
+                                    "COCO server", group="evaluation")
+    overwrite: bool = option(False, "replace the metrics and prediction files of an earlier evaluation",
+                             group="evaluation")
+    batch_size: int = option(16, "images decoded together (halves on out-of-memory)", group="evaluation")
+    num_gpus: int = option(1, "processes, each decoding a shard", group="runtime")
+    ddp_sync_port: int = option(12355, "port of the process group", group="runtime")
 
 
 def parse_config(argv: list[str] | None = None) -> TestConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
-    p.add_argument("--save_model_path", required=True, help="checkpoint to evaluate (ours, or official + --vocab)")
-    p.add_argument("--vocab", default="", help="vocabulary pickle/JSON for the official checkpoint")
-    p.add_argument("--images_path", default="", help="image folder (or, with --predictions_only, a plain folder)")
-    p.add_argument("--features_path", default="", help="evaluate on cached features instead of images")
-    p.add_argument("--captions_path", default="",
-                   help="Karpathy json or manifest (default: the one recorded in the checkpoint)")
-    p.add_argument("--split", choices=("val", "test"), default="test")
-    p.add_argument("--eval_beam_sizes", type=int_list, default=(5,), help="e.g. [5] or 3,5")
-    p.add_argument("--metrics", nargs="+", default=["BLEU", "METEOR", "ROUGE_L", "CIDEr"],
-                   help=f"any of {METRIC_NAMES} (SPICE needs --spice_dir)")
-    p.add_argument("--spice_dir", default="", help="folder with Stanford CoreNLP 3.6.0 jars, for SPICE")
-    p.add_argument("--results_json", default="", help="COCO results file to write (default: in --output_dir)")
-    p.add_argument("--output_dir", default="", help="where metrics and predictions go (default: beside the ckpt)")
-    p.add_argument("--predictions_only", action="store_true",
-                   help="caption the split (or a plain image folder) without scoring, for the COCO server")
-    p.add_argument("--batch_size", type=int, default=16, help="images decoded together (halves on OOM)")
-    p.add_argument("--max_len", type=int, default=20, help="maximum generated tokens")
-    p.add_argument("--num_gpus", type=int, default=1, help="processes, each decoding a shard")
-    p.add_argument("--ddp_sync_port", type=int, default=12355)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
-    p.add_argument("--num_workers", type=int, default=2)
-    p.add_argument("--is_end_to_end", type=str2bool, default=None,
-                   help="accepted for the seed's command; images are used unless --features_path is given")
-    for legacy in ("--N_enc", "--N_dec", "--model_dim"):
-        p.add_argument(legacy, type=int, default=None, help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    unknown = [m for m in a.metrics if m not in METRIC_NAMES]
-    if unknown:
-        p.error(f"--metrics: unknown {unknown}; choose from {METRIC_NAMES}")
-    if not a.images_path and not a.features_path:
+    p = ArgumentParser(description=__doc__)
+    add_dataclass_flags(p, TestConfig)
+    add_ignored_flags(p, "--is_end_to_end", "--N_enc", "--N_dec", "--model_dim")  # the seed's test command
+    cfg = TestConfig(**dataclass_values(p.parse_args(argv), TestConfig))
+    if not cfg.images_path and not cfg.features_path:
         p.error("give --images_path (end-to-end checkpoint) or --features_path (cached features)")
-    for name in ("save_model_path", "images_path", "features_path", "captions_path", "vocab"):
-        value = getattr(a, name)
+    if len(cfg.checkpoint) > 1:
+        p.error("ensembles are not supported by test.py yet: give one --checkpoint")
+    for name in ("images_path", "features_path", "captions_path", "vocab"):
+        value = getattr(cfg, name)
         if value and not Path(value).exists():
             p.error(f"--{name} {value}: no such file or folder")
-    return TestConfig(a.save_model_path, a.vocab, a.images_path, a.features_path, a.captions_path, a.split,
-                      a.eval_beam_sizes, tuple(a.metrics), a.spice_dir, a.results_json, a.output_dir,
-                      a.predictions_only, a.batch_size, a.max_len, a.num_gpus, a.ddp_sync_port, a.device, a.precision,
-                      a.num_workers, a.is_end_to_end)
+    missing = [c for c in cfg.checkpoint if not Path(c).exists()]
+    if missing:
+        p.error(f"--checkpoint {missing[0]}: no such file or folder")
+    return cfg
 
 
 def folder_records(folder: Path) -> list[ImageRecord]:
@@ -125,6 +108,37 @@ def load_split(cfg: TestConfig, checkpoint: dict) -> list[ImageRecord]:
     return records
 
 
+def image_source(cfg: TestConfig, restored: RestoredModel) -> ImageSource:
+    """Cached features (checked against the checkpoint's backbone) or images preprocessed for its backbone."""
+    if not cfg.features_path:
+        require_end_to_end(restored.config, restored.path, "caption images")
+        return ImageSource(backbone=restored.config.backbone)
+    reader = FeatureReader(cfg.features_path)
+    reader.check_matches(None, restored.config.img_feature_dim)
+    backbone = restored.model.backbone
+    if backbone is not None and reader.attrs.get("weights_sha256") not in (None, state_dict_sha256(
+            backbone.state_dict())):
+        print(f"warning: {cfg.features_path} was extracted with other backbone weights than those in "
+              f"{restored.path}; the scores describe those features, not this checkpoint's backbone",
+              file=sys.stderr)
+    return ImageSource(features=reader)
+
+
+def output_paths(cfg: TestConfig, out_dir: Path, beam: int) -> tuple[Path, Path]:
+    """(predictions, metrics) files of one beam size; earlier ones are kept unless --overwrite."""
+    predictions = out_dir / f"predictions_{cfg.split}_beam{beam}.json"
+    if cfg.results_json:
+        predictions = Path(cfg.results_json)
+        if len(cfg.beam_sizes) > 1:
+            predictions = predictions.with_name(f"{predictions.stem}_beam{beam}{predictions.suffix}")
+    metrics = out_dir / f"metrics_{cfg.split}_beam{beam}.json"
+    existing = [p for p in (predictions, metrics) if p.exists()]
+    if existing and not cfg.overwrite:
+        raise FileExistsError(f"{existing[0]} holds an earlier evaluation; pass --overwrite to replace it or "
+                              "--output_dir / --results_json to write elsewhere")
+    return predictions, metrics
+
+
 def print_table(rows: list[dict]) -> None:
     names = [n for n in rows[0]["metrics"]]
     print("beam | " + " | ".join(f"{n:>8}" for n in names) + " | dangling | mean len | vocab")
@@ -140,36 +154,28 @@ def print_table(rows: list[dict]) -> None:
 
 
 def worker(cfg: TestConfig) -> list[dict]:
-    device_type = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else \
-        torch.device(cfg.device).type
-    dist = init_distributed(device_type, cfg.ddp_sync_port)
+    dist = init_distributed(resolve_device(cfg.device).type, cfg.ddp_sync_port)
     try:
-        return _evaluate(cfg, dist)
+        return evaluate(cfg, dist)
     finally:
         cleanup()
 
 
-def _evaluate(cfg: TestConfig, dist) -> list[dict]:
-    restored = restore_model(cfg.save_model_path, vocab_path=cfg.vocab or None,
-                             features_only=bool(cfg.features_path))
+def evaluate(cfg: TestConfig, dist: DistInfo) -> list[dict]:
+    """Caption the split at every beam size; on the main process write predictions and metrics and print a table."""
+    restored = restore_model(cfg.checkpoint[0], vocab_path=cfg.vocab or None, features_only=bool(cfg.features_path))
     model = restored.model.to(dist.device).eval()
     records = load_split(cfg, restored.checkpoint)
-    if cfg.features_path:
-        reader = FeatureReader(cfg.features_path)
-        reader.check_matches(None, restored.config.img_feature_dim)
-        source = ImageSource(features=reader)
-    else:
-        if restored.config.backbone is None:
-            raise CheckpointError(f"{cfg.save_model_path} is a features-only model: evaluate it with --features_path")
-        bb = restored.config.backbone
-        source = ImageSource(img_size=bb.img_size, mean=bb.mean, std=bb.std)
+    source = image_source(cfg, restored)
     precision = resolve_precision(cfg.precision, dist.device)
-    out_dir = Path(cfg.output_dir or Path(cfg.save_model_path).parent)
+    max_len = resolve_max_len(cfg, restored.config.max_seq_len - 1)
+    out_dir = Path(cfg.output_dir or Path(cfg.checkpoint[0]).parent)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_hash = file_sha256(cfg.save_model_path) if dist.is_main else ""
+    ckpt_hash = file_sha256(cfg.checkpoint[0]) if dist.is_main else ""
     rows = []
-    for beam in cfg.eval_beam_sizes:
-        preds, skipped = caption_records(model, records, restored.vocab, source, beam_size=beam, max_len=cfg.max_len,
+    for beam in cfg.beam_sizes:
+        paths = output_paths(cfg, out_dir, beam) if dist.is_main else None
+        preds, skipped = caption_records(model, records, restored.vocab, source, beam_size=beam, max_len=max_len,
                                          batch_size=cfg.batch_size, device=dist.device, precision=precision,
                                          rank=dist.rank, world=dist.world, num_workers=cfg.num_workers,
                                          desc=f"{cfg.split} beam {beam}")
@@ -178,23 +184,19 @@ def _evaluate(cfg: TestConfig, dist) -> list[dict]:
         if not preds:
             raise DatasetError(f"none of the {len(records)} images could be read (e.g. {records[0].path}); check "
                                "--images_path")
+        results_path, metrics_path = paths
         by_id = {r.image_id: r for r in records}
         results = [{"image_id": i, "caption": preds[i], **({"file_name": by_id[i].path.name}
                                                             if cfg.predictions_only else {})} for i in sorted(preds)]
-        results_path = Path(cfg.results_json) if cfg.results_json else \
-            out_dir / f"predictions_{cfg.split}_beam{beam}.json"
-        if cfg.results_json and len(cfg.eval_beam_sizes) > 1:
-            results_path = results_path.with_name(f"{results_path.stem}_beam{beam}{results_path.suffix}")
         results_path.write_text(json.dumps(results, indent=1))
         print(f"wrote {len(results)} captions to {results_path}" + (f" ({len(skipped)} unreadable images skipped)"
                                                                      if skipped else ""))
         if cfg.predictions_only:
             continue
         report = evaluation_report(preds, records, cfg.metrics, cfg.spice_dir or None)
-        row = {"checkpoint": str(cfg.save_model_path), "checkpoint_sha256": ckpt_hash, "split": cfg.split,
-               "beam_size": beam, "max_len": cfg.max_len, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        row = {"checkpoint": str(cfg.checkpoint[0]), "checkpoint_sha256": ckpt_hash, "split": cfg.split,
+               "beam_size": beam, "max_len": max_len, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "skipped_images": skipped, "predictions": str(results_path), **report}
-        metrics_path = out_dir / f"metrics_{cfg.split}_beam{beam}.json"
         metrics_path.write_text(json.dumps(row, indent=1))
         rows.append(row)
     if rows:
@@ -207,7 +209,8 @@ def main(cfg: TestConfig) -> list[dict]:
 
 
 if __name__ == "__main__":
+    plain_warnings()
     try:
         main(parse_config())
-    except (CheckpointError, DatasetError, FeatureFileError) as e:
+    except (CheckpointError, DatasetError, FeatureFileError, FileExistsError) as e:
         sys.exit(f"error: {e}")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data.vocab import atomic_write_text
+from utils.files import atomic_write_text
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 # Karpathy's "restval" images are training images (the reference trains on train + restval).

@@ -13,11 +13,14 @@ import shutil
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from data.captions import ImageRecord
 
 FEATURES_FORMAT = "expansionnet-features"
 FEATURES_VERSION = 1
@@ -178,6 +181,15 @@ class FeatureReader:
 
     def has(self, image_id: int) -> bool:
         return image_id in self.row_of
+
+    def keep_present(self, records: Sequence[ImageRecord]) -> list[ImageRecord]:
+        """The records whose features are in the file; a warning counts the others (unreadable when it was made)."""
+        kept = [r for r in records if self.has(r.image_id)]
+        if len(kept) < len(records):
+            missing = next(r for r in records if not self.has(r.image_id))
+            warnings.warn(f"{len(records) - len(kept)} images have no features in {self.path} (unreadable when the "
+                          f"file was made, e.g. {missing.path}); they are skipped", stacklevel=2)
+        return kept
 
     def read(self, image_ids: Sequence[int]) -> torch.Tensor:
         """Features (B, tokens, channels) as float32 in the given order.

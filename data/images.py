@@ -15,13 +15,11 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 40_000_000
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 _WHITE = (255, 255, 255, 255)
 _ALPHA_MODES = frozenset({"LA", "La", "PA", "RGBA", "RGBa"})
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 
-ImageSource = str | os.PathLike | bytes | bytearray | memoryview | IO[bytes] | Image.Image
+ImageInput = str | os.PathLike | bytes | bytearray | memoryview | IO[bytes] | Image.Image
 BatchItem = str | os.PathLike | bytes | bytearray | Image.Image | torch.Tensor
 
 
@@ -43,7 +41,7 @@ def _source_name(source: object, name: str | None) -> str:
 
 
 def open_image(
-    source: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str | None = None
+    source: ImageInput, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str | None = None
 ) -> Image.Image:
     """Open, validate and decode an image into a new RGB ``PIL.Image``.
 
@@ -188,8 +186,8 @@ def _size_hw(img_size: int | tuple[int, int] | Sequence[int]) -> tuple[int, int]
 def preprocess(
     image: Image.Image,
     img_size: int | tuple[int, int],
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    mean: Sequence[float],
+    std: Sequence[float],
 ) -> torch.Tensor:
     """Resize to (H, W) with PIL's antialiased bilinear filter (no aspect preservation, no crop), scale to [0, 1] and
     normalise: the reference's ``Resize((H, W)) + ToTensor() + Normalize(mean, std)``. Returns (3, H, W) float32."""
@@ -205,10 +203,10 @@ def preprocess(
 
 
 def load_image_tensor(
-    source: ImageSource,
+    source: ImageInput,
     img_size: int | tuple[int, int],
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    mean: Sequence[float],
+    std: Sequence[float],
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     name: str | None = None,
 ) -> torch.Tensor:
@@ -219,8 +217,8 @@ def load_image_tensor(
 def to_image_batch(
     images: Sequence[BatchItem],
     img_size: int | tuple[int, int],
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    mean: Sequence[float],
+    std: Sequence[float],
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> torch.Tensor:
     """Stack images into a (B, 3, H, W) float32 batch.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -18,6 +19,9 @@ from data.captions import ImageRecord
 from data.features import FeatureReader
 from data.images import ImageLoadError, load_image_tensor
 from data.vocab import Vocabulary
+
+if TYPE_CHECKING:
+    from models.config import BackboneConfig
 
 
 @dataclass
@@ -49,15 +53,14 @@ class CaptionBatch:
 
 
 class ImageSource:
-    """Where the visual input of a record comes from: the HDF5 cache, or the image file preprocessed."""
+    """Where the visual input of a record comes from: the HDF5 cache, or the image file preprocessed as the
+    backbone expects (its config's img_size, mean and std)."""
 
-    def __init__(self, features: FeatureReader | None = None, img_size: int | None = None,
-                 mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225)):
-        if (features is None) == (img_size is None):
-            raise ValueError("ImageSource takes either a feature file or an image size")
+    def __init__(self, features: FeatureReader | None = None, backbone: BackboneConfig | None = None):
+        if (features is None) == (backbone is None):
+            raise ValueError("ImageSource takes either a feature file or a backbone config")
         self.features = features
-        self.img_size = img_size
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.backbone = backbone
 
     def load(self, records: Sequence[ImageRecord]) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None,
                                                             list[str]]:
@@ -67,7 +70,8 @@ class ImageSource:
         kept, tensors, skipped = [], [], []
         for i, r in enumerate(records):
             try:
-                tensors.append(load_image_tensor(r.path, self.img_size, self.mean, self.std, name=str(r.path)))
+                bb = self.backbone
+                tensors.append(load_image_tensor(r.path, bb.img_size, bb.mean, bb.std, name=str(r.path)))
                 kept.append(i)
             except (ImageLoadError, OSError) as e:
                 warnings.warn(f"skipping unreadable image: {e}", stacklevel=2)

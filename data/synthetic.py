@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
-import re
 import shutil
 import sys
 from collections.abc import Mapping, Sequence
@@ -18,6 +16,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+from data.vocab import tokenize
+from utils.files import atomic_write_json
 
 GENERATOR_VERSION = 1
 DATASET_NAME = "synthetic"
@@ -560,11 +561,6 @@ def _captions(rng: np.random.Generator, scene: _Scene, n: int) -> list[str]:
     raise RuntimeError(f"could not sample {n} distinct captions")  # pragma: no cover - the grammar is large enough
 
 
-def tokenize_caption(caption: str) -> list[str]:
-    """Lowercase word tokens of a caption (letters only), the way the json 'tokens' field is made."""
-    return re.findall(r"[a-z]+", caption.lower())
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Ground truth
 
@@ -635,140 +631,6 @@ def load_ground_truth(path: str | Path) -> dict[int, dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Grounded accuracy
-
-
-def _parse_mentions(caption: str) -> list[tuple[str | None, str, int | None]]:
-    """(colour or None, shape, count or None) for every shape noun in a caption.
-
-    Scanning back from a shape noun over at most three adjective words (colour or size words, in any order), the
-    nearest colour word is its colour and a number word right before the adjectives is its count; without a number
-    word a singular noun counts 1 and a plural noun has an unknown count (None).
-    """
-    vocab = _parse_vocab()
-    tokens = tokenize_caption(caption if isinstance(caption, str) else str(caption))
-    mentions: list[tuple[str | None, str, int | None]] = []
-    for i, tok in enumerate(tokens):
-        shape = vocab["shape_words"].get(tok)
-        if shape is None:
-            continue
-        colour: str | None = None
-        j = i - 1
-        while j >= 0 and i - j <= 3 and (tokens[j] in vocab["colour_words"] or tokens[j] in vocab["size_words"]):
-            if colour is None and tokens[j] in vocab["colour_words"]:
-                colour = vocab["colour_words"][tokens[j]]
-            j -= 1
-        count: int | None = vocab["counts"].get(tokens[j]) if j >= 0 else None
-        if count is None and tok not in vocab["plurals"]:
-            count = 1
-        mentions.append((colour, shape, count))
-    return mentions
-
-
-@functools.lru_cache(maxsize=1)
-def _parse_vocab() -> dict[str, Any]:
-    """Word -> canonical lookups for the caption parser (built once, lazily)."""
-    v = shape_vocabulary()
-    return {
-        "shape_words": v["shape_words"],
-        "colour_words": v["colour_words"],
-        "size_words": v["size_words"],
-        "counts": v["counts"],
-        "plurals": frozenset(v["shape_plurals"]),
-    }
-
-
-def grounded_accuracy(captions: Mapping[int, str], ground_truth_path: str | Path) -> dict[str, float]:
-    """Grounded accuracies of generated captions against the structured ground truth.
-
-    Why: CIDEr-D rewards n-gram overlap; these say whether a caption names what is actually in the image.
-    Matching rules, per image (images missing from the ground truth are ignored; keys may be int or str):
-      - mentions are parsed as in `_parse_mentions` (synonyms map to canonical words; anything else is ignored,
-        so empty or garbage captions simply have no mentions);
-      - mentions are matched one-to-one to ground-truth groups, first on (colour, shape), then the rest on shape
-        alone (a mention with a wrong or missing colour still names the right shape).
-    Metrics, over all ground-truth groups of the scored images unless said otherwise:
-      - "colour_accuracy": share of groups whose colour is named together with their shape (a (colour, shape) match);
-      - "colour_named": share of groups whose colour is named at all (mention colours matched one-to-one to groups,
-        whatever shape word goes with them): "are the colours of the shapes right?";
-      - "shape_accuracy": share of groups whose shape is named (either match);
-      - "count_accuracy": share of groups with a (colour, shape) match whose mention has the right count;
-      - "object_recall": share of ground-truth objects covered: sum over (colour, shape) matches of
-        min(mentioned count, true count) / number of objects (an unknown plural count covers two);
-      - "hallucination_rate": share of all parsed mentions without a (colour, shape) match (0 when none parsed);
-      - "scene_accuracy": share of images whose groups are all matched with the right counts and nothing else;
-      - "num_images", "num_groups", "num_mentions": the denominators.
-    """
-    gt = load_ground_truth(ground_truth_path)
-    n_groups = n_objects = n_mentions = n_images = 0
-    colour_hits = shape_hits = count_hits = hallucinated = scene_hits = colour_named = 0
-    covered = 0.0
-    for key, caption in captions.items():
-        try:
-            imgid = int(key)
-        except (TypeError, ValueError):
-            continue
-        entry = gt.get(imgid)
-        if entry is None:
-            continue
-        n_images += 1
-        groups = entry["groups"]
-        mentions = _parse_mentions(caption if isinstance(caption, str) else "")
-        n_groups += len(groups)
-        n_objects += sum(int(g["count"]) for g in groups)
-        n_mentions += len(mentions)
-        free = list(range(len(mentions)))
-        exact: dict[int, int] = {}
-        for gi, g in enumerate(groups):
-            for mi in free:
-                if mentions[mi][0] == g["colour"] and mentions[mi][1] == g["shape"]:
-                    exact[gi] = mi
-                    free.remove(mi)
-                    break
-        shape_only = set()
-        for gi, g in enumerate(groups):
-            if gi in exact:
-                continue
-            for mi in free:
-                if mentions[mi][1] == g["shape"]:
-                    shape_only.add(gi)
-                    free.remove(mi)
-                    break
-        colour_pool = [m[0] for m in mentions]
-        for g in groups:  # colour alone, matched one-to-one: is each group's colour named at all?
-            if g["colour"] in colour_pool:
-                colour_pool.remove(g["colour"])
-                colour_named += 1
-        colour_hits += len(exact)
-        shape_hits += len(exact) + len(shape_only)
-        hallucinated += len(mentions) - len(exact)
-        right_counts = 0
-        for gi, mi in exact.items():
-            said, true = mentions[mi][2], int(groups[gi]["count"])
-            right_counts += said == true
-            covered += min(said if said is not None else 2, true)
-        count_hits += right_counts
-        scene_hits += right_counts == len(groups) and len(mentions) == len(groups)
-
-    def share(a: float, b: int) -> float:
-        """a / b, or 0 for an empty denominator."""
-        return float(a) / b if b else 0.0
-
-    return {
-        "colour_accuracy": share(colour_hits, n_groups),
-        "colour_named": share(colour_named, n_groups),
-        "shape_accuracy": share(shape_hits, n_groups),
-        "count_accuracy": share(count_hits, n_groups),
-        "object_recall": share(covered, n_objects),
-        "hallucination_rate": share(hallucinated, n_mentions),
-        "scene_accuracy": share(scene_hits, n_images),
-        "num_images": float(n_images),
-        "num_groups": float(n_groups),
-        "num_mentions": float(n_mentions),
-    }
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Writing the dataset
 
 
@@ -784,15 +646,6 @@ def _read_json(path: Path) -> Any:
             return json.load(f)
     except (OSError, ValueError):
         return None
-
-
-def _write_json_atomic(path: Path, payload: Any) -> None:
-    """Write json to a temporary file then rename, so a crash never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, separators=(",", ":"))
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _clear_outputs(out: Path) -> None:
@@ -827,14 +680,27 @@ def generate_synthetic_dataset(
     config) unless overwrite, which removes only this generator's files (json files, markers, images/) first.
     """
     out = Path(out_dir)
-    json_path = out / JSON_NAME
     payload = _marker_payload(config)
+    if _prepare_output(out, config, payload, overwrite):
+        return out / JSON_NAME
+    atomic_write_json(out / PARTIAL_MARKER_NAME, payload)
+    images, truth = _write_images(out, config, progress)
+    atomic_write_json(out / JSON_NAME, {"dataset": DATASET_NAME, "images": images})
+    atomic_write_json(out / GROUND_TRUTH_NAME, {"version": GENERATOR_VERSION, "image_size": config.image_size,
+                                                "images": truth})
+    atomic_write_json(out / MARKER_NAME, payload)
+    (out / PARTIAL_MARKER_NAME).unlink(missing_ok=True)
+    return out / JSON_NAME
+
+
+def _prepare_output(out: Path, config: SyntheticConfig, payload: dict[str, Any], overwrite: bool) -> bool:
+    """True when out already holds this complete dataset; otherwise leave out empty of our files, or refuse."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         marker = _read_json(out / MARKER_NAME)
         if marker == payload and _is_complete(out, config):
-            return json_path
+            return True
         ours = marker == payload or (out / PARTIAL_MARKER_NAME).is_file()  # damaged or interrupted: redo it
         if not overwrite and not ours:
             found = "a synthetic dataset with a different config" if marker is not None else "other files"
@@ -843,43 +709,29 @@ def generate_synthetic_dataset(
                 "pass overwrite=True (--overwrite) or choose an empty directory"
             )
         _clear_outputs(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(out / PARTIAL_MARKER_NAME, payload)
-    (out / IMAGES_DIR).mkdir(exist_ok=True)
+    (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    return False
 
-    size = config.image_size
+
+def _write_images(out: Path, config: SyntheticConfig, progress: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Render every image into out/images; return the Karpathy json entries and the ground truth by id."""
     images: list[dict[str, Any]] = []
     truth: dict[str, Any] = {}
     for imgid in tqdm(range(config.num_images), desc="synthetic images", disable=not progress, unit="img"):
         split = config.split_of(imgid)
-        scene = _sample_scene(np.random.default_rng([config.seed, imgid, 0]), size)
+        scene = _sample_scene(np.random.default_rng([config.seed, imgid, 0]), config.image_size)
         filename = f"{imgid:06d}.png"
-        Image.fromarray(_render(scene, size), mode="RGB").save(
+        Image.fromarray(_render(scene, config.image_size), mode="RGB").save(
             out / IMAGES_DIR / filename, format="PNG", compress_level=6, optimize=False
         )
         raws = _captions(np.random.default_rng([config.seed, imgid, 1]), scene, config.captions_per_image)
         sentids = [imgid * config.captions_per_image + k for k in range(len(raws))]
-        images.append(
-            {
-                "filepath": IMAGES_DIR,
-                "filename": filename,
-                "imgid": imgid,
-                "cocoid": imgid,
-                "split": split,
-                "sentences": [
-                    {"raw": raw, "tokens": tokenize_caption(raw), "imgid": imgid, "sentid": sid}
-                    for raw, sid in zip(raws, sentids)
-                ],
-                "sentids": sentids,
-            }
-        )
+        sentences = [{"raw": raw, "tokens": tokenize(raw), "imgid": imgid, "sentid": sid}
+                     for raw, sid in zip(raws, sentids)]
+        images.append({"filepath": IMAGES_DIR, "filename": filename, "imgid": imgid, "cocoid": imgid, "split": split,
+                       "sentences": sentences, "sentids": sentids})
         truth[str(imgid)] = _ground_truth_entry(scene, split)
-
-    _write_json_atomic(json_path, {"dataset": DATASET_NAME, "images": images})
-    _write_json_atomic(out / GROUND_TRUTH_NAME, {"version": GENERATOR_VERSION, "image_size": size, "images": truth})
-    _write_json_atomic(out / MARKER_NAME, payload)
-    (out / PARTIAL_MARKER_NAME).unlink(missing_ok=True)
-    return json_path
+    return images, truth
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,11 +7,12 @@ import json
 import os
 import pickle
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from utils.files import atomic_write_text
 
 PAD = "PAD"
 SOS = "SOS"
@@ -293,21 +294,3 @@ def max_caption_length(captions: Iterable[str], vocab: Vocabulary | None = None)
         length = len(vocab.encode(caption)) if vocab is not None else len(tokenize(caption)) + 2
         longest = max(longest, length)
     return longest
-
-
-def atomic_write_text(target: Path, text: str) -> None:
-    """Write ``text`` to a temp file next to ``target`` and rename it into place."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; a vocabulary is not secret
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise

@@ -20,7 +20,23 @@ from utils.checkpoint import (
     load_checkpoint_file,
     load_state_file,
     make_checkpoint,
+    state_dict_differences,
 )
+
+CHECKPOINT_GLOB = "ckpt_e*_it*.pth"  # a run folder's rolling checkpoints; names sort by epoch and iteration
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest rolling checkpoint of a run folder."""
+    files = sorted(Path(run_dir).glob(CHECKPOINT_GLOB))
+    return files[-1] if files else None
+
+
+def best_or_last(run_dir: Path) -> Path:
+    """The checkpoint a later phase starts from: best.pth (best validation CIDEr-D), else the newest rolling one
+    (a run without validation images writes no best.pth); best.pth's path when there is neither yet."""
+    best = Path(run_dir) / "best.pth"
+    return best if best.exists() else latest_checkpoint(run_dir) or best
 
 
 @dataclass
@@ -62,21 +78,19 @@ def checkpoint_vocab(ckpt: dict[str, Any], path: Path, vocab_path: str | Path | 
 
 def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str, strict: bool = True) -> None:
     """load_state_dict with a message that lists what differs (missing, unexpected, shapes) instead of a traceback."""
-    expected = model.state_dict()
-    wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-             for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape]
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    if wrong or (strict and (missing or unexpected)):
-        parts = []
-        if wrong:
-            parts.append(f"{len(wrong)} shape mismatches, e.g. {wrong[:3]}")
-        if strict and missing:
-            parts.append(f"{len(missing)} missing keys, e.g. {missing[:4]}")
-        if strict and unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:4]}")
-        raise CheckpointError(f"weights from {source} do not fit the model: " + "; ".join(parts))
+    problems = state_dict_differences(model.state_dict(), state_dict, strict)
+    if problems:
+        raise CheckpointError(f"weights from {source} do not fit the model: " + "; ".join(problems))
     model.load_state_dict(state_dict, strict=False)
+
+
+def require_end_to_end(config: ModelConfig, path: str | Path, purpose: str = "caption images") -> None:
+    """A clear error for a features-only model (phases 2 and 5 write them) where images are to be captioned."""
+    if config.backbone is None:
+        raise CheckpointError(
+            f"{path} is a features-only checkpoint (phases 2 and 5 of the recipe write those: they hold no backbone), "
+            f"so it cannot {purpose}. Use an end-to-end checkpoint, from phase 3 or 6 (e.g. phase6-scst-e2e/best.pth "
+            "or scst-e2e/best.pth), or evaluate this one on cached features with test.py --features_path")
 
 
 def restore_model(path: str | Path, vocab_path: str | Path | None = None, *, features_only: bool = False,

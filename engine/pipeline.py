@@ -1,8 +1,10 @@
-"""The six-phase recipe as a declarative table, run phase by phase with a manifest that makes it resumable.
+"""The recipe as a declarative table of phases, run phase by phase with a manifest that makes it resumable.
 
-Each phase is one command of the README (data_generator.py or train.py) run as a subprocess in its own folder of the
-run directory; the manifest records its command, inputs, outputs, metrics and duration, so a finished phase is
-skipped and an interrupted one resumes (both scripts continue where they stopped).
+Each phase is one command of the README (backbone.py pretrain, data_generator.py or train.py) run as a subprocess in
+its own folder of the run directory. A phase's row says which script it runs, which earlier outputs it reads and
+through which flag, and what it writes; a preset gives the settings. The manifest (pipeline.json) records each
+phase's command, status, outputs, metrics and duration, so a finished phase is skipped and an interrupted one
+resumes (every script continues where it stopped).
 """
 
 from __future__ import annotations
@@ -12,101 +14,115 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.checkpoints import best_or_last
+from utils.files import atomic_write_json
+
 ROOT = Path(__file__).resolve().parents[1]
+INITIAL_BACKBONE = 0  # phase 0's output, or the backbone file the user gives when a preset has no phase 0
 
 
 @dataclass(frozen=True)
 class Phase:
-    """One row of the recipe: which script, which folder, and its arguments given the earlier phases' outputs."""
+    """One row of the recipe."""
 
     number: int
     folder: str
-    script: str
     title: str
-    args: Callable[[dict[int, Path]], list[str]]
-    output: Callable[[Path], Path]
+    command: tuple[str, ...]  # script (and sub-command) under the repository root
+    reads: Mapping[str, int] = field(default_factory=dict)  # flag -> the phase whose output it takes
+    fixed: Mapping[str, Any] = field(default_factory=dict)  # settings every run of this phase has
+    writes: str = ""  # the output file in the phase folder; "" for training (best.pth, else the last checkpoint)
+
+    @property
+    def trains(self) -> bool:
+        return self.command[0] == "train.py"
+
+    def output(self, run_dir: Path) -> Path:
+        folder = run_dir / self.folder
+        return folder / self.writes if self.writes else best_or_last(folder)
+
+    def output_flag(self, run_dir: Path) -> list[str]:
+        """Where the phase is told to write."""
+        if self.trains:
+            return ["--save_path", str(run_dir), "--run_name", self.folder]
+        return ["--output_path", str(run_dir / self.folder / self.writes)]
 
 
-@dataclass
-class RecipeInputs:
-    """What the user provides (or the quickstart generates): data, the initial backbone, and per-preset settings."""
+RECIPE: tuple[Phase, ...] = (
+    Phase(0, "phase0-backbone", "backbone pretraining on the dataset's own labels", ("backbone.py", "pretrain"),
+          writes="backbone.pth"),
+    Phase(1, "phase1-features", "features from the initial backbone", ("data_generator.py",),
+          reads={"backbone": INITIAL_BACKBONE}, writes="features.hdf5"),
+    Phase(2, "phase2-xe-features", "cross-entropy on cached features", ("train.py",), reads={"features_path": 1},
+          fixed={"reinforce": False, "is_end_to_end": False}),
+    Phase(3, "phase3-xe-e2e", "cross-entropy end-to-end", ("train.py",),
+          reads={"backbone": INITIAL_BACKBONE, "body_save_path": 2},
+          fixed={"reinforce": False, "is_end_to_end": True, "partial_load": True}),
+    Phase(4, "phase4-features", "features from the phase-3 backbone", ("data_generator.py",), reads={"backbone": 3},
+          writes="features.hdf5"),
+    Phase(5, "phase5-scst-features", "self-critical CIDEr-D on cached features", ("train.py",),
+          reads={"features_path": 4, "body_save_path": 3},
+          fixed={"reinforce": True, "is_end_to_end": False, "partial_load": True}),
+    Phase(6, "phase6-scst-e2e", "self-critical CIDEr-D end-to-end", ("train.py",),
+          reads={"backbone": 3, "body_save_path": 5},
+          fixed={"reinforce": True, "is_end_to_end": True, "partial_load": True}),
+)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What one pipeline run does: the data, the initial backbone (None when phase 0 makes it), and each phase's
+    settings (flag name -> value); a phase without settings is not part of the recipe."""
 
     images_path: Path
     captions_path: Path
-    backbone: Path
-    model_args: list[str] = field(default_factory=list)
-    phase_args: dict[int, list[str]] = field(default_factory=dict)
-    common_args: list[str] = field(default_factory=list)
+    backbone: Path | None
+    settings: Mapping[int, Mapping[str, Any]]
+
+    def phases(self) -> list[Phase]:
+        return [p for p in RECIPE if p.number in self.settings]
+
+    def command(self, phase: Phase, run_dir: Path, outputs: Mapping[int, Path]) -> list[str]:
+        """The phase's command line (script and arguments) given the earlier phases' outputs."""
+        reads = {flag: outputs[source] for flag, source in phase.reads.items()}
+        data = {"images_path": self.images_path, "captions_path": self.captions_path}
+        return [*phase.command, *phase.output_flag(run_dir),
+                *as_argv({**data, **phase.fixed, **reads, **self.settings[phase.number]})]
+
+    def initial_outputs(self) -> dict[int, Path]:
+        """Outputs known before any phase runs: the given backbone stands for phase 0 when the recipe has none."""
+        return {INITIAL_BACKBONE: self.backbone} if self.backbone is not None and 0 not in self.settings else {}
 
 
-def best_or_last(folder: Path) -> Path:
-    """The checkpoint a later phase should start from: best.pth by val CIDEr-D, else the newest rolling file."""
-    best = folder / "best.pth"
-    if best.exists():
-        return best
-    files = sorted(folder.glob("ckpt_e*_it*.pth"))
-    return files[-1] if files else best
-
-
-def recipe(run_dir: Path, inp: RecipeInputs) -> list[Phase]:
-    """Phases 1-6: features, XE on features, XE end-to-end, features again, SCST on features, SCST end-to-end."""
-    data = ["--images_path", str(inp.images_path), "--captions_path", str(inp.captions_path)]
-
-    def train(number: int, folder: str, reinforce: bool, e2e: bool, extra: Callable[[dict[int, Path]], list[str]]):
-        def args(out: dict[int, Path]) -> list[str]:
-            a = ["--save_path", str(run_dir), "--run_name", folder, "--reinforce", str(reinforce),
-                 "--is_end_to_end", str(e2e), *data, *inp.model_args, *inp.common_args, *extra(out),
-                 *inp.phase_args.get(number, [])]
-            return a
-        return args
-
-    def generator(source: Callable[[dict[int, Path]], Path], folder: str):
-        return lambda out: ["--save_model_path", str(source(out)), "--output_path",
-                            str(run_dir / folder / "features.hdf5"), *data, *inp.phase_args.get(
-                                1 if folder.startswith("phase1") else 4, [])]
-
-    return [
-        Phase(1, "phase1-features", "data_generator.py", "features from the initial backbone",
-              generator(lambda out: inp.backbone, "phase1-features"), lambda d: d / "features.hdf5"),
-        Phase(2, "phase2-xe-features", "train.py", "cross-entropy on cached features",
-              train(2, "phase2-xe-features", False, False, lambda out: ["--features_path", str(out[1])]),
-              best_or_last),
-        Phase(3, "phase3-xe-e2e", "train.py", "cross-entropy end-to-end",
-              train(3, "phase3-xe-e2e", False, True, lambda out: [
-                  "--backbone_save_path", str(inp.backbone), "--body_save_path", str(out[2]),
-                  "--partial_load", "True"]), best_or_last),
-        Phase(4, "phase4-features", "data_generator.py", "features from the phase-3 backbone",
-              generator(lambda out: out[3], "phase4-features"), lambda d: d / "features.hdf5"),
-        Phase(5, "phase5-scst-features", "train.py", "self-critical CIDEr-D on cached features",
-              train(5, "phase5-scst-features", True, False, lambda out: [
-                  "--features_path", str(out[4]), "--body_save_path", str(out[3]), "--partial_load", "True"]),
-              best_or_last),
-        Phase(6, "phase6-scst-e2e", "train.py", "self-critical CIDEr-D end-to-end",
-              train(6, "phase6-scst-e2e", True, True, lambda out: [
-                  "--backbone_save_path", str(out[3]), "--body_save_path", str(out[5]), "--partial_load", "True"]),
-              best_or_last),
-    ]
+def as_argv(settings: Mapping[str, Any]) -> list[str]:
+    """{flag: value} -> ['--flag', 'value', ...]: booleans as True/False, tuples as [a,b] (the seed's spelling)."""
+    argv: list[str] = []
+    for key, value in settings.items():
+        if isinstance(value, tuple):
+            value = "[" + ",".join(str(v) for v in value) + "]"
+        argv += [f"--{key}", str(value)]
+    return argv
 
 
 def parse_phases(spec: str) -> list[int]:
-    """'1-6', '2-5', '3', '2,4,5' -> sorted phase numbers."""
+    """'0-6', '2-5', '3', '2,4,5' -> sorted phase numbers."""
     out: set[int] = set()
-    for part in spec.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if "-" in part:
-            a, b = part.split("-", 1)
-            out.update(range(int(a), int(b) + 1))
-        else:
-            out.add(int(part))
-    if not out or not out <= set(range(1, 7)):
-        raise ValueError(f"--phases {spec!r}: phases are numbered 1 to 6 (e.g. 1-6, 2-5, 3)")
+    try:
+        for part in (p.strip() for p in spec.split(",")):
+            if "-" in part:
+                a, b = part.split("-", 1)
+                out.update(range(int(a), int(b) + 1))
+            elif part:
+                out.add(int(part))
+    except ValueError:
+        out = set()
+    if not out or not out <= set(range(0, 7)):
+        raise ValueError(f"--phases {spec!r}: phases are numbered 0 to 6 (e.g. 1-6, 2-5, 3)")
     return sorted(out)
 
 
@@ -126,62 +142,58 @@ class Manifest:
         return self.data["phases"].setdefault(str(number), {})
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        os.replace(tmp, self.path)
+        atomic_write_json(self.path, self.data, indent=1)
 
 
-def run_phases(run_dir: Path, phases: list[Phase], selected: list[int], manifest: Manifest,
+def run_phases(run_dir: Path, recipe: Recipe, selected: list[int], manifest: Manifest,
                env: dict[str, str] | None = None) -> dict[int, Path]:
     """Run the selected phases in order, skipping finished ones; returns every known phase output."""
-    outputs: dict[int, Path] = {}
-    for ph in phases:
-        out = ph.output(run_dir / ph.folder)
-        record = manifest.phase(ph.number)
-        if ph.number not in selected:
+    outputs = recipe.initial_outputs()
+    for phase in recipe.phases():
+        out = phase.output(run_dir)
+        if phase.number not in selected:
             if out.exists():
-                outputs[ph.number] = out
+                outputs[phase.number] = out
             continue
-        missing = [n for n in range(1, ph.number) if n not in outputs and _needs(ph, n)]
+        missing = sorted(n for n in set(phase.reads.values()) if n not in outputs)
         if missing:
-            raise FileNotFoundError(f"phase {ph.number} needs the output of phase(s) {missing}, which do not exist "
-                                    f"in {run_dir}; run them first (e.g. --phases {missing[0]}-{ph.number})")
+            raise FileNotFoundError(f"phase {phase.number} needs the output of phase(s) {missing}, which do not "
+                                    f"exist in {run_dir}; run them first (e.g. --phases {missing[0]}-{phase.number})")
+        record = manifest.phase(phase.number)
         if record.get("status") == "done" and out.exists():
-            print(f"== phase {ph.number} ({ph.title}): already done, skipping", flush=True)
-            outputs[ph.number] = out
+            print(f"== phase {phase.number} ({phase.title}): already done, skipping", flush=True)
+            outputs[phase.number] = out
             continue
-        cmd = [sys.executable, str(ROOT / ph.script), *ph.args(outputs)]
-        print(f"== phase {ph.number} ({ph.title})\n   {' '.join(cmd[1:])}", flush=True)
-        (run_dir / ph.folder).mkdir(parents=True, exist_ok=True)
-        record.update({"title": ph.title, "command": " ".join(["python", *cmd[1:]]), "status": "running",
-                       "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        run_phase(phase, recipe.command(phase, run_dir, outputs), run_dir, record, manifest, env)
+        outputs[phase.number] = phase.output(run_dir)
+        record["output"] = str(outputs[phase.number])
         manifest.save()
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})})
-        duration = time.perf_counter() - t0
-        if proc.returncode != 0:
-            record.update({"status": "failed", "returncode": proc.returncode,
-                           "duration_s": round(record.get("duration_s", 0) + duration, 1)})
-            manifest.save()
-            raise RuntimeError(f"phase {ph.number} failed (exit code {proc.returncode}); fix the problem and run the "
-                               "same command again: finished phases are skipped and this one resumes")
-        record.update({"status": "done", "output": str(out),
-                       "duration_s": round(record.get("duration_s", 0) + duration, 1),
-                       "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "metrics": phase_metrics(run_dir / ph.folder)})
-        manifest.save()
-        outputs[ph.number] = out
     return outputs
 
 
-PHASE_INPUTS = {2: {1}, 3: {2}, 4: {3}, 5: {3, 4}, 6: {3, 5}}  # which earlier outputs each phase reads
-
-
-def _needs(ph: Phase, n: int) -> bool:
-    return n in PHASE_INPUTS.get(ph.number, set())
+def run_phase(phase: Phase, command: list[str], run_dir: Path, record: dict[str, Any], manifest: Manifest,
+              env: dict[str, str] | None) -> None:
+    """One phase as a subprocess, its progress recorded in the manifest; a failure raises with what to do."""
+    print(f"== phase {phase.number} ({phase.title})\n   {' '.join(command)}", flush=True)
+    (run_dir / phase.folder).mkdir(parents=True, exist_ok=True)
+    record.update({"title": phase.title, "command": " ".join(["python", *command]), "status": "running",
+                   "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    manifest.save()
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(ROOT / command[0]), *command[1:]], cwd=ROOT,
+                          env={**os.environ, **(env or {})})
+    record["duration_s"] = round(record.get("duration_s", 0) + time.perf_counter() - t0, 1)
+    if proc.returncode != 0:
+        record.update({"status": "failed", "returncode": proc.returncode})
+        manifest.save()
+        raise RuntimeError(f"phase {phase.number} failed (exit code {proc.returncode}); fix the problem and run the "
+                           "same command again: finished phases are skipped and this one resumes")
+    record.update({"status": "done", "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                   "metrics": phase_metrics(run_dir / phase.folder)})
 
 
 def phase_metrics(folder: Path) -> dict[str, Any]:
-    """The last training summary and the best validation CIDEr-D logged by a train.py phase (empty otherwise)."""
+    """The last training summary and the best validation CIDEr-D logged by a phase (empty otherwise)."""
     log = folder / "metrics.jsonl"
     if not log.exists():
         return {}

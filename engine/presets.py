@@ -1,87 +1,87 @@
-"""Pipeline presets: the quickstart on the embedded synthetic dataset, the seed's COCO recipe and the reference's."""
+"""The recipes' settings, written once: the seed's COCO recipe, the reference's ExpansionNet v2 recipe, and the
+quickstart on the embedded synthetic dataset. Each is {phase: {flag: value}}; README's six commands are checked
+against SEED_RECIPE by a test (tests/test_pipeline.py).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from data.synthetic import SyntheticConfig, generate_synthetic_dataset
 from engine.checkpoints import save_backbone_file
-from engine.pipeline import RecipeInputs
+from engine.pipeline import Recipe
 from models import tiny_swinv2
 from models.backbone import create_backbone
+from models.config import DROPOUTS
 
 PRESETS = ("quickstart", "coco", "coco-expansionnet-v2")
 
-# the quickstart's captioner and backbone: small enough for all six phases on 2 CPU cores in a few minutes
-QUICKSTART_MODEL = ["--model", "optimizer_expansionnet", "--N_enc", "2", "--N_dec", "2", "--model_dim", "96",
-                    "--num_heads", "4", "--ff", "256", "--num_exp_enc_list", "4,8,16", "--num_exp_dec", "8",
-                    "--memory_slots", "8"]
-QUICKSTART_COMMON = ["--seed", "775533", "--optim_type", "radam", "--sched_type", "custom_warmup_anneal",
-                     "--save_every_minutes", "2", "--how_many_checkpoints", "1", "--eval_beam_sizes", "[3]",
-                     "--print_every_iter", "50", "--eval_every_iter", "999999", "--num_workers", "1",
-                     "--eval_batch_size", "100"]
-QUICKSTART_PHASES = {
-    1: ["--batch_size", "100", "--num_workers", "1"],
-    2: ["--warmup", "20", "--lr", "1e-3", "--anneal_coeff", "0.8", "--anneal_every_epoch", "1",
-        "--enc_drop", "0.1", "--dec_drop", "0.1", "--enc_input_drop", "0.1", "--dec_input_drop", "0.1",
-        "--drop_other", "0.1", "--batch_size", "16", "--grouped", "True", "--num_epochs", "3"],
-    3: ["--warmup", "1", "--lr", "3e-4", "--anneal_coeff", "0.55", "--anneal_every_epoch", "1",
-        "--enc_drop", "0.1", "--dec_drop", "0.1", "--enc_input_drop", "0.1", "--dec_input_drop", "0.1",
-        "--drop_other", "0.1", "--batch_size", "16", "--grouped", "True", "--num_epochs", "1"],
-    4: ["--batch_size", "100", "--num_workers", "1"],
-    5: ["--warmup", "1", "--lr", "2e-4", "--anneal_coeff", "0.8", "--anneal_every_epoch", "1",
-        "--enc_drop", "0.0", "--dec_drop", "0.0", "--enc_input_drop", "0.0", "--dec_input_drop", "0.0",
-        "--drop_other", "0.0", "--batch_size", "16", "--num_epochs", "2"],
-    6: ["--warmup", "1", "--lr", "2e-5", "--anneal_coeff", "1.0", "--enc_drop", "0.0", "--dec_drop", "0.0",
-        "--enc_input_drop", "0.0", "--dec_input_drop", "0.0", "--drop_other", "0.0", "--batch_size", "16",
-        "--num_epochs", "1"],
-}
+
+def dropouts(p: float) -> dict[str, float]:
+    """Every dropout of the captioner set to p (the recipes always set them together)."""
+    return dict.fromkeys(DROPOUTS, p)
 
 
-def _dropouts(p: float) -> list[str]:
-    return [x for name in ("enc_drop", "dec_drop", "enc_input_drop", "dec_input_drop", "drop_other")
-            for x in (f"--{name}", str(p))]
-
-
-# the seed's six commands (seed-README.md), phase by phase
-COCO_PHASES = {
-    1: [],
-    2: ["--warmup", "10000", "--lr", "2e-4", "--anneal_coeff", "0.8", "--anneal_every_epoch", "2", *_dropouts(0.3),
-        "--batch_size", "48", "--num_accum", "1", "--print_every_iter", "11807", "--eval_every_iter", "999999",
-        "--num_epochs", "8", "--eval_beam_sizes", "[3]"],
-    3: ["--warmup", "1", "--lr", "3e-5", "--anneal_coeff", "0.55", "--anneal_every_epoch", "1", *_dropouts(0.3),
-        "--batch_size", "8", "--num_accum", "3", "--print_every_iter", "15000", "--eval_every_iter", "999999",
-        "--num_epochs", "2", "--eval_beam_sizes", "[3]"],
-    4: [],
-    5: ["--warmup", "1", "--lr", "1e-4", "--anneal_coeff", "0.8", "--anneal_every_epoch", "1", *_dropouts(0.1),
-        "--batch_size", "8", "--num_accum", "2", "--print_every_iter", "4000", "--eval_every_iter", "99999",
-        "--num_epochs", "9", "--eval_beam_sizes", "[5]"],
-    6: ["--warmup", "1", "--lr", "2e-6", "--anneal_coeff", "1.0", *_dropouts(0.1), "--batch_size", "4",
-        "--num_accum", "2", "--print_every_iter", "15000", "--eval_every_iter", "999999", "--num_epochs", "1",
-        "--eval_beam_sizes", "[5]"],
+# the seed's six commands (seed-README.md), train phases; phases 1 and 4 run data_generator.py with its defaults
+SEED_MODEL = {"model": "optimizer_expansionnet", "N_enc": 2, "N_dec": 2, "model_dim": 512}
+SEED_COMMON = {"seed": 775533, "optim_type": "radam", "sched_type": "custom_warmup_anneal", "save_every_minutes": 60,
+               "how_many_checkpoints": 1}
+SEED_RECIPE: dict[int, dict[str, Any]] = {
+    2: {"warmup": 10000, "lr": 2e-4, "anneal_coeff": 0.8, "anneal_every_epoch": 2, **dropouts(0.3), "batch_size": 48,
+        "num_accum": 1, "print_every_iter": 11807, "eval_every_iter": 999999, "num_epochs": 8, "eval_beam_sizes": (3,)},
+    3: {"warmup": 1, "lr": 3e-5, "anneal_coeff": 0.55, "anneal_every_epoch": 1, **dropouts(0.3), "batch_size": 8,
+        "num_accum": 3, "print_every_iter": 15000, "eval_every_iter": 999999, "num_epochs": 2, "eval_beam_sizes": (3,)},
+    5: {"warmup": 1, "lr": 1e-4, "anneal_coeff": 0.8, "anneal_every_epoch": 1, **dropouts(0.1), "batch_size": 8,
+        "num_accum": 2, "print_every_iter": 4000, "eval_every_iter": 99999, "num_epochs": 9, "eval_beam_sizes": (5,)},
+    6: {"warmup": 1, "lr": 2e-6, "anneal_coeff": 1.0, **dropouts(0.1), "batch_size": 4, "num_accum": 2,
+        "print_every_iter": 15000, "eval_every_iter": 999999, "num_epochs": 1, "eval_beam_sizes": (5,)},
 }
 # the reference's recipe for ExpansionNet v2 (3 + 3 layers, Swin-L): README of jchenghu/ExpansionNet_v2
-COCO_V2_PHASES = {
-    1: [],
-    2: COCO_PHASES[2],
-    3: ["--warmup", "1", "--lr", "3e-5", "--anneal_coeff", "0.55", "--anneal_every_epoch", "1", *_dropouts(0.3),
-        "--batch_size", "16", "--num_accum", "3", "--print_every_iter", "15000", "--eval_every_iter", "999999",
-        "--num_epochs", "2", "--eval_beam_sizes", "[3]"],
-    4: [],
-    5: ["--warmup", "1", "--lr", "1e-4", "--anneal_coeff", "0.8", "--anneal_every_epoch", "1", *_dropouts(0.1),
-        "--batch_size", "24", "--num_accum", "2", "--print_every_iter", "4000", "--eval_every_iter", "99999",
-        "--num_epochs", "9", "--eval_beam_sizes", "[5]"],
-    6: ["--warmup", "1", "--lr", "2e-6", "--anneal_coeff", "1.0", *_dropouts(0.1), "--batch_size", "24",
-        "--num_accum", "2", "--print_every_iter", "15000", "--eval_every_iter", "999999", "--num_epochs", "1",
-        "--eval_beam_sizes", "[5]"],
+V2_MODEL = {"model": "expansionnet_v2", "N_enc": 3, "N_dec": 3, "model_dim": 512}
+V2_RECIPE: dict[int, dict[str, Any]] = {
+    2: SEED_RECIPE[2],
+    3: {**SEED_RECIPE[3], "batch_size": 16},
+    5: {**SEED_RECIPE[5], "batch_size": 24},
+    6: {**SEED_RECIPE[6], "batch_size": 24},
+}
+
+# the quickstart: a small captioner and backbone, all six phases on 2 CPU cores in a few minutes
+QUICKSTART_MODEL = {"model": "optimizer_expansionnet", "N_enc": 2, "N_dec": 2, "model_dim": 96, "num_heads": 4,
+                    "ff": 256, "num_exp_enc_list": (4, 8, 16), "num_exp_dec": 8, "memory_slots": 8}
+QUICKSTART_COMMON = {"seed": 775533, "optim_type": "radam", "sched_type": "custom_warmup_anneal",
+                     "save_every_minutes": 2, "how_many_checkpoints": 1, "eval_beam_sizes": (3,),
+                     "print_every_iter": 50, "eval_every_iter": 999999, "num_workers": 1, "eval_batch_size": 100,
+                     "eval_max_len": 20}
+QUICKSTART_FEATURES = {"batch_size": 100, "num_workers": 1}
+QUICKSTART_RECIPE: dict[int, dict[str, Any]] = {
+    1: QUICKSTART_FEATURES,
+    2: {"warmup": 20, "lr": 1e-3, "anneal_coeff": 0.8, "anneal_every_epoch": 1, **dropouts(0.1), "batch_size": 16,
+        "grouped": True, "num_epochs": 3},
+    3: {"warmup": 1, "lr": 3e-4, "anneal_coeff": 0.55, "anneal_every_epoch": 1, **dropouts(0.1), "batch_size": 16,
+        "grouped": True, "num_epochs": 1},
+    4: QUICKSTART_FEATURES,
+    5: {"warmup": 1, "lr": 2e-4, "anneal_coeff": 0.8, "anneal_every_epoch": 1, **dropouts(0.0), "batch_size": 16,
+        "num_epochs": 2},
+    6: {"warmup": 1, "lr": 2e-5, "anneal_coeff": 1.0, **dropouts(0.0), "batch_size": 16, "num_epochs": 1},
 }
 
 
-def quickstart_inputs(run_dir: Path, num_train: int = 4000, num_val: int = 500, num_test: int = 500,
-                      seed: int = 0) -> RecipeInputs:
-    """Generate the synthetic dataset and a from-scratch tiny SwinV2 backbone (once), and the quickstart settings."""
+def phase_settings(model: Mapping[str, Any], common: Mapping[str, Any], phases: Mapping[int, Mapping[str, Any]]
+                   ) -> dict[int, dict[str, Any]]:
+    """Every phase's settings: train phases get the model and the common settings, feature phases their own."""
+    out: dict[int, dict[str, Any]] = {1: {}, 4: {}}
+    for number, own in phases.items():
+        out[number] = {**model, **common, **own} if number in (2, 3, 5, 6) else dict(own)
+    return out
+
+
+def quickstart_recipe(run_dir: Path, num_train: int = 4000, num_val: int = 500, num_test: int = 500,
+                      seed: int = 0) -> Recipe:
+    """Generate the synthetic dataset and a from-scratch tiny SwinV2 backbone (once), with the quickstart settings."""
     data_dir = run_dir / "data"
     captions = generate_synthetic_dataset(
         data_dir, SyntheticConfig(num_train=num_train, num_val=num_val, num_test=num_test, image_size=64, seed=seed))
@@ -90,19 +90,11 @@ def quickstart_inputs(run_dir: Path, num_train: int = 4000, num_val: int = 500, 
         torch.manual_seed(seed)
         cfg = tiny_swinv2(img_size=64, embed_dim=32, depths=(1, 1), window_size=4)  # 8 x 8 tokens of 64 channels
         save_backbone_file(backbone_file, create_backbone(cfg), cfg)
-    return RecipeInputs(images_path=data_dir, captions_path=captions, backbone=backbone_file,
-                        model_args=QUICKSTART_MODEL, phase_args=QUICKSTART_PHASES, common_args=QUICKSTART_COMMON)
+    return Recipe(data_dir, captions, backbone_file,
+                  phase_settings(QUICKSTART_MODEL, QUICKSTART_COMMON, QUICKSTART_RECIPE))
 
 
-def coco_inputs(images_path: Path, captions_path: Path, backbone: Path, expansionnet_v2: bool) -> RecipeInputs:
+def coco_recipe(images_path: Path, captions_path: Path, backbone: Path, expansionnet_v2: bool) -> Recipe:
     """The full recipes: the seed's Optimizer-ExpansionNet (2 + 2 layers, SwinV2-B) or the reference's v2."""
-    if expansionnet_v2:
-        model = ["--model", "expansionnet_v2", "--N_enc", "3", "--N_dec", "3", "--model_dim", "512"]
-        phases = COCO_V2_PHASES
-    else:
-        model = ["--model", "optimizer_expansionnet", "--N_enc", "2", "--N_dec", "2", "--model_dim", "512"]
-        phases = COCO_PHASES
-    return RecipeInputs(images_path=images_path, captions_path=captions_path, backbone=backbone, model_args=model,
-                        phase_args=phases, common_args=["--seed", "775533", "--optim_type", "radam", "--sched_type",
-                                                        "custom_warmup_anneal", "--save_every_minutes", "60",
-                                                        "--how_many_checkpoints", "1"])
+    model, phases = (V2_MODEL, V2_RECIPE) if expansionnet_v2 else (SEED_MODEL, SEED_RECIPE)
+    return Recipe(images_path, captions_path, backbone, phase_settings(model, SEED_COMMON, phases))

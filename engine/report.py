@@ -12,10 +12,11 @@ import torch
 from data.captions import ImageRecord, load_records, split_records
 from data.images import open_image
 from data.loaders import ImageSource
-from data.synthetic import GROUND_TRUTH_NAME, grounded_accuracy
+from data.synthetic import GROUND_TRUTH_NAME, load_ground_truth, shape_vocabulary
 from engine.checkpoints import restore_model
 from engine.evaluate import caption_records, evaluation_report
 from eval.cider import best_constant_caption
+from eval.grounded import GroundingWords, grounded_accuracy
 from eval.metrics import python_tokenize
 from utils.plots import save_caption_grid
 
@@ -25,7 +26,7 @@ def evaluate_checkpoint(path: Path, records: list[ImageRecord], beam_size: int, 
     """Caption a split end-to-end with a checkpoint and score it with the COCO metrics (x100)."""
     restored = restore_model(path)
     bb = restored.config.backbone
-    source = ImageSource(img_size=bb.img_size, mean=bb.mean, std=bb.std)
+    source = ImageSource(backbone=bb)
     dev = torch.device(device)
     preds, _ = caption_records(restored.model.to(dev), records, restored.vocab, source, beam_size=beam_size,
                                max_len=max_len, batch_size=batch_size, device=dev, progress=False)
@@ -48,8 +49,9 @@ def quickstart_report(run_dir: Path, captions_path: Path, images_path: Path, xe_
     xe_preds, xe_report = evaluate_checkpoint(xe_checkpoint, test, beam_size)
     preds, report = evaluate_checkpoint(final_checkpoint, test, beam_size)
     constant, constant_cider = constant_caption_baseline(splits["train"], test)
-    grounded = grounded_accuracy(preds, Path(captions_path).parent / GROUND_TRUTH_NAME)
-    xe_grounded = grounded_accuracy(xe_preds, Path(captions_path).parent / GROUND_TRUTH_NAME)
+    truth = load_ground_truth(Path(captions_path).parent / GROUND_TRUTH_NAME)
+    words = GroundingWords.from_vocabulary(shape_vocabulary())
+    grounded, xe_grounded = grounded_accuracy(preds, truth, words), grounded_accuracy(xe_preds, truth, words)
     shown = test[:16]
     grid = save_caption_grid([open_image(r.path) for r in shown], [preds[r.image_id] for r in shown],
                              run_dir / "test_captions.png", thumb=128, columns=4, line_chars=24)

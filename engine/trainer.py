@@ -12,7 +12,7 @@ import json
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from tqdm import tqdm
 from data.captions import ImageRecord
 from data.loaders import CaptionBatch, EpochBatchSampler, ImageSource
 from data.vocab import Vocabulary, tokenize
-from engine.checkpoints import save_model_checkpoint, unwrap
+from engine.checkpoints import CHECKPOINT_GLOB, save_model_checkpoint, unwrap
 from engine.evaluate import caption_records, quick_cider
 from eval.caption_stats import caption_stats
 from eval.cider import CiderD
@@ -35,8 +35,6 @@ from optims import ScheduleConfig, lr_at
 from utils.dist import DistInfo, all_reduce_sum
 from utils.plots import save_curves
 from utils.runtime import autocast
-
-CHECKPOINT_GLOB = "ckpt_e*_it*.pth"
 
 
 @dataclass(frozen=True)
@@ -76,7 +74,6 @@ class LoopState:
     best_cider: float = -1.0
     finished: bool = False
     skipped_images: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def rng_state() -> dict[str, Any]:
@@ -124,7 +121,7 @@ class Trainer:
         self.model, self.config, self.vocab, self.optimizer = model, config, vocab, optimizer
         self.raw = unwrap(model)
         self.train_records, self.val_records, self.source = train_records, val_records, source
-        self.loader_factory, self.sampler, self.s, self.dist = loader_factory, sampler, settings, dist
+        self.loader_factory, self.sampler, self.settings, self.dist = loader_factory, sampler, settings, dist
         self.run_config, self.extra_ckpt = run_config, extra_ckpt
         self.device = dist.device
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=settings.precision == "fp16")
@@ -141,7 +138,7 @@ class Trainer:
     def xe_step(self, batch: CaptionBatch, denom: float) -> dict[str, float]:
         """Teacher-forced label-smoothed XE; the summed loss is divided by the window's token count."""
         inputs, targets = batch.tokens[:, :-1], batch.tokens[:, 1:]
-        with autocast(self.device, self.s.precision):
+        with autocast(self.device, self.settings.precision):
             logits = self.model(inputs, features=batch.features, images=batch.images,
                                 caption_index=batch.caption_index)
         loss_sum, _ = self.xe_loss(logits, targets)
@@ -152,12 +149,12 @@ class Trainer:
     def scst_step(self, batch: CaptionBatch, denom: float) -> dict[str, float]:
         """Sample k captions per image without gradient (cached decoder, dropout on), reward them with CIDEr-D
         (EOS counted, leave-one-out baseline), then re-score them in one teacher-forced pass with gradient."""
-        v, k = self.vocab, self.s.scst_samples
+        v, k = self.vocab, self.settings.scst_samples
         reuse = not self.dist.distributed  # under DDP the gradient pass must go through the wrapper's forward
-        with autocast(self.device, self.s.precision), torch.set_grad_enabled(reuse):
+        with autocast(self.device, self.settings.precision), torch.set_grad_enabled(reuse):
             memory = self.raw.encode(features=batch.features, images=batch.images)
             out = sample(self.raw, memory.detach(), None, sos_idx=v.sos_idx, eos_idx=v.eos_idx, pad_idx=v.pad_idx,
-                         num_samples=k, max_len=self.s.scst_max_len)
+                         num_samples=k, max_len=self.settings.scst_max_len)
         tokens = out.tokens.flatten(0, 1)  # (B*k, L)
         lengths = out.lengths.flatten()
         rows = tokens.cpu().tolist()
@@ -166,7 +163,7 @@ class Trainer:
         rewards, baseline = scst_rewards(self.cider, hyps, refs, k)
         inputs = torch.cat([torch.full_like(tokens[:, :1], v.sos_idx), tokens[:, :-1]], dim=1)
         image_index = torch.arange(len(batch), device=self.device).repeat_interleave(k)
-        with autocast(self.device, self.s.precision):
+        with autocast(self.device, self.settings.precision):
             if reuse:
                 logits = self.raw.decode(inputs, memory, caption_index=image_index)
             else:
@@ -184,98 +181,125 @@ class Trainer:
     def _backward(self, loss: torch.Tensor, terms: dict[str, float]) -> None:
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at iteration {self.state.it} (phase "
-                                     f"{self.s.phase}, epoch {self.state.epoch}); terms: {terms}")
+                                     f"{self.settings.phase}, epoch {self.state.epoch}); terms: {terms}")
         self.scaler.scale(loss).backward()
 
     def _count(self, batch: CaptionBatch) -> int:
-        if self.s.reinforce:
-            return len(batch) * self.s.scst_samples
+        if self.settings.reinforce:
+            return len(batch) * self.settings.scst_samples
         return int((batch.tokens[:, 1:] != self.vocab.pad_idx).sum())
 
     # ------------------------------------------------------------------ loop
     def _windows(self, loader_iter: Iterator[CaptionBatch], remaining: int) -> Iterator[list[CaptionBatch]]:
         while remaining > 0:
-            n = min(self.s.num_accum, remaining)
+            n = min(self.settings.num_accum, remaining)
             window = [next(loader_iter) for _ in range(n)]
             remaining -= n
             yield window
 
     def train(self) -> LoopState:
         """Run (or continue) every remaining epoch; returns the final state."""
-        st, s = self.state, self.s
-        step_fn = self.scst_step if s.reinforce else self.xe_step
+        state, s = self.state, self.settings
         self.model.train()
+        self._announce()
+        if s.eval_at_start and state.it == 0:  # the starting point counts: best.pth never scores below it
+            self.evaluate()
+        while state.epoch < s.num_epochs:
+            self._run_epoch()
+            state.epoch += 1
+            state.batch_in_epoch = 0
+            self.evaluate()
+            self.save()
+        state.finished = True
+        self.save()
+        self._report_best()
+        self.plot()
+        return state
+
+    def _announce(self) -> None:
         if self.dist.is_main:
+            s = self.settings
             eff = self.sampler.batch_size * self.dist.world * s.num_accum
             unit = "captions" if self.sampler_unit == "caption" else "images"
             print(f"[{s.phase}] {len(self.train_records)} train images, {len(self.sampler)} batches/epoch, "
                   f"effective batch {eff} {unit}, "
                   f"lr {s.schedule.lr:g} ({s.schedule.sched_type}), {s.num_epochs} epochs, run folder {s.run_dir}",
                   flush=True)
-        if s.eval_at_start and st.it == 0:  # the starting point counts: best.pth never scores below it
-            self.evaluate()
-        while st.epoch < s.num_epochs:
-            self.sampler.set_epoch(st.epoch, st.batch_in_epoch)
-            loader_iter = iter(self.loader_factory(self.sampler))
-            remaining = len(self.sampler) - st.batch_in_epoch
-            bar = tqdm(total=len(self.sampler), initial=st.batch_in_epoch, desc=f"{s.phase} epoch {st.epoch + 1}",
-                       unit="it", disable=not self.dist.is_main, dynamic_ncols=True)
-            sums: dict[str, float] = {}
-            counted = 0
-            for fetched in self._windows(loader_iter, remaining):
-                st.skipped_images += sum(len(b.skipped) for b in fetched)
-                window = [b.to(self.device) for b in fetched if len(b)]
-                count = torch.tensor(float(sum(self._count(b) for b in window)), device=self.device)
-                total = float(all_reduce_sum(count).item())
-                denom = max(total, 1.0) / self.dist.world
-                lr = lr_at(st.it + len(fetched) - 1, s.schedule)
-                for g in self.optimizer.param_groups:
-                    g["lr"] = lr
-                for i, b in enumerate(window):
-                    sync = i == len(window) - 1
-                    ctx = self.model.no_sync() if (self.dist.distributed and not sync) else contextlib.nullcontext()
-                    with ctx:
-                        terms = step_fn(b, denom)
-                    for key, val in terms.items():
-                        sums[key] = sums.get(key, 0.0) + val
-                counted += int(count.item())
-                if window:
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
-                before = st.it
-                st.it += len(fetched)
-                st.batch_in_epoch += len(fetched)
-                st.step += 1
-                bar.update(st.it - before)
-                summary = self._summary(sums, counted, lr)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in summary.items() if k != "lr"} | {"lr": f"{lr:.2e}"})
-                if st.it // s.print_every_iter != before // s.print_every_iter:
-                    self._log({"type": "train", "epoch": st.epoch, "it": st.it, **summary})
-                    sums, counted = {}, 0
-                if s.eval_every_iter > 0 and st.it // s.eval_every_iter != before // s.eval_every_iter \
-                        and st.batch_in_epoch < len(self.sampler):
-                    self.evaluate()
-                if (time.monotonic() - self.last_save) / 60.0 >= s.save_every_minutes:
-                    self.save()
-            bar.close()
-            if counted:
-                self._log({"type": "train", "epoch": st.epoch, "it": st.it, **self._summary(sums, counted, lr)})
-            if st.skipped_images and self.dist.is_main:
-                print(f"[{s.phase}] epoch {st.epoch + 1}: {st.skipped_images} unreadable images skipped so far")
-            st.epoch += 1
-            st.batch_in_epoch = 0
-            self.evaluate()
-            self.save()
-        st.finished = True
-        self.save()
-        self.plot()
-        return st
+            if not self.val_records:
+                print(f"[{s.phase}] no validation images: best.pth is not written; the last checkpoint "
+                      f"({CHECKPOINT_GLOB}) is what later phases start from", flush=True)
+
+    def _run_epoch(self) -> None:
+        """The remaining windows of the current epoch, with logging, mid-epoch evaluation and timed saves."""
+        state, s = self.state, self.settings
+        self.sampler.set_epoch(state.epoch, state.batch_in_epoch)
+        loader_iter = iter(self.loader_factory(self.sampler))
+        bar = tqdm(total=len(self.sampler), initial=state.batch_in_epoch, desc=f"{s.phase} epoch {state.epoch + 1}",
+                   unit="it", disable=not self.dist.is_main, dynamic_ncols=True)
+        sums: dict[str, float] = {}
+        counted, lr = 0, 0.0
+        for fetched in self._windows(loader_iter, len(self.sampler) - state.batch_in_epoch):
+            lr, count = self._run_window(fetched, sums)
+            counted += count
+            before = state.it
+            state.it += len(fetched)
+            state.batch_in_epoch += len(fetched)
+            state.step += 1
+            bar.update(state.it - before)
+            summary = self._summary(sums, counted, lr)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in summary.items() if k != "lr"} | {"lr": f"{lr:.2e}"})
+            if state.it // s.print_every_iter != before // s.print_every_iter:
+                self._log({"type": "train", "epoch": state.epoch, "it": state.it, **summary})
+                sums, counted = {}, 0
+            if s.eval_every_iter > 0 and state.it // s.eval_every_iter != before // s.eval_every_iter \
+                    and state.batch_in_epoch < len(self.sampler):
+                self.evaluate()
+            if (time.monotonic() - self.last_save) / 60.0 >= s.save_every_minutes:
+                self.save()
+        bar.close()
+        if counted:
+            self._log({"type": "train", "epoch": state.epoch, "it": state.it, **self._summary(sums, counted, lr)})
+        if state.skipped_images and self.dist.is_main:
+            print(f"[{s.phase}] epoch {state.epoch + 1}: {state.skipped_images} unreadable images skipped so far")
+
+    def _run_window(self, fetched: list[CaptionBatch], sums: dict[str, float]) -> tuple[float, int]:
+        """One optimizer step over an accumulation window; adds the step terms to sums; returns (lr, count)."""
+        state = self.state
+        step_fn = self.scst_step if self.settings.reinforce else self.xe_step
+        state.skipped_images += sum(len(b.skipped) for b in fetched)
+        window = [b.to(self.device) for b in fetched if len(b)]
+        count = torch.tensor(float(sum(self._count(b) for b in window)), device=self.device)
+        total = float(all_reduce_sum(count).item())
+        denom = max(total, 1.0) / self.dist.world
+        lr = lr_at(state.it + len(fetched) - 1, self.settings.schedule)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        for i, b in enumerate(window):
+            last = i == len(window) - 1
+            with self.model.no_sync() if (self.dist.distributed and not last) else contextlib.nullcontext():
+                terms = step_fn(b, denom)
+            for key, val in terms.items():
+                sums[key] = sums.get(key, 0.0) + val
+        if window:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr, int(count.item())
+
+    def _report_best(self) -> None:
+        """Say which checkpoint later phases get, and when validation never improved on the starting point."""
+        if not self.dist.is_main or not self.val_records:
+            return
+        rows = [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
+        best = [r for r in rows if r["type"] == "val" and r["cider"] == self.state.best_cider]
+        if self.settings.eval_at_start and best and best[0]["it"] == 0:
+            print(f"[{self.settings.phase}] note: validation CIDEr-D never rose above the starting point's "
+                  f"{self.state.best_cider:.2f}, so best.pth still holds the starting weights", flush=True)
 
     def _summary(self, sums: dict[str, float], counted: int, lr: float) -> dict[str, float]:
         if not counted:
             return {"lr": lr}
-        if self.s.reinforce:
+        if self.settings.reinforce:
             return {"reward": sums.get("reward_sum", 0) / counted, "baseline": sums.get("baseline_sum", 0) / counted,
                     "mean_length": sums.get("length_sum", 0) / counted,
                     "dangling_share": sums.get("dangling_sum", 0) / counted, "lr": lr}
@@ -284,39 +308,35 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation, saving, logs
     def evaluate(self) -> float | None:
         """Beam-search the val split at each eval beam size; keeps best.pth by CIDEr-D of the first beam size."""
-        s, st = self.s, self.state
+        s, state = self.settings, self.state
         if not self.val_records:
             return None
         first = None
-        max_len = s.scst_max_len if s.reinforce else s.eval_max_len
         for beam in s.eval_beam_sizes:
             preds, skipped = caption_records(self.raw, self.val_records, self.vocab, self.source, beam_size=beam,
-                                             max_len=max_len, batch_size=s.eval_batch_size, device=self.device,
+                                             max_len=s.eval_max_len, batch_size=s.eval_batch_size, device=self.device,
                                              precision=s.precision, rank=self.dist.rank, world=self.dist.world,
                                              num_workers=s.num_workers, desc=f"val beam {beam}")
             cider = quick_cider(preds, self.val_records)
             stats = caption_stats(list(preds.values()))
-            self._log({"type": "val", "epoch": st.epoch, "it": st.it, "beam": beam, "cider": cider,
+            self._log({"type": "val", "epoch": state.epoch, "it": state.it, "beam": beam, "cider": cider,
                        "mean_length": stats["mean_length"], "dangling_share": stats["dangling_share"],
                        "skipped": len(skipped)})
             if self.dist.is_main:
-                print(f"[{s.phase}] val (it {st.it}, beam {beam}): CIDEr-D {cider:.2f}, mean length "
+                print(f"[{s.phase}] val (it {state.it}, beam {beam}): CIDEr-D {cider:.2f}, mean length "
                       f"{stats['mean_length']:.1f}, dangling {100 * stats['dangling_share']:.1f}%", flush=True)
             first = cider if first is None else first
-        if first is not None and first > st.best_cider:
-            st.best_cider = first
+        if first is not None and first > state.best_cider:
+            state.best_cider = first
             self.save(name="best.pth", rolling=False)
         self.model.train()
         return first
 
     def checkpoint_extra(self) -> dict[str, Any]:
-        st = self.state
         return {
-            "phase": self.s.phase,
+            "phase": self.settings.phase,
             "train_config": self.run_config,
-            "train_state": {"epoch": st.epoch, "batch_in_epoch": st.batch_in_epoch, "it": st.it, "step": st.step,
-                            "best_cider": st.best_cider, "finished": st.finished,
-                            "skipped_images": st.skipped_images},
+            "train_state": asdict(self.state),
             "optimizer_state_dict": self.optimizer.state_dict(),
             "scaler_state_dict": self.scaler.state_dict(),
             "rng_state": rng_state(),
@@ -328,20 +348,17 @@ class Trainer:
         self.last_save = time.monotonic()
         if not self.dist.is_main:
             return
-        st = self.state
-        name = name or f"ckpt_e{st.epoch:03d}_it{st.it:09d}.pth"
-        save_model_checkpoint(self.s.run_dir / name, self.model, self.config, self.vocab, **self.checkpoint_extra())
+        name = name or f"ckpt_e{self.state.epoch:03d}_it{self.state.it:09d}.pth"
+        run_dir = self.settings.run_dir
+        save_model_checkpoint(run_dir / name, self.model, self.config, self.vocab, **self.checkpoint_extra())
         if rolling:
-            files = sorted(self.s.run_dir.glob(CHECKPOINT_GLOB))
-            for old in files[:-max(self.s.how_many_checkpoints, 1)]:
+            files = sorted(run_dir.glob(CHECKPOINT_GLOB))
+            for old in files[:-max(self.settings.how_many_checkpoints, 1)]:
                 old.unlink()
 
     def restore(self, ckpt: dict[str, Any]) -> None:
         """Continue from a checkpoint of this run: optimizer, scaler, counters and RNG states."""
-        ts = ckpt["train_state"]
-        self.state = LoopState(epoch=ts["epoch"], batch_in_epoch=ts["batch_in_epoch"], it=ts["it"], step=ts["step"],
-                               best_cider=ts["best_cider"], finished=ts["finished"],
-                               skipped_images=ts.get("skipped_images", 0))
+        self.state = LoopState(**ckpt["train_state"])
         self.optimizer.load_state_dict(ckpt["optimizer_state_dict"])
         self.scaler.load_state_dict(ckpt["scaler_state_dict"])
         set_rng_state(ckpt["rng_state"])
@@ -349,7 +366,7 @@ class Trainer:
     def _log(self, row: dict[str, Any]) -> None:
         if not self.dist.is_main:
             return
-        row = {"phase": self.s.phase, "time": time.time(), **row}
+        row = {"phase": self.settings.phase, "time": time.time(), **row}
         with open(self.log_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -358,16 +375,10 @@ class Trainer:
         if not self.dist.is_main or not self.log_path.exists():
             return
         rows = [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
-        key = "reward" if self.s.reinforce else "loss"
+        key = "reward" if self.settings.reinforce else "loss"
         series = {key: [(r["it"], r[key]) for r in rows if r["type"] == "train" and key in r]}
-        for beam in self.s.eval_beam_sizes:
+        for beam in self.settings.eval_beam_sizes:
             series[f"val CIDEr-D (beam {beam})"] = [(r["it"], r["cider"]) for r in rows
                                                     if r["type"] == "val" and r["beam"] == beam]
         if any(series.values()):
-            save_curves(series, self.s.run_dir / "curves.png", title=self.s.phase)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest rolling checkpoint of a run folder (names sort by epoch and iteration)."""
-    files = sorted(run_dir.glob(CHECKPOINT_GLOB))
-    return files[-1] if files else None
+            save_curves(series, self.settings.run_dir / "curves.png", title=self.settings.phase)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from models.config import BackboneConfig, backbone_preset
+from utils.checkpoint import state_dict_differences
 
 
 class BackboneWeightsError(ValueError):
@@ -54,21 +55,10 @@ def filter_backbone_state_dict(state_dict: dict[str, torch.Tensor], backbone: nn
 def load_backbone_state_dict(backbone: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """Load filtered weights strictly (apart from buffers timm recomputes); say what differs when they do not fit."""
     state_dict = filter_backbone_state_dict(state_dict, backbone)
-    expected = backbone.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-             for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
-        if wrong:
-            parts.append(f"{len(wrong)} shape mismatches (e.g. {wrong[:2]})")
+    problems = state_dict_differences(backbone.state_dict(), state_dict)
+    if problems:
         raise BackboneWeightsError(f"backbone weights in {source} do not fit {type(backbone).__name__}: "
-                                   + "; ".join(parts) + ". Is this the right backbone file for this model?")
+                                   + "; ".join(problems) + ". Is this the right backbone file for this model?")
     backbone.load_state_dict(state_dict, strict=True)
 
 

@@ -1,7 +1,7 @@
 """Model configuration: the one home of every model hyperparameter and its default; travels inside checkpoints.
 
 `ModelConfig`'s defaults are the seed's model (Optimizer-ExpansionNet); `MODEL_VARIANTS` lists what the baseline
-changes. Fields marked `hyperparameter(...)` become command-line flags of train.py (utils.cli.add_dataclass_flags).
+changes. Fields marked `option(...)` become command-line flags of train.py (utils.cli.add_dataclass_flags).
 """
 
 from __future__ import annotations
@@ -9,18 +9,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from utils.fields import described_fields, option
+
 SWIN_L_384 = "swin_large_patch4_window12_384"
 SWINV2_B_384 = "swinv2_base_window12to24_192to384"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def hyperparameter(default: Any, help: str, flag: str | None = None, choices: tuple[Any, ...] | None = None) -> Any:
-    """A dataclass field that is also a command-line flag (`--<flag or field name>`), with its help text."""
-    meta = {"help": help, "flag": flag, "choices": choices}
-    if isinstance(default, (list, dict)):
-        raise TypeError("hyperparameter defaults must be immutable")
-    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -64,25 +58,25 @@ class ModelConfig:
     name: str = "optimizer_expansionnet"
     vocab_size: int = 10000
     max_seq_len: int = 74
-    d_model: int = hyperparameter(512, "width of every captioner layer", flag="model_dim")
-    N_enc: int = hyperparameter(2, "encoder layers (the seed's model 2, ExpansionNet v2 3)")
-    N_dec: int = hyperparameter(2, "decoder layers (the seed's model 2, ExpansionNet v2 3)")
-    num_heads: int = hyperparameter(8, "attention heads")
-    ff: int = hyperparameter(2048, "feed-forward width")
-    num_exp_enc_list: tuple[int, ...] = hyperparameter((32, 64, 128, 256, 512),
-                                                       "static expansion lengths of the encoder, e.g. [32,64]")
-    num_exp_dec: int = hyperparameter(16, "dynamic expansion length of the decoder")
+    d_model: int = option(512, "width of every captioner layer", flag="model_dim", group="model")
+    N_enc: int = option(2, "encoder layers", group="model")
+    N_dec: int = option(2, "decoder layers", group="model")
+    num_heads: int = option(8, "attention heads", group="model")
+    ff: int = option(2048, "feed-forward width", group="model")
+    num_exp_enc_list: tuple[int, ...] = option((32, 64, 128, 256, 512), "static expansion lengths of the encoder, "
+                                               "e.g. [32,64,128]", group="model")
+    num_exp_dec: int = option(16, "dynamic expansion length of the decoder", group="model")
     img_feature_dim: int = 1024
-    memory_slots: int = hyperparameter(40, "memory slots of memory-augmented attention (0: plain attention)")
-    memory_init: str = hyperparameter("xavier", "initialisation of the memory slots: xavier (the sibling project's, "
-                                      "whose numbers the seed reports) or m2 (the Meshed-Memory Transformer's)",
-                                      choices=("xavier", "m2"))
-    mult_residual: bool = hyperparameter(True, "multiplicative residual embedding (gated expansion values)")
-    enc_drop: float = hyperparameter(0.1, "dropout inside the encoder layers")
-    dec_drop: float = hyperparameter(0.1, "dropout inside the decoder layers")
-    enc_input_drop: float = hyperparameter(0.1, "dropout after the input projection of the features")
-    dec_input_drop: float = hyperparameter(0.1, "dropout of the word embeddings")
-    drop_other: float = hyperparameter(0.1, "dropout of the layer-combining projections")
+    memory_slots: int = option(40, "memory slots of memory-augmented attention (0: plain attention)", group="model")
+    memory_init: str = option("xavier", "initialisation of the memory slots: xavier (the sibling project's, whose "
+                              "numbers the seed reports) or m2 (the Meshed-Memory Transformer's)",
+                              choices=("xavier", "m2"), group="model")
+    mult_residual: bool = option(True, "multiplicative residual embedding (gated expansion values)", group="model")
+    enc_drop: float = option(0.1, "dropout inside the encoder layers", group="optimisation")
+    dec_drop: float = option(0.1, "dropout inside the decoder layers", group="optimisation")
+    enc_input_drop: float = option(0.1, "dropout after the input projection of the features", group="optimisation")
+    dec_input_drop: float = option(0.1, "dropout of the word embeddings", group="optimisation")
+    drop_other: float = option(0.1, "dropout of the layer-combining projections", group="optimisation")
     backbone: BackboneConfig | None = None
 
     def __post_init__(self) -> None:
@@ -129,7 +123,8 @@ MODEL_VARIANTS: dict[str, dict[str, Any]] = {
     "expansionnet_v2": {"N_enc": 3, "N_dec": 3, "memory_slots": 0, "mult_residual": False, "img_feature_dim": 1536},
 }
 MODEL_NAMES = tuple(MODEL_VARIANTS)
-HYPERPARAMETERS = tuple(f.name for f in fields(ModelConfig) if "help" in f.metadata)
+HYPERPARAMETERS = tuple(f.name for f in described_fields(ModelConfig))
+DROPOUTS = ("enc_drop", "dec_drop", "enc_input_drop", "dec_input_drop", "drop_other")  # may change between phases
 
 
 def _refuse_unknown(cls: type, d: dict[str, Any], what: str) -> None:

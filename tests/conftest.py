@@ -17,6 +17,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from data.vocab import Vocabulary, build_vocabulary  # noqa: E402
 from models import ModelConfig, build_model, tiny_swinv2  # noqa: E402
+from models.config import DROPOUTS  # noqa: E402
 
 TINY_WORDS = ["a", "red", "blue", "green", "circle", "square", "triangle", "two", "left", "of", "the", "and"]
 
@@ -34,7 +35,8 @@ def tiny_config(name: str = "optimizer_expansionnet", end_to_end: bool = True, v
     cfg = dict(name=name, vocab_size=vocab_size or len(tiny_vocab()), max_seq_len=24, d_model=32,
                N_enc=2 if seed_model else 3, N_dec=2 if seed_model else 3, num_heads=4, ff=64,
                num_exp_enc_list=(4, 8), num_exp_dec=4, img_feature_dim=32 if end_to_end else 24,
-               memory_slots=5 if seed_model else 0, mult_residual=seed_model, backbone=backbone)
+               memory_slots=5 if seed_model else 0, mult_residual=seed_model, backbone=backbone,
+               **dict.fromkeys(DROPOUTS, 0.0))
     cfg.update(overrides)
     return ModelConfig(**cfg)
 

@@ -13,6 +13,7 @@ from PIL import Image
 from data.captions import ImageRecord
 from data.features import FeatureReader, FeatureWriter
 from data.loaders import CaptionDataset, EpochBatchSampler, ImageSource, ShardSampler, make_loader
+from models.config import tiny_swinv2
 
 
 @pytest.fixture
@@ -51,7 +52,7 @@ def test_caption_wise_batches_point_each_caption_at_its_image(tmp_path, records)
 
 
 def test_image_wise_batches_carry_all_captions_and_references(tmp_path, records):
-    ds = CaptionDataset(records, tiny_vocab(), ImageSource(img_size=16), mode="image")
+    ds = CaptionDataset(records, tiny_vocab(), ImageSource(backbone=tiny_swinv2(img_size=16)), mode="image")
     batch = ds[[2, 5]]
     assert batch.images.shape == (2, 3, 16, 16) and batch.features is None
     assert batch.caption_index.tolist() == [0] * len(records[2].captions) + [1] * len(records[5].captions)
@@ -61,7 +62,7 @@ def test_image_wise_batches_carry_all_captions_and_references(tmp_path, records)
 def test_unreadable_images_are_skipped_with_a_warning_naming_them(tmp_path, records):
     records[1].path.write_text("not an image")
     records[4].path.unlink()
-    ds = CaptionDataset(records, tiny_vocab(), ImageSource(img_size=16), mode="image")
+    ds = CaptionDataset(records, tiny_vocab(), ImageSource(backbone=tiny_swinv2(img_size=16)), mode="image")
     with pytest.warns(UserWarning, match=r"skipping unreadable image.*1\.png"):
         batch = ds[list(range(6))]
     assert batch.image_ids == [10, 12, 13, 15]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import time
 import urllib.request
 from pathlib import Path
 
@@ -145,9 +144,7 @@ def test_score_captions_equals_pycocoevalcap_scorers() -> None:
 
 def test_score_captions_without_java_still_scores_bleu_rouge_cider(no_java: None) -> None:
     assert find_java() is None
-    start = time.perf_counter()
     report = score_captions(GTS, RES)
-    assert time.perf_counter() - start < 5
     assert report.tokenizer == "python" and report.official is False
     assert set(report.scores) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr-D"}
     assert "java" in report.unavailable["METEOR"].lower()
@@ -203,13 +200,11 @@ def test_find_java_looks_java_up_once(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_score_captions_spice_without_jars_is_unavailable_without_network(no_network: None, tmp_path: Path) -> None:
-    start = time.perf_counter()
     for spice_dir in (None, tmp_path):
         report = score_captions(GTS, RES, metrics=("CIDEr", "SPICE"), spice_dir=spice_dir)
         reason = report.unavailable["SPICE"]
         assert "stanford-corenlp-3.6.0.jar" in reason and "never downloads" in reason
         assert "CIDEr-D" in report.scores
-    assert time.perf_counter() - start < 10
 
 
 @needs_java
@@ -226,23 +221,24 @@ def test_score_captions_spice_with_broken_jars_reports_the_java_error(no_network
 def test_meteor_score_timeout_kills_the_jvm() -> None:
     java = find_java()
     assert java is not None
-    start = time.perf_counter()
     with pytest.raises(JavaStepError, match="timed out"):
         meteor_score(java, [["a man riding a horse"]], ["a man on a horse"], timeout_s=0.3)
-    assert time.perf_counter() - start < 10
     assert _java_children() == []
 
 
 @needs_posix
 def test_java_steps_kill_a_hanging_java_and_its_children(tmp_path: Path) -> None:
     # A wrapper script whose child keeps the pipes open: killing only the wrapper would still hang.
-    java = str(_fake_java(tmp_path, "sleep 60 & wait"))
-    start = time.perf_counter()
+    java = str(_fake_java(tmp_path, f"sleep 60 & echo $! >> {tmp_path / 'children'}; wait"))
     with pytest.raises(JavaStepError, match="timed out"):
         meteor_score(java, [["a b"]], ["a"], timeout_s=0.5)
     with pytest.raises(JavaStepError, match="timed out"):
         ptb_tokenize(java, ["a b"], timeout_s=0.5)
-    assert time.perf_counter() - start < 10
+    children = [int(pid) for pid in (tmp_path / "children").read_text().split()]
+    assert len(children) == 2
+    for pid in children:  # gone, or a zombie waiting to be reaped by init: never still sleeping
+        stat = Path(f"/proc/{pid}/stat")
+        assert not stat.exists() or stat.read_text().split()[2] == "Z"
 
 
 @needs_posix
@@ -277,9 +273,7 @@ def test_score_captions_meteor_survives_hostile_captions_and_equals_pycocoevalca
 
     theirs = Meteor()  # pycocoevalcap's JVM loads its paraphrase table while ours runs
     try:
-        start = time.perf_counter()
         report = score_captions(HOSTILE_GTS, HOSTILE_RES, metrics=("METEOR", "CIDEr"), java_timeout_s=120)
-        assert time.perf_counter() - start < 120
         assert report.unavailable == {} and report.official
         assert 0.0 <= report.scores["METEOR"] <= 1.0
         # pycocoevalcap's own Meteor on the same (sanitised, PTB-tokenised) captions gives the same number.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -12,19 +14,67 @@ import time
 import pytest
 from conftest import ROOT
 
-from engine.pipeline import parse_phases
+import train
+from engine.overrides import OverrideError, apply_overrides
+from engine.pipeline import as_argv, parse_phases
+from engine.presets import coco_recipe
 
 TINY = ["--preset", "quickstart", "--num_train", "40", "--num_val", "8", "--num_test", "8"]
 
 
 def test_phase_ranges_parse_and_bad_ranges_are_refused():
-    assert parse_phases("1-6") == [1, 2, 3, 4, 5, 6]
+    assert parse_phases("0-6") == [0, 1, 2, 3, 4, 5, 6]
     assert parse_phases("2-5") == [2, 3, 4, 5]
     assert parse_phases("3") == [3]
     assert parse_phases("2,4,5") == [2, 4, 5]
-    for bad in ("0-3", "5-7", "", "x"):
+    for bad in ("-1-3", "5-7", "", "x", "1-x"):
         with pytest.raises(ValueError):
             parse_phases(bad)
+
+
+def _readme_train_commands() -> dict[int, list[str]]:
+    """The README's train.py commands of phases 2, 3, 5 and 6, as argument lists."""
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"#### (\d)\. [^\n]*\n+```\n(python train.py.*?)```", text, flags=re.S)
+    return {int(n): shlex.split(cmd.replace("\\\n", " "))[2:] for n, cmd in blocks}
+
+
+def test_readme_six_commands_match_the_preset_table():
+    """The seed's commands in the README and engine/presets.py's SEED_RECIPE describe the same runs."""
+    commands = _readme_train_commands()
+    assert sorted(commands) == [2, 3, 5, 6]
+    recipe = coco_recipe(ROOT, ROOT, ROOT, expansionnet_v2=False)
+    neutral = {"features_path", "images_path", "captions_path", "backbone_save_path", "body_save_path", "save_path",
+               "run_name", "num_gpus", "ddp_sync_port", "partial_load"}
+    for number, argv in commands.items():
+        readme = train.parse_config([a if not a.startswith("./") else str(ROOT) for a in argv])
+        ours = train.parse_config(as_argv(recipe.settings[number]) + as_argv(
+            {"is_end_to_end": number in (3, 6), "reinforce": number in (5, 6), "features_path": str(ROOT),
+             "images_path": str(ROOT)}))
+        differ = {k for k, v in readme.as_dict().items() if v != ours.as_dict()[k]} - neutral
+        assert not differ, (number, {k: (readme.as_dict()[k], ours.as_dict()[k]) for k in differ})
+
+
+def test_overrides_reach_the_phases_that_take_them_and_bad_ones_are_refused_with_a_hint():
+    recipe = coco_recipe(ROOT, ROOT, ROOT, expansionnet_v2=False)
+    changed = apply_overrides(recipe, ["lr=1e-4", "phase2.num_epochs=1", "batch_size=2", "phase3.eval_beam_sizes=[2]"])
+    assert all(changed.settings[n]["lr"] == 1e-4 for n in (2, 3, 5, 6))
+    assert changed.settings[2]["num_epochs"] == 1 and changed.settings[3]["num_epochs"] == 2
+    assert changed.settings[1]["batch_size"] == 2 and changed.settings[6]["batch_size"] == 2  # features phases too
+    assert changed.settings[3]["eval_beam_sizes"] == (2,)
+    assert recipe.settings[2]["lr"] == 2e-4  # the preset itself is untouched
+    for bad, message in (("lr", "key=value"), ("num_epoch=3", "did you mean num_epochs"),
+                         ("phase9.lr=1", "no phase 9"), ("lr=fast", "could not convert"),
+                         ("features_path=x", "set by the pipeline"), ("optim_type=sgd", "choose one of")):
+        with pytest.raises(OverrideError, match=message):
+            apply_overrides(recipe, [bad])
+
+
+def test_the_quickstart_refuses_paths_it_would_ignore(tmp_path):
+    proc = subprocess.run([sys.executable, "pipeline.py", "--preset", "quickstart", "--captions_path",
+                           str(tmp_path), "--run_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "would ignore --captions_path" in proc.stderr
 
 
 def test_a_phase_whose_inputs_are_missing_is_refused_clearly(tmp_path):

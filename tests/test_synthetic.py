@@ -6,7 +6,6 @@ import json
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +22,19 @@ from data.synthetic import (
     SyntheticConfig,
     caption_from_ground_truth,
     generate_synthetic_dataset,
-    grounded_accuracy,
     load_ground_truth,
     shape_vocabulary,
 )
 from eval.cider import best_constant_caption
+from eval.grounded import GroundingWords, grounded_accuracy
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL = SyntheticConfig(num_train=60, num_val=10, num_test=10, seed=0)
+
+
+def _grounded(captions: dict[Any, Any], gt_path: Path) -> dict[str, float]:
+    """Grounded accuracies against a ground-truth file, with the grammar's words."""
+    return grounded_accuracy(captions, load_ground_truth(gt_path), GroundingWords.from_vocabulary(shape_vocabulary()))
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -147,7 +151,7 @@ def test_captions_agree_with_ground_truth(small_dataset: Path) -> None:
     gt = load_ground_truth(gt_path)
     colour_words = shape_vocabulary()["colour_words"]
     for k in range(5):
-        scores = grounded_accuracy({im["imgid"]: im["sentences"][k]["raw"] for im in images}, gt_path)
+        scores = _grounded({im["imgid"]: im["sentences"][k]["raw"] for im in images}, gt_path)
         for key in ("colour_accuracy", "shape_accuracy", "count_accuracy", "object_recall", "scene_accuracy"):
             assert scores[key] == 1.0, (k, key, scores)
         assert scores["hallucination_rate"] == 0.0
@@ -228,19 +232,19 @@ def test_grounded_accuracy_oracle_is_perfect_and_garbage_is_zero(small_dataset: 
     """Ground-truth captions score 1.0; empty, garbage and non-string captions score 0 without raising."""
     gt_path = small_dataset.parent / GROUND_TRUTH_NAME
     gt = load_ground_truth(gt_path)
-    oracle = grounded_accuracy({i: caption_from_ground_truth(e) for i, e in gt.items()}, gt_path)
+    oracle = _grounded({i: caption_from_ground_truth(e) for i, e in gt.items()}, gt_path)
     assert oracle["colour_accuracy"] == oracle["shape_accuracy"] == oracle["count_accuracy"] == 1.0
     assert oracle["object_recall"] == oracle["scene_accuracy"] == 1.0 and oracle["hallucination_rate"] == 0.0
     assert oracle["num_images"] == 80
     ids = sorted(gt)
     junk: dict[Any, Any] = {ids[0]: "", ids[1]: "qwerty zzz !!! \n", ids[2]: "a a a of the the", ids[3]: None}
     junk.update({str(ids[4]): "UNK UNK", 10**9: "a red circle", "not-an-id": "a red circle"})
-    bad = grounded_accuracy(junk, gt_path)
+    bad = _grounded(junk, gt_path)
     assert bad["num_images"] == 5
     for key in ("colour_accuracy", "shape_accuracy", "count_accuracy", "object_recall", "scene_accuracy"):
         assert bad[key] == 0.0
     assert bad["hallucination_rate"] == 0.0 and bad["num_mentions"] == 0
-    assert grounded_accuracy({}, gt_path)["colour_accuracy"] == 0.0
+    assert _grounded({}, gt_path)["colour_accuracy"] == 0.0
 
 
 def test_grounded_accuracy_matching_rules(tmp_path: Path) -> None:
@@ -252,16 +256,16 @@ def test_grounded_accuracy_matching_rules(tmp_path: Path) -> None:
             {"colour": "purple", "shape": "square", "count": 1, "size": "large"},
         ],
     )
-    exact = grounded_accuracy({7: "Two little RED discs, and one big violet box!"}, gt_path)
+    exact = _grounded({7: "Two little RED discs, and one big violet box!"}, gt_path)
     assert exact["colour_accuracy"] == exact["count_accuracy"] == exact["scene_accuracy"] == 1.0
-    wrong = grounded_accuracy({7: "three red circles next to a green square and a blue star"}, gt_path)
+    wrong = _grounded({7: "three red circles next to a green square and a blue star"}, gt_path)
     assert wrong["shape_accuracy"] == 1.0 and wrong["colour_accuracy"] == 0.5
     assert wrong["count_accuracy"] == 0.0 and wrong["scene_accuracy"] == 0.0
     assert wrong["object_recall"] == pytest.approx(2 / 3)
     assert wrong["hallucination_rate"] == pytest.approx(2 / 3)
-    plural = grounded_accuracy({7: "red circles"}, gt_path)
+    plural = _grounded({7: "red circles"}, gt_path)
     assert plural["colour_accuracy"] == 0.5 and plural["count_accuracy"] == 0.0
-    repeated = grounded_accuracy({7: "a purple square and a purple square"}, gt_path)
+    repeated = _grounded({7: "a purple square and a purple square"}, gt_path)
     assert repeated["colour_accuracy"] == 0.5 and repeated["hallucination_rate"] == 0.5
 
 
@@ -298,15 +302,13 @@ def test_generate_refuses_other_config_unless_overwrite(tmp_path: Path) -> None:
     assert len(_load(path)["images"]) == 5 and len(list((tmp_path / IMAGES_DIR).iterdir())) == 5
 
 
-def test_generate_is_idempotent_and_fast(small_dataset: Path) -> None:
+def test_generate_again_with_the_same_config_rewrites_nothing(small_dataset: Path) -> None:
     """Re-running with the same config returns the same path at once and rewrites nothing."""
     root = small_dataset.parent
     marker = json.loads((root / MARKER_NAME).read_text(encoding="utf-8"))
     assert marker["config"]["num_train"] == 60
     before = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
-    start = time.perf_counter()
     assert generate_synthetic_dataset(root, SMALL, progress=False) == small_dataset
-    assert time.perf_counter() - start < 0.5
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from utils.files import atomic_write
 
 FORMAT = "expansionnet-captioning-checkpoint"
 FORMAT_VERSION = 1
@@ -20,21 +20,8 @@ class CheckpointError(ValueError):
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """torch.save into a temporary file in the same folder, fsync, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """torch.save, atomically: a crash never leaves half a checkpoint."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def make_checkpoint(model_state: dict[str, torch.Tensor], model_config: dict[str, Any], vocab: dict[str, Any],
@@ -114,3 +101,21 @@ def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
         t = state_dict[k].detach().cpu().contiguous()
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def state_dict_differences(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor],
+                           strict: bool = True) -> list[str]:
+    """What keeps `given` from loading into a model whose state dict is `expected`: shape mismatches, and when
+    strict, missing and unexpected keys; each part counted, with a few examples. Empty when it fits."""
+    wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+             for k, v in given.items() if k in expected and v.shape != expected[k].shape]
+    missing = sorted(set(expected) - set(given)) if strict else []
+    unexpected = sorted(set(given) - set(expected)) if strict else []
+    parts = []
+    if wrong:
+        parts.append(f"{len(wrong)} shape mismatches, e.g. {wrong[:3]}")
+    if missing:
+        parts.append(f"{len(missing)} missing keys, e.g. {missing[:4]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:4]}")
+    return parts

@@ -1,9 +1,26 @@
-"""Argument types shared by the root scripts (the seed's commands pass booleans as True/False and lists as [3])."""
+"""The command-line vocabulary shared by the root scripts: one name and one meaning per setting.
+
+- argument types that read the seed's spellings (booleans as True/False, lists as [3]);
+- `ArgumentParser`: flag groups in a fixed order (data, model, optimisation, evaluation, runtime), no abbreviations,
+  and a one-line error with a "did you mean" suggestion for a mistyped flag;
+- flags generated from `utils.fields.option(...)` dataclass fields, so a config class is the only home of a setting;
+- the settings several scripts take, as small option dataclasses a script config inherits (CheckpointOptions,
+  LengthOptions here, RuntimeOptions in utils.runtime), with the seed's and the reference's spellings as aliases.
+"""
 
 from __future__ import annotations
 
 import argparse
 import ast
+import difflib
+import re
+import warnings
+from dataclasses import MISSING, dataclass
+from typing import Any
+
+from utils.fields import described_fields, option
+
+GROUP_ORDER = ("data", "model", "optimisation", "evaluation", "runtime")
 
 
 def str2bool(value: str | bool) -> bool:
@@ -30,3 +47,148 @@ def int_list(value: str) -> tuple[int, ...]:
     if not parsed or not all(isinstance(x, int) and x > 0 for x in parsed):
         raise argparse.ArgumentTypeError(f"expected a list of positive integers like [3] or 3,5, got {value!r}")
     return tuple(parsed)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with named flag groups in a fixed order and short errors that suggest the flag a user meant."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self._groups = {name: self.add_argument_group(name) for name in GROUP_ORDER}
+
+    def group(self, name: str) -> argparse._ArgumentGroup:
+        """The flag group called name (data, model, optimisation, evaluation or runtime)."""
+        return self._groups[name]
+
+    def format_help(self) -> str:
+        used = [g for g in self._action_groups if g._group_actions or g.title not in self._groups]
+        hidden = [g for g in self._action_groups if g not in used]
+        for g in hidden:
+            self._action_groups.remove(g)
+        try:
+            return super().format_help()
+        finally:
+            self._action_groups.extend(hidden)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}{self._suggestion(message)}\n"
+                     f"(python {self.prog} --help lists every option)\n")
+
+    def _suggestion(self, message: str) -> str:
+        unknown = re.findall(r"(--?[\w-]+)", message.split(":", 1)[-1]) if "unrecognized" in message else []
+        known = [s for s in self._option_string_actions if s.startswith("--")]
+        hints = []
+        for flag in unknown:
+            match = difflib.get_close_matches(flag.split("=")[0], known, n=1, cutoff=0.6)
+            if match:
+                hints.append(f"{flag}: did you mean {match[0]}?")
+        return ("; " + "; ".join(hints)) if hints else ""
+
+
+def add_bool(group: argparse._ActionsContainer, *names: str, default: bool | None, help: str,
+             dest: str | None = None) -> None:
+    """A boolean flag that reads `--flag`, `--flag True` and `--flag False` alike."""
+    group.add_argument(*names, dest=dest, type=str2bool, nargs="?", const=True, default=default, metavar="True|False",
+                       help=help)
+
+
+def add_dataclass_flags(parser: ArgumentParser, cls: type, *, unset_default: bool = False,
+                        notes: dict[str, str] | None = None, skip: tuple[str, ...] = ()) -> None:
+    """One flag per option(...) field of cls (inherited ones included), in the field's help group; the field name
+    is always the dest.
+
+    With unset_default the flags default to None ("not given"), so a preset or a checkpoint can supply the value;
+    the help still shows the dataclass default. notes adds a remark to a field's help.
+    """
+    for f in described_fields(cls):
+        if f.name in skip:
+            continue
+        meta = f.metadata
+        primary = meta["flag"] or f.name
+        names = list(dict.fromkeys([f"--{primary}", *meta["aliases"], f"--{f.name}"]))
+        default = f.default if f.default is not MISSING else None
+        note = f"; {notes[f.name]}" if notes and f.name in notes else ""
+        shown = "" if "default:" in meta["help"] or meta["required"] else f"default: {_show(default)}"
+        help_text = meta["help"] + (f" ({shown}{note})" if shown or note else "").replace("(; ", "(")
+        group = parser.group(meta["group"] or "runtime")
+        value = None if unset_default else default
+        if isinstance(default, bool):
+            add_bool(group, *names, dest=f.name, default=value, help=help_text)
+            continue
+        kwargs: dict[str, Any] = {"nargs": meta["nargs"], "required": meta["required"]}
+        if meta["nargs"]:
+            kind = meta["parse"] or str
+            if default == ():  # nothing to extend: a repeated flag adds to the list (--set a=1 --set b=2)
+                kwargs["action"], value = "extend", None
+        else:
+            kind = meta["parse"] or (int_list if isinstance(default, tuple) else type(default))
+        group.add_argument(*names, dest=f.name, type=kind, default=value, choices=meta["choices"], help=help_text,
+                           metavar=None if meta["choices"] else primary.upper(), **kwargs)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "[" + ",".join(str(v) for v in value) + "]"
+    return repr(value) if value == "" else str(value)
+
+
+def dataclass_values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The parsed values of cls's flags, by field name (lists become tuples; None where a flag was not given and
+    had no default)."""
+    values = {f.name: getattr(args, f.name) for f in described_fields(cls) if hasattr(args, f.name)}
+    for f in described_fields(cls):
+        if values.get(f.name) is None and f.default == ():
+            values[f.name] = ()
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
+def add_ignored_flags(parser: ArgumentParser, *names: str) -> None:
+    """Flags the seed's or the reference's commands pass that mean nothing here (the checkpoint describes its
+    model): accepted, hidden from --help, ignored."""
+    for name in names:
+        parser.group("runtime").add_argument(name, default=None, help=argparse.SUPPRESS)
+
+
+@dataclass(frozen=True)
+class CheckpointOptions:
+    """The model a script reads: --checkpoint (the seed's test.py --save_model_path and the reference's demo.py
+    --load_path are aliases) and the vocabulary an official checkpoint needs."""
+
+    checkpoint: tuple[str, ...] = option(
+        (), "the model to read: a training checkpoint (best.pth), a saved model folder, an exported ONNX folder, or "
+        "the official ExpansionNet v2 release (with --vocab); several make an ensemble", required=True, nargs="+",
+        aliases=("--load_path", "--save_model_path"), group="model")
+    vocab: str = option("", "vocabulary file (JSON, or the official demo_coco_tokens.pickle); only the official "
+                        "checkpoint needs it", aliases=("--vocab_path",), group="model")
+
+
+@dataclass(frozen=True)
+class LengthOptions:
+    """The length cap of generated captions, in our words (--max_len) or the reference's (--max_seq_len)."""
+
+    max_len: int = option(0, "most tokens to generate per caption, EOS included (default: 0, the model's capacity "
+                          "max_seq_len - 1, as the reference decodes)", group="evaluation")
+    max_seq_len: int = option(0, "the reference's length cap: it counts SOS, so N allows N - 1 generated tokens "
+                              "(default: 0, not given)", group="evaluation")
+
+
+def resolve_max_len(lengths: LengthOptions, capacity: int) -> int:
+    """Generated-token cap from --max_len or the reference's --max_seq_len (0: not given), clipped to the model's
+    capacity (max_seq_len - 1 positions after SOS)."""
+    if lengths.max_len and lengths.max_seq_len:
+        raise ValueError("give --max_len (generated tokens) or --max_seq_len (the reference's, SOS counted), not both")
+    if not lengths.max_len and not lengths.max_seq_len:
+        return capacity
+    cap = lengths.max_len or lengths.max_seq_len - 1
+    if cap < 1:
+        given = f"--max_len {lengths.max_len}" if lengths.max_len else f"--max_seq_len {lengths.max_seq_len}"
+        raise ValueError(f"the length cap must allow at least one generated token, got {given}")
+    return min(cap, capacity)
+
+
+def plain_warnings() -> None:
+    """Show library warnings as one line, 'warning: message', without the Python source line (for the root scripts;
+    call it from a script's __main__ block, never at import)."""
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"

@@ -1,18 +1,45 @@
-"""Device and precision helpers shared by every script: one autocast context built from a string."""
+"""Device and precision, shared by every script: the runtime flags, and one autocast context built from a string."""
 
 from __future__ import annotations
 
 import contextlib
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from utils.fields import option
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
+def precision_name(value: str) -> str:
+    """A precision flag value (auto, fp32, bf16, fp16); 'none', the --amp spelling of fp32, is accepted."""
+    value = value.lower()
+    if value == "none":
+        return "fp32"
+    if value not in ("auto", *PRECISIONS):
+        raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}; got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """Where and how a script computes; every script's config inherits these, so the flags mean the same in each."""
+
+    device: str = option("auto", "auto (a GPU when there is one), cpu, cuda or cuda:N", group="runtime")
+    precision: str = option("auto", "autocast precision: auto (bf16 on a GPU that supports it, fp32 on the CPU), "
+                            "fp32, bf16 or fp16; --amp is an alias (--amp none = fp32)", aliases=("--amp",),
+                            parse=precision_name, group="runtime")
+    num_workers: int = option(2, "image-decoding worker processes", group="runtime")
+
+
 def resolve_device(name: str | torch.device | None) -> torch.device:
-    """'cpu', 'cuda', 'cuda:1' or None (cpu); a clear error when CUDA is asked for but absent."""
+    """'auto' (a GPU when there is one), 'cpu', 'cuda', 'cuda:1' or None (cpu); a clear error when CUDA is asked for
+    but absent."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name or "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} was requested but CUDA is not available on this machine; use --device cpu")

@@ -1,0 +1,99 @@
+"""pipeline.py --set: change a preset's setting for every phase that has it (key=value) or for one (phaseN.key=value).
+
+Keys are the flags of the phase's script (train.py, data_generator.py, backbone.py pretrain), checked against their
+config classes before anything runs; values are read with the flag's own type.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+from collections.abc import Sequence
+from dataclasses import MISSING, Field, replace
+from typing import Any
+
+from engine.features import GeneratorConfig
+from engine.pipeline import Phase, Recipe
+from engine.setup import TrainConfig
+from models.config import ModelConfig
+from utils.cli import int_list, str2bool
+from utils.fields import described_fields
+
+SCRIPT_CONFIGS: dict[str, tuple[type, ...]] = {
+    "train.py": (TrainConfig, ModelConfig),
+    "data_generator.py": (GeneratorConfig,),
+}
+# set by the recipe itself (paths between phases, where each phase writes): an override would break the chain
+MANAGED = frozenset({"images_path", "captions_path", "features_path", "body_save_path", "backbone", "save_path",
+                     "run_name", "output_path", "reinforce", "is_end_to_end"})
+
+
+class OverrideError(ValueError):
+    """A --set that names no setting of the phases, or a value its flag cannot read."""
+
+
+def flags_of(phase: Phase) -> dict[str, Field]:
+    """Every flag name (primary, field name and aliases) the phase's script takes -> its field."""
+    out: dict[str, Field] = {}
+    for cls in SCRIPT_CONFIGS[phase.command[0]]:
+        for f in described_fields(cls):
+            for name in (f.metadata["flag"] or f.name, f.name, *(a.lstrip("-") for a in f.metadata["aliases"])):
+                out[name] = f
+    return out
+
+
+def parse_override(text: str) -> tuple[int | None, str, str]:
+    """'phase2.num_epochs=1' -> (2, 'num_epochs', '1'); 'lr=1e-4' -> (None, 'lr', '1e-4')."""
+    key, sep, value = text.partition("=")
+    phase = None
+    if key.startswith("phase") and "." in key:
+        head, key = key.split(".", 1)
+        phase = int(head[5:]) if head[5:].isdigit() else -1
+    if not sep or not key or phase == -1:
+        raise OverrideError(f"--set {text!r}: write key=value or phaseN.key=value (e.g. phase2.num_epochs=1)")
+    return phase, key.lstrip("-"), value
+
+
+def typed_value(f: Field, value: str, text: str) -> Any:
+    """The override's text read as the flag would read it."""
+    meta, default = f.metadata, f.default if f.default is not MISSING else None
+    try:
+        if meta["parse"]:
+            parsed = meta["parse"](value)
+        elif isinstance(default, bool):
+            parsed = str2bool(value)
+        elif isinstance(default, tuple):
+            parsed = int_list(value) if all(isinstance(x, int) for x in default) else tuple(value.split(","))
+        else:
+            parsed = type(default)(value) if default is not None else value
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        raise OverrideError(f"--set {text!r}: {e}") from None
+    if meta["choices"] and parsed not in meta["choices"]:
+        raise OverrideError(f"--set {text!r}: choose one of {list(meta['choices'])}")
+    return parsed
+
+
+def apply_overrides(recipe: Recipe, overrides: Sequence[str]) -> Recipe:
+    """The recipe with every --set applied (phase-specific ones after the general ones)."""
+    settings = {n: dict(s) for n, s in recipe.settings.items()}
+    parsed = sorted((parse_override(t) + (t,) for t in overrides), key=lambda p: p[0] is not None)
+    for phase_number, key, value, text in parsed:
+        if key in MANAGED:
+            raise OverrideError(f"--set {text!r}: {key} is set by the pipeline (it links the phases); give it as a "
+                                "pipeline.py option where there is one")
+        targets = [p for p in recipe.phases() if phase_number in (None, p.number)]
+        if phase_number is not None and not targets:
+            raise OverrideError(f"--set {text!r}: this recipe has no phase {phase_number}")
+        hits = [p for p in targets if key in flags_of(p)]
+        if not hits:
+            known = sorted({k for p in targets for k in flags_of(p)})
+            hint = difflib.get_close_matches(key, known, n=1)
+            raise OverrideError(f"--set {text!r}: no phase takes a setting {key!r}"
+                                + (f"; did you mean {hint[0]}?" if hint else ""))
+        for p in hits:
+            f = flags_of(p)[key]
+            name = f.metadata["flag"] or f.name
+            for alias in {k for k, v in flags_of(p).items() if v is f}:
+                settings[p.number].pop(alias, None)
+            settings[p.number][name] = typed_value(f, value, text)
+    return replace(recipe, settings=settings)
