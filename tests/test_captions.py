@@ -128,7 +128,8 @@ def test_load_karpathy_json_bad_files(tmp_path: Path) -> None:
 def test_load_karpathy_json_drops_empty_captions_with_warning(tmp_path: Path) -> None:
     items = [_coco_item(1, "train"), _coco_item(2, "val", captions=["A cat.", "", "   ", "A kitten."])]
     path = _write_json(tmp_path / "dataset_coco.json", {"images": items})
-    with pytest.warns(UserWarning, match=r"dataset_coco\.json: dropped 2 empty caption\(s\) at item 1 \(2\)"):
+    pattern = r"dataset_coco\.json: dropped 2 empty caption\(s\) at item 1 \(COCO_train2014_000000000002\.jpg\) x2"
+    with pytest.warns(UserWarning, match=pattern):
         records = load_karpathy_json(path)
     assert records[1].captions == ("A cat.", "A kitten.")
 
@@ -152,7 +153,7 @@ def test_load_manifest_resolves_paths_and_default_ids(tmp_path: Path) -> None:
         ImageRecord(1, absolute, ("Un chat.", "Eine Katze."), "test"),
         ImageRecord(42, tmp_path / "sub" / "b.png", ("x",), "val"),
     ]
-    rebased = load_manifest(path, base_dir=tmp_path / "root")
+    rebased = load_manifest(path, images_path=tmp_path / "root")  # found in neither place: the images folder's
     assert rebased[0].path == tmp_path / "root" / "imgs" / "a.jpg"
     assert rebased[1].path == absolute
     assert load_records(path) == records
@@ -202,18 +203,18 @@ def test_load_manifest_drops_empty_captions_with_warning(tmp_path: Path) -> None
             {"image": "b.jpg", "captions": ["", "fine"], "split": "val"},
         ],
     )
-    with pytest.warns(UserWarning, match=r"m\.jsonl: dropped 1 empty caption\(s\) at line 2"):
+    with pytest.warns(UserWarning, match=r"m\.jsonl: dropped 1 empty caption\(s\) at line 2 \(b\.jpg\)"):
         records = load_manifest(path)
     assert records[1].captions == ("fine",)
 
 
 def test_load_records_rejects_missing_and_unknown_files(tmp_path: Path) -> None:
-    with pytest.raises(DatasetError, match=r"gone\.jsonl: manifest not found"):
+    with pytest.raises(DatasetError, match=r"gone\.jsonl: captions file not found$"):
         load_records(tmp_path / "gone.jsonl")
     with pytest.raises(DatasetError, match=r"gone\.csv: captions file not found"):
         load_records(tmp_path / "gone.csv")
     (tmp_path / "data.csv").write_text("image,caption\n", encoding="utf-8")
-    with pytest.raises(DatasetError, match="unknown dataset format"):
+    with pytest.raises(DatasetError, match=r"data\.csv: this is a captions CSV .*not a dataset; make a manifest"):
         load_records(tmp_path / "data.csv")
 
 
@@ -270,7 +271,7 @@ def test_folder_to_manifest_from_tsv_with_flickr_suffix(tmp_path: Path, image_fo
     assert folder_to_manifest(image_folder, tsv_file, output) == 3
     records = _check_manifest(output, image_folder)
     assert records[0].captions == ("A dog.", "A brown dog.")
-    assert records[0].split == "train"
+    assert sorted(r.split for r in records) == ["test", "train", "val"]  # no split given: 0.9,0.05,0.05, one each
 
 
 def test_folder_to_manifest_from_json_with_split_ratio(tmp_path: Path) -> None:
@@ -281,10 +282,8 @@ def test_folder_to_manifest_from_json_with_split_ratio(tmp_path: Path) -> None:
         (folder / name).write_bytes(b"x")
     captions = _write_json(tmp_path / "captions.json", {name: [f"image {name}", ""] for name in names})
     first, second = tmp_path / "m1.jsonl", tmp_path / "m2.jsonl"
-    with pytest.warns(UserWarning, match="dropped 20 empty caption"):
-        assert folder_to_manifest(folder, captions, first, split_ratio="0.9,0.05,0.05", seed=3) == 20
-    with pytest.warns(UserWarning):
-        folder_to_manifest(folder, captions, second, split_ratio=(0.9, 0.05, 0.05), seed=3)
+    assert folder_to_manifest(folder, captions, first, split_ratio="0.9,0.05,0.05", seed=3) == 20
+    folder_to_manifest(folder, captions, second, split_ratio=(0.9, 0.05, 0.05), seed=3)
     splits = [r.split for r in load_manifest(first)]
     assert splits == [r.split for r in load_manifest(second)]
     assert (splits.count("train"), splits.count("val"), splits.count("test")) == (18, 1, 1)
@@ -298,7 +297,9 @@ def test_folder_to_manifest_errors(tmp_path: Path, image_folder: Path) -> None:
     csv_file.write_text("image,caption\na.jpg,ok\nmissing.jpg,A ghost.\nb.jpg,ok\nalso_missing.png,x\n", "utf-8")
     output = tmp_path / "manifest.jsonl"
     with pytest.raises(
-        DatasetError, match=r"captions\.csv: 2 caption\(s\) point to images missing.*line 3 'missing\.jpg'"
+        DatasetError,
+        match=r"captions\.csv: nothing written: 2 caption rows name images not in .*images \(pass --skip-missing.*"
+        r": line 3 'missing\.jpg', line 5 'also_missing\.png'$",
     ):
         folder_to_manifest(image_folder, csv_file, output)
     assert not output.exists()
@@ -333,11 +334,13 @@ def test_captions_cli_to_manifest_refuses_overwrite(tmp_path: Path, image_folder
     assert "wrote 2 images" in done.stdout
     assert [r.split for r in load_manifest(output)] == ["test", "test"]
     refused = _cli(*args)
-    assert refused.returncode == 1
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("error: ") and refused.stderr.count("\n") == 1
     assert "already exists" in refused.stderr and str(output) in refused.stderr
     again = _cli(*args, "--overwrite", "--split-ratio", "0.5,0.5,0", "--seed", "1")
     assert again.returncode == 0, again.stderr
     assert sorted(r.split for r in load_manifest(output)) == ["train", "val"]
     checked = _cli("check", "--captions", str(output))
     assert checked.returncode == 0, checked.stderr
-    assert "train: 1, val: 1, test: 0" in checked.stdout
+    assert "splits: train 1, val 1, test 0" in checked.stdout
+    assert "no test images" in checked.stdout  # an empty split is reported with what it means
