@@ -51,7 +51,7 @@ _SPLIT_ALIASES: dict[str, str] = {"train": "train", "restval": "train", "val": "
 KARPATHY_FILENAMES: tuple[str, ...] = ("dataset_coco.json", "dataset_flickr8k.json", "dataset_flickr30k.json")
 MANIFEST_SUFFIXES: tuple[str, ...] = (".jsonl", ".ndjson")
 DEFAULT_SPLIT_RATIO: tuple[float, float, float] = (0.9, 0.05, 0.05)
-# The same set as data.images.IMAGE_SUFFIXES (not imported: that module loads torch, this one stays light).
+# Image files by suffix; data.images lists folders with this set too (this module stays light: no torch).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 _UTF8_BOM = b"\xef\xbb\xbf"
 _FLICKR_CAPTION_SUFFIX = re.compile(r"#\d+$")

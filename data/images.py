@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from data.captions import IMAGE_SUFFIXES
+
 DEFAULT_MAX_PIXELS = 40_000_000
 _WHITE = (255, 255, 255, 255)
 _ALPHA_MODES = frozenset({"LA", "La", "PA", "RGBA", "RGBa"})
@@ -252,7 +254,6 @@ def _check_tensor(item: torch.Tensor, position: int, height: int, width: int) ->
     return batch.detach().to(device="cpu", dtype=torch.float32)
 
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 
 def list_images(folder: str | Path) -> list[Path]:

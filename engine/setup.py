@@ -39,8 +39,8 @@ class TrainConfig(RuntimeOptions):
     is_end_to_end: bool = option(False, "train on images end-to-end (True) or on cached features (False)",
                                  group="data")
     features_path: str = option("", "HDF5 feature file from data_generator.py (feature phases)", group="data")
-    images_path: str = option("", "image folder (end-to-end phases; relative manifest paths resolve against the "
-                              "manifest's folder instead)", group="data")
+    images_path: str = option("", "image folder (end-to-end phases); a manifest's relative paths are looked up here "
+                              "first, then beside the manifest", group="data")
     captions_path: str = option("", "Karpathy json (or its folder) or a JSON-lines manifest (default: the one "
                                 "recorded in the feature file or in the body checkpoint)", group="data")
     vocab_path: str = option("", "vocabulary JSON to use (default: built once from the training captions)",

@@ -65,10 +65,3 @@ def test_a_missing_image_names_both_places_looked_up(workdir: Path, capsys: pyte
     assert main(["check", "--captions", "manifest.jsonl", "--images", "photos/"]) == 1
     out = capsys.readouterr().out
     assert "1 image file is missing: photos/photos/img001.jpg (also looked for photos/img001.jpg)" in out
-
-
-def test_image_suffixes_match_the_image_loader() -> None:
-    from data.captions import IMAGE_SUFFIXES
-    from data.images import IMAGE_SUFFIXES as LOADER_SUFFIXES
-
-    assert IMAGE_SUFFIXES == LOADER_SUFFIXES
