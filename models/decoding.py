@@ -73,7 +73,8 @@ class TorchStepper(Stepper):
         self.batch, self.group, self.device = memory.shape[0], group, memory.device
         self.precision = precision
         if use_cache:
-            self.cache = model.init_cache(memory, key_mask, group, max_len)
+            with autocast(self.device, precision):  # the cross-attention projections run at the steps' precision
+                self.cache = model.init_cache(memory, key_mask, group, max_len)
         else:
             self.memory = memory.repeat_interleave(group, dim=0)
             self.key_mask = key_mask.repeat_interleave(group, dim=0) if key_mask is not None else None

@@ -188,3 +188,13 @@ def test_demo_captions_a_folder_of_mixed_photos_and_draws_a_grid(tiny_checkpoint
     assert len(rows) == 7 and all(r["captions"] and isinstance(r["captions"][0]["caption"], str) for r in rows)
     shown = Image.open(grid)
     assert shown.format == "PNG" and shown.width > 256
+
+
+def test_bf16_autocast_on_the_cpu_captions_close_to_fp32(tiny_checkpoint):
+    images = [torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    fp32 = load_captioner(tiny_checkpoint).caption(images, beam_size=2, max_len=6)
+    bf16 = load_captioner(tiny_checkpoint, precision="bf16")
+    assert bf16.precision == "bf16"
+    out = bf16.caption(images, beam_size=2, max_len=6)
+    assert len(out) == 2 and all(len(c[0].tokens) >= 1 for c in out)
+    assert [c[0].score for c in out] == pytest.approx([c[0].score for c in fp32], abs=0.1)
