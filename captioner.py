@@ -217,17 +217,18 @@ class Captioner:
 
 def load_captioner(path: str | Path | Sequence[str | Path], device: str | torch.device = "cpu",
                    vocab: str | Path | None = None, precision: str = "auto",
-                   max_pixels: int | None = DEFAULT_MAX_PIXELS, backend: str = "auto", threads: int | None = None
-                   ) -> Captioner:
+                   max_pixels: int | None = DEFAULT_MAX_PIXELS, backend: str = "auto", threads: int | None = None,
+                   onnx_cache: str | Path | None = None) -> Captioner:
     """Load a captioner from a training checkpoint, an official checkpoint (vocab= its vocabulary pickle), a model
     folder (save_pretrained), an exported ONNX folder (export.py), or a list of any of those: an ensemble averaging
     the members' word probabilities (one vocabulary; backbones may differ).
 
     backend: auto (ONNX Runtime for exported folders, PyTorch otherwise), torch, or onnx (a PyTorch source is
-    exported to a temporary folder first). threads: ONNX Runtime's intra-op threads (default torch's).
+    exported first: into onnx_cache/<weights digest>-<precision>/ when given, reused by later loads, else into a
+    temporary folder). threads: ONNX Runtime's intra-op threads (default torch's).
     """
     loaded = load_model(path if isinstance(path, (str, Path)) else list(path), backend=backend, device=device,
-                        precision=precision, vocab=vocab, threads=threads)
+                        precision=precision, vocab=vocab, threads=threads, onnx_cache=onnx_cache)
     captioner = Captioner.from_runtime(loaded.runtime, loaded.vocab, max_pixels=max_pixels)
     captioner.sources = loaded.sources
     captioner.training = training_facts(loaded.checkpoint)

@@ -70,9 +70,11 @@ def _torch_model(path: Path, kind: str, vocab: Source | None, features_only: boo
 
 
 def load_one(path: Source, *, backend: str = "auto", device: str | torch.device = "cpu", precision: str = "auto",
-             vocab: Source | None = None, features_only: bool = False, threads: int | None = None) -> LoadedModel:
-    """One model source on one backend. backend 'onnx' with a PyTorch source exports it into a temporary folder
-    first (fp32, or fp16 when precision is fp16); 'auto' is ONNX Runtime for an exported folder, PyTorch otherwise."""
+             vocab: Source | None = None, features_only: bool = False, threads: int | None = None,
+             onnx_cache: Source | None = None) -> LoadedModel:
+    """One model source on one backend. backend 'onnx' with a PyTorch source exports it first (fp32, or fp16 when
+    precision is fp16): into onnx_cache/<weights digest>-<precision>/ when given (reused by later loads of the same
+    weights), else into a temporary folder. 'auto' is ONNX Runtime for an exported folder, PyTorch otherwise."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     path = Path(path)
@@ -93,12 +95,19 @@ def load_one(path: Source, *, backend: str = "auto", device: str | torch.device 
     model, config, vocab_obj, ckpt, official = _torch_model(path, kind, vocab, features_only)
     if backend == "onnx":
         from deploy.onnx_export import export_onnx
+        from utils.checkpoint import state_dict_sha256
 
-        tmp = tempfile.TemporaryDirectory(prefix="expansionnet-onnx-")
-        export_onnx(model, config, vocab_obj, tmp.name, precision="fp16" if precision == "fp16" else "fp32",
-                    source=str(path))
-        runtime = OrtRuntime(tmp.name, dev, threads=threads)
-        runtime._tmp = tmp  # the folder lives as long as the runtime
+        onnx_precision = "fp16" if precision == "fp16" else "fp32"
+        tmp = None
+        if onnx_cache is not None:
+            target = Path(onnx_cache) / f"{state_dict_sha256(model.state_dict())[:16]}-{onnx_precision}"
+        else:
+            tmp = tempfile.TemporaryDirectory(prefix="expansionnet-onnx-")
+            target = Path(tmp.name)
+        if not (target / "config.json").is_file():  # config.json is written last: a finished export
+            export_onnx(model, config, vocab_obj, target, precision=onnx_precision, source=str(path))
+        runtime = OrtRuntime(target, dev, threads=threads)
+        runtime._tmp = tmp  # a temporary folder lives as long as the runtime
         return LoadedModel(runtime, vocab_obj, [path], ckpt, official)
     runtime = TorchRuntime(model.eval().to(dev), config, dev, resolve_precision(precision, dev))
     return LoadedModel(runtime, vocab_obj, [path], ckpt, official, model=runtime.model)

@@ -147,11 +147,11 @@ def export_onnx(model: ExpansionNet, config: ModelConfig, vocab: Vocabulary, out
         "io": {"encoder_input": enc_in, **names,
                "past_rows_per_position": [E if n.rsplit(".", 1)[1] in ("ca", "cb") else 1 for n in names["past"]]},
     }
-    (out / "config.json").write_text(json.dumps(manifest, indent=1) + "\n")
     vocab.save(out / "vocab.json", overwrite=True)
     write_model_card(out, config, vocab, count_parameters(model), source=source, extra=card_extra,
                      files={ENCODER_FILE: "backbone + encoder graph", DECODER_FILE: "one decoder step with caches"},
                      onnx={"precision": precision, "opset": opset})
+    (out / "config.json").write_text(json.dumps(manifest, indent=1) + "\n")  # last: marks a complete export
     diff = verify_export(out, model, config) if verify else float("nan")
     model.train(was_training)
     return ExportResult(out, enc_path, dec_path, diff, time.perf_counter() - t0)

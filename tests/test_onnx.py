@@ -156,10 +156,14 @@ def test_fp16_export_runs_and_stays_close_to_fp32(tmp_path):
     assert next(model.parameters()).dtype == torch.float32  # the caller's model is left in fp32
 
 
-def test_checkpoint_with_backend_onnx_is_exported_on_the_fly(exported):
+def test_checkpoint_with_backend_onnx_is_exported_once_into_the_cache(exported, tmp_path):
     tiny_checkpoint = exported[0]
-    cap = load_captioner(tiny_checkpoint, backend="onnx")
+    cap = load_captioner(tiny_checkpoint, backend="onnx", onnx_cache=tmp_path)
     assert cap.backend == "onnx"
+    (folder,) = tmp_path.iterdir()
+    stamp = (folder / "decoder_step.onnx").stat().st_mtime_ns
+    assert load_captioner(tiny_checkpoint, backend="onnx", onnx_cache=tmp_path).runtime.folder == folder
+    assert (folder / "decoder_step.onnx").stat().st_mtime_ns == stamp  # reused, not exported again
     image = torch.randn(3, 32, 32)
     assert cap.caption([image], beam_size=2, max_len=5)[0][0].tokens == \
         load_captioner(tiny_checkpoint).caption([image], beam_size=2, max_len=5)[0][0].tokens
