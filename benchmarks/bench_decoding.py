@@ -30,9 +30,66 @@ from utils.runtime import autocast  # noqa: E402
 
 IDS = {"sos_idx": 79, "eos_idx": 77, "pad_idx": 78}
 
+# Runs in a subprocess inside a user's checkout of the reference code (jchenghu/ExpansionNet_v2), whose packages
+# are also called models/ and utils/: builds its features model with our weights (same official layout), times its
+# beam search on the same features with the encoder included, and prints the tokens and the median time as JSON.
+REFERENCE_DRIVER = r"""
+import json, statistics, sys, time, types
+import torch
+sys.path.insert(0, ".")
+from models.ExpansionNet_v2 import ExpansionNet_v2
+args = json.loads(sys.argv[1])
+blob = torch.load(args["blob"], weights_only=True)
+words = {f"w{i}": i for i in range(args["vocab_size"])}
+drop = types.SimpleNamespace(enc=0.0, dec=0.0, enc_input=0.0, dec_input=0.0, other=0.0)
+model = ExpansionNet_v2(d_model=args["d_model"], N_enc=args["N_enc"], N_dec=args["N_dec"], ff=args["ff"],
+                        num_heads=args["num_heads"], num_exp_enc_list=args["num_exp_enc_list"],
+                        num_exp_dec=args["num_exp_dec"], output_word2idx=words, output_idx2word=list(words),
+                        max_seq_len=args["max_seq_len"], drop_args=drop, img_feature_dim=args["img_feature_dim"],
+                        rank="cpu")
+missing, unexpected = model.load_state_dict(blob["state"], strict=False)
+assert not missing and not unexpected, (missing, unexpected)
+model.eval()
+feats = blob["feats"]
+def run():
+    with torch.no_grad():
+        return model(enc_x=feats, enc_x_num_pads=[0] * feats.shape[0], mode="beam_search", beam_size=args["beam"],
+                     beam_max_seq_len=args["max_len"] + 1, how_many_outputs=1, sos_idx=args["sos_idx"],
+                     eos_idx=args["eos_idx"])
+tokens = [caps[0][1:] for caps in run()[0]]
+times = []
+for _ in range(args["repeats"]):
+    t0 = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - t0)
+print(json.dumps({"tokens": tokens, "seconds": statistics.median(times)}))
+"""
+
+
+def bench_reference(reference_dir: str, model: torch.nn.Module, cfg, feats: torch.Tensor, beam: int, max_len: int,
+                    repeats: int) -> dict:
+    """The reference code's beam search (a user's checkout) on the same weights and features, in a subprocess."""
+    import json
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        blob, driver = Path(tmp) / "blob.pth", Path(tmp) / "driver.py"
+        torch.save({"state": model.state_dict(), "feats": feats.cpu()}, blob)
+        driver.write_text(REFERENCE_DRIVER)
+        args = {"blob": str(blob), "vocab_size": cfg.vocab_size, "d_model": cfg.d_model, "N_enc": cfg.N_enc,
+                "N_dec": cfg.N_dec, "ff": cfg.ff, "num_heads": cfg.num_heads,
+                "num_exp_enc_list": list(cfg.num_exp_enc_list), "num_exp_dec": cfg.num_exp_dec,
+                "max_seq_len": cfg.max_seq_len, "img_feature_dim": cfg.img_feature_dim, "beam": beam,
+                "max_len": max_len, "repeats": repeats, **IDS}
+        proc = subprocess.run([sys.executable, str(driver), json.dumps(args)], cwd=reference_dir, capture_output=True,
+                              text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the reference code in {reference_dir} failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
 
 def bench_cached_vs_full(name: str, device: torch.device, batch: int, beam: int, max_len: int, repeats: int,
-                         sync, onnx: bool) -> dict:
+                         sync, onnx: bool, reference_dir: str = "") -> dict:
     """Beam search from cached features with the same weights, the encoder included (as a user waits for it):
     incremental decoding (PyTorch, and ONNX Runtime when asked) vs the reference's recomputation of the prefix."""
     cfg_fn = optimizer_expansionnet_config if name == "optimizer_expansionnet" else expansionnet_v2_config
@@ -66,6 +123,12 @@ def bench_cached_vs_full(name: str, device: torch.device, batch: int, beam: int,
             assert torch.equal(run_ort().tokens, a.tokens), "ONNX Runtime and PyTorch decoding disagree"
             t_ort = median_seconds(run_ort, repeats, sync, warmup=1)
         out.update(ort_img_s=batch / t_ort, ort_speedup=t_full / t_ort)
+    if reference_dir and device.type == "cpu":
+        ref = bench_reference(reference_dir, model, cfg, feats, beam, max_len, repeats)
+        fastest = min(t_cached, t_ort) if "ort_img_s" in out else t_cached
+        out.update(ref_img_s=batch / ref["seconds"], vs_ref_torch=ref["seconds"] / t_cached,
+                   vs_ref_fastest=ref["seconds"] / fastest,
+                   same_as_ref=ref["tokens"] == a.tokens[:, 0].tolist())
     return out
 
 
@@ -112,18 +175,25 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone for the end-to-end figure")
     p.add_argument("--models", nargs="+", default=["optimizer_expansionnet", "expansionnet_v2"])
     p.add_argument("--no_onnx", action="store_true", help="skip the ONNX Runtime figure (CPU only)")
+    p.add_argument("--reference_dir", default="",
+                   help="a checkout of the reference code (jchenghu/ExpansionNet_v2): also time its beam search on the "
+                        "same weights and features (ExpansionNet v2 only, CPU)")
     a = p.parse_args()
     device = torch.device(a.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads")
     for name in a.models:
-        r = bench_cached_vs_full(name, device, a.batch, a.beam, a.max_len, a.repeats, sync, not a.no_onnx)
+        r = bench_cached_vs_full(name, device, a.batch, a.beam, a.max_len, a.repeats, sync, not a.no_onnx,
+                                 a.reference_dir if name == "expansionnet_v2" else "")
         line = (f"{name}: beam {a.beam}, batch {a.batch}, {a.max_len} tokens, cached features, encoder included: "
                 f"cached {r['cached_img_s']:.1f} img/s, full recomputation {r['full_img_s']:.1f} img/s, "
                 f"speed-up {r['speedup']:.1f}x")
         if "ort_img_s" in r:
             line += f"; ONNX Runtime cached {r['ort_img_s']:.1f} img/s, speed-up {r['ort_speedup']:.1f}x"
+        if "ref_img_s" in r:
+            line += (f"; reference code {r['ref_img_s']:.2f} img/s: ours {r['vs_ref_torch']:.1f}x (PyTorch), "
+                     f"{r['vs_ref_fastest']:.1f}x (fastest exact), same captions: {r['same_as_ref']}")
         print(line, flush=True)
     if a.e2e_batch:
         for name in a.models:
