@@ -18,6 +18,7 @@ import unicodedata
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -264,67 +265,100 @@ def meteor_score(java: str, gts: Sequence[Sequence[str]], res: Sequence[str], ti
     The JVM is killed when the whole exchange exceeds ``timeout_s`` (a hang then reads as end-of-file) and always
     cleaned up; stderr goes to a file so that it can never fill a pipe and block the JVM.
     """
+    cmd, meteor_dir = _meteor_command(java)
+    with tempfile.TemporaryFile() as err:
+        proc = _start_meteor(cmd, meteor_dir, err)
+        timer, timed_out = _kill_after(proc, timeout_s)
+        try:
+            return _meteor_exchange(proc, gts, res)
+        except (EOFError, BrokenPipeError, OSError, ValueError) as exc:
+            raise _meteor_failure(proc, err, exc, timed_out.is_set(), timeout_s) from exc
+        finally:
+            timer.cancel()
+            _close_meteor(proc)
+
+
+def _meteor_command(java: str) -> tuple[list[str], Path]:
+    """METEOR 1.5's stdio-mode command line and the folder it runs in (pycocoevalcap's, where its data lies)."""
     meteor_dir = _package_dir("pycocoevalcap.meteor")
     jar = meteor_dir / "meteor-1.5.jar"
     if not jar.is_file():
         raise JavaStepError(f"METEOR jar missing: {jar}")
-    cmd = _java_base_cmd(java, "2G") + ["-jar", str(jar), "-", "-", "-stdio", "-l", "en", "-norm"]
+    return _java_base_cmd(java, "2G") + ["-jar", str(jar), "-", "-", "-stdio", "-l", "en", "-norm"], meteor_dir
+
+
+def _start_meteor(cmd: list[str], cwd: Path, err: IO[bytes]) -> subprocess.Popen:
+    """Start the METEOR JVM in its own process group (so that it can be killed whole), stderr into ``err``."""
+    try:
+        return subprocess.Popen(
+            cmd, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, start_new_session=True
+        )
+    except OSError as exc:
+        raise JavaStepError(f"METEOR could not start: {exc}") from exc
+
+
+def _kill_after(proc: subprocess.Popen, timeout_s: float) -> tuple[threading.Timer, threading.Event]:
+    """A started timer that kills proc's process group after ``timeout_s``, and the event it sets first."""
     timed_out = threading.Event()
-    with tempfile.TemporaryFile() as err:
+
+    def kill() -> None:
+        timed_out.set()
+        _kill_group(proc)
+
+    timer = threading.Timer(timeout_s, kill)
+    timer.daemon = True
+    timer.start()
+    return timer, timed_out
+
+
+def _meteor_ask(proc: subprocess.Popen, line: str, answers: int = 1) -> list[str]:
+    """Send one protocol line and read ``answers`` reply lines; EOFError when the JVM has closed its output."""
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write((line + "\n").encode("utf-8"))
+    proc.stdin.flush()
+    out = []
+    for _ in range(answers):
+        reply = proc.stdout.readline()
+        if not reply:
+            raise EOFError
+        out.append(reply.decode("utf-8", errors="replace").strip())
+    return out
+
+
+def _meteor_exchange(proc: subprocess.Popen, gts: Sequence[Sequence[str]], res: Sequence[str]) -> float:
+    """One SCORE line per image (its stats), then EVAL of all the stats, whose last answer is the corpus METEOR."""
+    stats = []
+    for refs, hyp in zip(gts, res):
+        fields = [r.replace("|||", "") for r in refs] + [hyp.replace("|||", "").replace("  ", " ")]
+        stats.append(_meteor_ask(proc, " ||| ".join(["SCORE", *fields]))[0])
+    answers = _meteor_ask(proc, " ||| ".join(["EVAL", *stats]), answers=len(stats) + 1)
+    return float(answers[-1])
+
+
+def _meteor_failure(
+    proc: subprocess.Popen, err: IO[bytes], exc: BaseException, timed_out: bool, timeout_s: float
+) -> JavaStepError:
+    """The error for a broken exchange: the timeout, else whether the JVM exited, and the tail of its stderr."""
+    if timed_out:
+        return JavaStepError(f"METEOR timed out after {timeout_s:g} s (JVM killed)")
+    exit_code = proc.poll()
+    _kill_group(proc)
+    proc.wait()
+    err.seek(0)
+    tail = _stderr_tail(err.read().decode(errors="replace"))
+    what = "JVM exited" if exit_code is not None else f"{type(exc).__name__}: {exc}"
+    return JavaStepError(f"METEOR failed ({what}): {tail}")
+
+
+def _close_meteor(proc: subprocess.Popen) -> None:
+    """Close the pipes, then kill and reap the JVM's process group, whatever state the exchange left it in."""
+    for stream in (proc.stdin, proc.stdout):
         try:
-            proc = subprocess.Popen(
-                cmd, cwd=meteor_dir, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, start_new_session=True
-            )
-        except OSError as exc:
-            raise JavaStepError(f"METEOR could not start: {exc}") from exc
-
-        def kill() -> None:
-            timed_out.set()
-            _kill_group(proc)
-
-        timer = threading.Timer(timeout_s, kill)
-        timer.daemon = True
-        timer.start()
-        assert proc.stdin is not None and proc.stdout is not None
-
-        def ask(line: str, answers: int = 1) -> list[str]:
-            proc.stdin.write((line + "\n").encode("utf-8"))
-            proc.stdin.flush()
-            out = []
-            for _ in range(answers):
-                reply = proc.stdout.readline()
-                if not reply:
-                    raise EOFError
-                out.append(reply.decode("utf-8", errors="replace").strip())
-            return out
-
-        try:
-            stats = []
-            for refs, hyp in zip(gts, res):
-                fields = [r.replace("|||", "") for r in refs] + [hyp.replace("|||", "").replace("  ", " ")]
-                stats.append(ask(" ||| ".join(["SCORE", *fields]))[0])
-            answers = ask(" ||| ".join(["EVAL", *stats]), answers=len(stats) + 1)
-            return float(answers[-1])
-        except (EOFError, BrokenPipeError, OSError, ValueError) as exc:
-            if timed_out.is_set():
-                raise JavaStepError(f"METEOR timed out after {timeout_s:g} s (JVM killed)") from exc
-            exit_code = proc.poll()
-            _kill_group(proc)
-            proc.wait()
-            err.seek(0)
-            tail = _stderr_tail(err.read().decode(errors="replace"))
-            what = "JVM exited" if exit_code is not None else f"{type(exc).__name__}: {exc}"
-            raise JavaStepError(f"METEOR failed ({what}): {tail}") from exc
-        finally:
-            timer.cancel()
-            for stream in (proc.stdin, proc.stdout):
-                try:
-                    stream.close()
-                except OSError:
-                    pass
-            _kill_group(proc)
-            proc.wait()
-
+            stream.close()
+        except OSError:
+            pass
+    _kill_group(proc)
+    proc.wait()
 
 def spice_missing_reason(spice_dir: str | os.PathLike[str] | None) -> str | None:
     """Why SPICE cannot run with ``spice_dir`` (None when the CoreNLP 3.6.0 jars are there)."""
@@ -478,14 +512,30 @@ def score_captions(
     raw_refs = [[sanitize_caption(c) for c in image_refs] for image_refs in raw_refs]
     raw_hyps = [sanitize_caption(h) for h in raw_hyps]
     report = MetricReport(scores={}, unavailable={}, tokenizer="python", official=False)
-    log = logging.getLogger(__name__)
-
     java = find_java()
+    refs, hyps, no_java_reason = _tokenize_for_report(java, raw_refs, raw_hyps, java_timeout_s, report)
+    for metric in wanted:
+        try:
+            if (reason := _why_unavailable(metric, report.official, spice_dir, no_java_reason)) is not None:
+                raise JavaStepError(reason)
+            scores, note = _run_metric(metric, refs, hyps, java, spice_dir, java_timeout_s)
+            report.scores.update(scores)
+            if note:
+                report.notes[metric] = note
+        except Exception as exc:  # one failing metric must not erase the others
+            _mark_unavailable(report, metric, exc)
+    return report
+
+
+def _tokenize_for_report(
+    java: str | None, raw_refs: list[list[str]], raw_hyps: list[str], timeout_s: float, report: MetricReport
+) -> tuple[list[list[str]], list[str], str]:
+    """PTB-tokenise with Java (report marked official), else python_tokenize (noted): (refs, hyps, why no Java)."""
     no_java_reason = "java not found on PATH (install a JRE; Java 8 for SPICE)" if java is None else ""
     if java is not None:
         flat = [c for image_refs in raw_refs for c in image_refs] + raw_hyps
         try:
-            tokens = ptb_tokenize(java, flat, java_timeout_s)
+            tokens = ptb_tokenize(java, flat, timeout_s)
         except Exception as exc:  # any tokenizer failure falls back to Python
             no_java_reason = f"PTB tokenizer failed: {exc}"
         else:
@@ -493,37 +543,52 @@ def score_captions(
             refs = [[next(it) for _ in image_refs] for image_refs in raw_refs]
             hyps = [next(it) for _ in raw_hyps]
             report.tokenizer, report.official = "ptb", True
-    if not report.official:
-        report.notes["tokenizer"] = f"python_tokenize used, scores not official: {no_java_reason}"
-        log.warning("caption metrics: %s", report.notes["tokenizer"])
-        refs = [[python_tokenize(c) for c in image_refs] for image_refs in raw_refs]
-        hyps = [python_tokenize(h) for h in raw_hyps]
+            return refs, hyps, no_java_reason
+    report.notes["tokenizer"] = f"python_tokenize used, scores not official: {no_java_reason}"
+    logging.getLogger(__name__).warning("caption metrics: %s", report.notes["tokenizer"])
+    refs = [[python_tokenize(c) for c in image_refs] for image_refs in raw_refs]
+    hyps = [python_tokenize(h) for h in raw_hyps]
+    return refs, hyps, no_java_reason
 
-    for metric in wanted:
-        names = _SCORE_NAMES[metric]
-        try:
-            if metric == "SPICE" and (reason := spice_missing_reason(spice_dir)) is not None:
-                raise JavaStepError(reason)
-            if metric in ("METEOR", "SPICE") and not report.official:
-                raise JavaStepError(f"{metric} needs Java and the PTB tokenizer: {no_java_reason}")
-            if metric == "BLEU":
-                report.scores.update(_bleu(refs, hyps))
-            elif metric == "ROUGE_L":
-                report.scores.update(_rouge(refs, hyps))
-            elif metric == "CIDEr":
-                report.scores.update(_cider(refs, hyps))
-            elif metric == "METEOR":
-                assert java is not None
-                report.scores["METEOR"] = meteor_score(java, refs, hyps, java_timeout_s)
-            else:  # SPICE
-                assert java is not None and spice_dir is not None
-                report.scores["SPICE"], note = spice_score(java, refs, hyps, spice_dir, java_timeout_s)
-                if note:
-                    report.notes["SPICE"] = note
-        except Exception as exc:  # one failing metric must not erase the others
-            reason = str(exc) if isinstance(exc, JavaStepError) else f"{type(exc).__name__}: {exc}"
-            for name in names:
-                report.unavailable[name] = reason
-                report.scores.pop(name, None)
-            log.warning("caption metrics: %s unavailable: %s", metric, reason)
-    return report
+
+def _why_unavailable(
+    metric: str, official: bool, spice_dir: str | os.PathLike[str] | None, no_java_reason: str
+) -> str | None:
+    """Why ``metric`` cannot run at all (SPICE jars missing; METEOR or SPICE without Java), or None."""
+    if metric == "SPICE" and (reason := spice_missing_reason(spice_dir)) is not None:
+        return reason
+    if metric in ("METEOR", "SPICE") and not official:
+        return f"{metric} needs Java and the PTB tokenizer: {no_java_reason}"
+    return None
+
+
+def _run_metric(
+    metric: str,
+    refs: list[list[str]],
+    hyps: list[str],
+    java: str | None,
+    spice_dir: str | os.PathLike[str] | None,
+    timeout_s: float,
+) -> tuple[dict[str, float], str | None]:
+    """Compute one canonical metric on tokenised captions: (its scores by name, a note or None)."""
+    if metric == "BLEU":
+        return _bleu(refs, hyps), None
+    if metric == "ROUGE_L":
+        return _rouge(refs, hyps), None
+    if metric == "CIDEr":
+        return _cider(refs, hyps), None
+    if metric == "METEOR":
+        assert java is not None
+        return {"METEOR": meteor_score(java, refs, hyps, timeout_s)}, None
+    assert java is not None and spice_dir is not None  # SPICE
+    score, note = spice_score(java, refs, hyps, spice_dir, timeout_s)
+    return {"SPICE": score}, note
+
+
+def _mark_unavailable(report: MetricReport, metric: str, exc: Exception) -> None:
+    """Record why ``metric`` failed under each of its score names (dropping any partial score) and log it."""
+    reason = str(exc) if isinstance(exc, JavaStepError) else f"{type(exc).__name__}: {exc}"
+    for name in _SCORE_NAMES[metric]:
+        report.unavailable[name] = reason
+        report.scores.pop(name, None)
+    logging.getLogger(__name__).warning("caption metrics: %s unavailable: %s", metric, reason)
