@@ -36,6 +36,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "test.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_evaluation_writes_metrics_and_a_results_file_pycocotools_loads(evaluated, tmp_path):
     root, captions, ckpt = evaluated
     out = tmp_path / "out"
@@ -73,6 +74,7 @@ def test_two_processes_each_decode_a_shard_and_cover_the_split_once(evaluated, t
     assert [r["caption"] for r in a] == [r["caption"] for r in b]
 
 
+@pytest.mark.slow
 def test_a_plain_folder_is_captioned_without_references(evaluated, tmp_path):
     root, captions, ckpt = evaluated
     folder = tmp_path / "photos"

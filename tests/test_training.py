@@ -72,6 +72,7 @@ def test_schedule_values_equal_the_reference_formula():
     assert lr_at(0, ScheduleConfig("fixed", 3e-4, 1, 1, 1, 5)) == 3e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["xe-features", "xe-e2e", "scst-features", "scst-e2e"])
 def test_each_mode_runs_and_learns(tiny_data, tmp_path, mode):
     """A few epochs on tiny data: the XE loss falls, the SCST reward rises; checkpoints, log and plot appear."""
@@ -102,6 +103,7 @@ def test_each_mode_runs_and_learns(tiny_data, tmp_path, mode):
     assert ckpt["train_config"]["reinforce"] is rl and ckpt["model_config"]["backbone"] is not None or not e2e
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_batch(tiny_data, tmp_path):
     d = tiny_data
     common = ["--num_epochs", "1", "--sched_type", "fixed", "--lr", "1e-3", "--enc_drop", "0", "--dec_drop", "0",
@@ -207,6 +209,7 @@ def test_sigkill_then_same_command_resumes_to_identical_weights(tiny_data, tmp_p
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.slow
 def test_a_rerun_with_other_settings_is_refused_not_mixed(tiny_data, tmp_path):
     d = tiny_data
     train.main(train.parse_config(_train_args(d, tmp_path, "--num_epochs", "1", "--batch_size", "16")))
@@ -235,6 +238,7 @@ def test_two_gloo_processes_equal_one_process_on_the_same_global_batch(tiny_data
     assert log and log[-1]["skipped"] == 0
 
 
+@pytest.mark.slow
 def test_features_of_another_backbone_than_the_body_are_refused(tiny_data, tmp_path):
     """A body trained end-to-end on one backbone config cannot train on features made with another."""
     d = tiny_data
