@@ -2,6 +2,8 @@
 
 The backbone comes from a Microsoft or timm Swin file (phase 1), one of our end-to-end checkpoints (phase 4, its
 backbone part), or a backbone file of this project. Killed half-way, the same command continues where it stopped.
+Under torchrun (one process per GPU, any number of machines) each process writes a shard and rank 0 joins them into
+the same one file.
 """
 
 from __future__ import annotations

@@ -7,8 +7,10 @@ run resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Sequence
@@ -34,6 +36,34 @@ class FeatureFileError(ValueError):
 def required_bytes(num_images: int, tokens: int, channels: int, dtype: str) -> int:
     """Size of the features dataset: N x tokens x channels x itemsize."""
     return num_images * tokens * channels * np.dtype(DTYPES[dtype]).itemsize
+
+
+def _attr_value(value: Any) -> Any:
+    return json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
+
+
+def _create_layout(f: h5py.File, image_ids: Sequence[int], tokens: int, channels: int, dtype: Any) -> None:
+    """The datasets of a feature file: features chunked by image (uncompressed, so readers copy chunks raw), the id
+    index and the valid mask."""
+    f.create_dataset("features", shape=(len(image_ids), tokens, channels), dtype=dtype, chunks=(1, tokens, channels))
+    f.create_dataset("image_ids", data=np.asarray(image_ids, dtype=np.int64))
+    f.create_dataset("valid", shape=(len(image_ids),), dtype=bool, fillvalue=False)
+
+
+def same_job(path: str | Path, meta: dict[str, Any], image_ids: Sequence[int]) -> bool:
+    """Whether the feature file (partial or complete) at path was made by the job of meta (the writer's attributes
+    with tokens, channels and dtype; batch_size may differ) over these image ids. Raises OSError, KeyError or
+    FeatureFileError when the file cannot be read as a feature file."""
+    with h5py.File(path, "r") as f:
+        if f.attrs.get("format") != FEATURES_FORMAT:
+            raise FeatureFileError(f"{path} is not a feature file")
+        for k, v in meta.items():
+            if k == "batch_size":
+                continue
+            stored = f.attrs.get(k)
+            if stored is None or str(stored) != str(_attr_value(v)):
+                return False
+        return np.array_equal(f["image_ids"][()], np.asarray(image_ids, dtype=np.int64))
 
 
 class FeatureWriter:
@@ -74,14 +104,11 @@ class FeatureWriter:
                 raise OSError(f"not enough disk space for {self.path}: needs {needed / 1e9:.2f} GB, "
                               f"{free / 1e9:.2f} GB free")
             with h5py.File(self.partial, "w") as f:
-                f.create_dataset("features", shape=(len(image_ids), tokens, channels), dtype=DTYPES[dtype],
-                                 chunks=(1, tokens, channels))
-                f.create_dataset("image_ids", data=np.asarray(image_ids, dtype=np.int64))
-                f.create_dataset("valid", shape=(len(image_ids),), dtype=bool, fillvalue=False)
+                _create_layout(f, image_ids, tokens, channels, DTYPES[dtype])
                 f.attrs["format"] = FEATURES_FORMAT
                 f.attrs["format_version"] = FEATURES_VERSION
                 for k, v in meta.items():
-                    f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list, tuple)) else v
+                    f.attrs[k] = _attr_value(v)
                 f.attrs["num_written"] = 0
                 f.attrs["complete"] = False
         self._file = h5py.File(self.partial, "r+")
@@ -89,17 +116,7 @@ class FeatureWriter:
         self.total = len(image_ids)
 
     def _same_job(self, meta: dict[str, Any], image_ids: Sequence[int]) -> bool:
-        with h5py.File(self.partial, "r") as f:
-            if f.attrs.get("format") != FEATURES_FORMAT:
-                raise FeatureFileError(f"{self.partial} is not a feature file")
-            for k, v in meta.items():
-                if k == "batch_size":
-                    continue
-                expected = json.dumps(v) if isinstance(v, (dict, list, tuple)) else v
-                stored = f.attrs.get(k)
-                if stored is None or str(stored) != str(expected):
-                    return False
-            return np.array_equal(f["image_ids"][()], np.asarray(image_ids, dtype=np.int64))
+        return same_job(self.partial, meta, image_ids)
 
     def append(self, features: np.ndarray, valid: np.ndarray | None = None) -> None:
         """Write the next rows (B, tokens, channels) and record progress (flushed, so a kill loses nothing written).
@@ -125,6 +142,122 @@ class FeatureWriter:
     def close(self) -> None:
         if self._file.id.valid:
             self._file.close()
+
+
+def partial_path(path: str | Path) -> Path:
+    """Where FeatureWriter writes path until it is complete."""
+    path = Path(path)
+    return path.with_name(path.name + ".partial")
+
+
+def shard_path(path: str | Path, rank: int, world: int) -> Path:
+    """The complete shard of one process of a multi-process run, next to the output: `features.hdf5.rank0-of-8`
+    (written as `features.hdf5.rank0-of-8.partial`)."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.rank{rank}-of-{world}")
+
+
+def join_partial_path(path: str | Path) -> Path:
+    """Where join_feature_shards writes path until the join is complete."""
+    path = Path(path)
+    return path.with_name(path.name + ".join.partial")
+
+
+def leftover_files(path: str | Path, world: int) -> list[Path]:
+    """Files next to path that an interrupted run with another number of processes left (its shards, or the
+    one-process `.partial`): a run with `world` processes can neither resume nor use them."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    shard = re.compile(rf"{re.escape(path.name)}\.rank(\d+)-of-(\d+)(\.partial)?")
+    out = []
+    for p in sorted(path.parent.iterdir()):
+        m = shard.fullmatch(p.name)
+        if (m and int(m.group(2)) != world) or (world > 1 and p.name == path.name + ".partial"):
+            out.append(p)
+    return out
+
+
+def check_disk_space_for_shards(path: str | Path, shards: Sequence[Path], shard_rows: Sequence[int], tokens: int,
+                                channels: int, dtype: str) -> int:
+    """Refuse (OSError) a multi-process run whose shards and joined file would not fit on the output's disk.
+
+    The shards and the joined file are on disk together while the main process joins them, so the run needs twice
+    the file's size, less what an interrupted run already wrote to its shards. Returns the bytes still needed.
+    """
+    path = Path(path)
+    final = required_bytes(sum(shard_rows), tokens, channels, dtype)
+    needed = final
+    for shard, rows in zip(shards, shard_rows):
+        written = max((p.stat().st_size for p in (shard, partial_path(shard)) if p.exists()), default=0)
+        needed += max(0, required_bytes(rows, tokens, channels, dtype) - written)
+    free = shutil.disk_usage(path.parent).free
+    if needed > free:
+        raise OSError(f"not enough disk space for {path} written by {len(shards)} processes: needs "
+                      f"{needed / 1e9:.2f} GB (its shards and the joined file, {final / 1e9:.2f} GB each, are on disk "
+                      f"together while they are joined), {free / 1e9:.2f} GB free")
+    return needed
+
+
+def join_feature_shards(path: str | Path, shards: Sequence[Path], image_ids: Sequence[int],
+                        overwrite: bool = False) -> Path:
+    """Join complete shard files, in order, into the feature file at path, then remove them.
+
+    The result is the file one process would have written: the same datasets, chunked by image and uncompressed (so
+    FeatureReader keeps its raw chunk reads), the shards' attributes, every chunk copied raw (bit for bit). It is
+    written as `<path>.join.partial` and renamed when complete; a leftover one (a kill during a join) is started over.
+    The shards must hold image_ids in order and come from the same job.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
+    tmp = join_partial_path(path)
+    tmp.unlink(missing_ok=True)
+    with contextlib.ExitStack() as stack:
+        files = []
+        for shard in shards:
+            try:
+                files.append(stack.enter_context(h5py.File(shard, "r")))
+            except OSError as e:
+                raise FeatureFileError(f"feature shard {shard} cannot be read: {e}") from e
+        first = files[0]
+        job = {k: str(v) for k, v in first.attrs.items() if k not in ("num_written", "complete")}
+        for shard, f in zip(shards, files):
+            if f.attrs.get("format") != FEATURES_FORMAT or not f.attrs.get("complete"):
+                raise FeatureFileError(f"{shard} is not a complete feature shard")
+            other = {k: str(v) for k, v in f.attrs.items() if k not in ("num_written", "complete")}
+            diff = sorted(k for k in job.keys() | other.keys() if job.get(k) != other.get(k))
+            ds = f["features"]
+            if diff or ds.shape[1:] != first["features"].shape[1:] or ds.dtype != first["features"].dtype:
+                raise FeatureFileError(f"{shard} was made by another job than {shards[0]} (differs in "
+                                       f"{', '.join(diff) or 'shape or dtype'})")
+            if ds.chunks != (1,) + ds.shape[1:] or ds.compression is not None:
+                raise FeatureFileError(f"{shard} is not chunked by image")
+        ids = np.concatenate([f["image_ids"][()] for f in files])
+        if not np.array_equal(ids, np.asarray(image_ids, dtype=np.int64)):
+            raise FeatureFileError(f"the shards {shards[0]}... do not hold the {len(image_ids)} images of {path} in "
+                                   "order")
+        src0 = first["features"]
+        with h5py.File(tmp, "w") as out:
+            _create_layout(out, ids, src0.shape[1], src0.shape[2], src0.dtype)
+            for k, v in first.attrs.items():
+                out.attrs[k] = v
+            out.attrs["num_written"] = 0
+            out.attrs["complete"] = False
+            dst, row = out["features"], 0
+            for f in files:
+                src, n = f["features"], f["features"].shape[0]
+                for r in range(n):
+                    mask, chunk = src.id.read_direct_chunk((r, 0, 0))
+                    dst.id.write_direct_chunk((row + r, 0, 0), chunk, mask)
+                out["valid"][row:row + n] = f["valid"][()]
+                row += n
+            out.attrs["num_written"] = row
+            out.attrs["complete"] = True
+    os.replace(tmp, path)
+    for shard in shards:
+        shard.unlink()
+    return path
 
 
 def inspect_feature_file(path: str | Path) -> dict[str, Any]:

@@ -3,26 +3,47 @@
 data_generator.py is its command line. Unreadable images are recorded as invalid rows; when more than
 `max_unreadable` of the images are missing or unreadable the run fails with one summary line instead of writing a
 file of invalid rows.
+
+Under torchrun (WORLD_SIZE > 1, any number of machines sharing the output's filesystem) each process extracts one
+contiguous shard of the images, cut at batch boundaries so every backbone call sees the same images as in one
+process, into its own resumable file next to the output (`features.hdf5.rank3-of-8`); once every shard is complete
+the main process joins them, chunk by chunk, into the one file a single process would have written, and removes them.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from data.captions import DatasetError, ImageRecord, load_records
-from data.features import FeatureWriter, required_bytes
+from data.features import (
+    FeatureFileError,
+    FeatureWriter,
+    check_disk_space_for_shards,
+    join_feature_shards,
+    join_partial_path,
+    leftover_files,
+    partial_path,
+    required_bytes,
+    same_job,
+    shard_path,
+)
 from data.images import ImageLoadError, load_image_tensor
 from engine.checkpoints import read_backbone_file
 from models.backbone import backbone_output_shape, backbone_tokens, create_backbone, load_backbone_state_dict
 from models.config import BackboneConfig
 from utils.checkpoint import state_dict_sha256
+from utils.dist import DistInfo, all_gather_objects, cleanup, coordination_group, init_distributed
 from utils.fields import option
 from utils.runtime import RuntimeOptions, autocast, resolve_device, resolve_precision
 
@@ -83,8 +104,22 @@ def load_backbone(cfg: GeneratorConfig) -> tuple[torch.nn.Module, BackboneConfig
     return backbone.eval(), bb
 
 
+def _job_attrs(cfg: GeneratorConfig, backbone: torch.nn.Module, bb: BackboneConfig) -> dict:
+    return {"backbone_name": bb.name, "backbone_config": bb.to_dict(), "weights_sha256": state_dict_sha256(
+        backbone.state_dict()), "img_size": bb.img_size, "source_checkpoint": str(Path(cfg.backbone).resolve()),
+        "captions_path": str(Path(cfg.captions_path).resolve()), "images_path": str(Path(cfg.images_path).resolve()),
+        "batch_size": cfg.batch_size}
+
+
 def extract_features(cfg: GeneratorConfig) -> Path:
-    """Write (or finish) the feature file of cfg; returns its path."""
+    """Write (or finish) the feature file of cfg; returns its path. Under torchrun, this process's shard, joined
+    with the others' by the main process (every process returns once the file is in place)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        info = init_distributed(resolve_device(cfg.device).type)
+        try:
+            return _extract_sharded(cfg, info, coordination_group())
+        finally:
+            cleanup()
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     records = load_records(cfg.captions_path, cfg.images_path)
@@ -92,10 +127,10 @@ def extract_features(cfg: GeneratorConfig) -> Path:
     backbone, bb = load_backbone(cfg)
     backbone.to(device)
     tokens, channels = backbone_output_shape(bb)
-    attrs = {"backbone_name": bb.name, "backbone_config": bb.to_dict(), "weights_sha256": state_dict_sha256(
-        backbone.state_dict()), "img_size": bb.img_size, "source_checkpoint": str(Path(cfg.backbone).resolve()),
-        "captions_path": str(Path(cfg.captions_path).resolve()), "images_path": str(Path(cfg.images_path).resolve()),
-        "batch_size": cfg.batch_size}
+    attrs = _job_attrs(cfg, backbone, bb)
+    for p in leftover_files(cfg.output_path, 1):
+        warnings.warn(f"{p} is left by an interrupted run with several processes: rerun with that many processes "
+                      "to finish it, or delete it", stacklevel=2)
     size = required_bytes(len(records), tokens, channels, cfg.dtype)
     print(f"{len(records)} images -> {cfg.output_path}: ({len(records)}, {tokens}, {channels}) {cfg.dtype}, "
           f"{size / 1e9:.2f} GB; backbone {bb.name} at {bb.img_size}px on {device} ({precision})", flush=True)
@@ -114,11 +149,12 @@ def extract_features(cfg: GeneratorConfig) -> Path:
 
 
 def _extract(backbone: torch.nn.Module, images: _Images, writer: FeatureWriter, cfg: GeneratorConfig,
-             device: torch.device, precision: str) -> list[str]:
+             device: torch.device, precision: str, desc: str = "features", progress: bool = True) -> list[str]:
     """Run the images through the backbone in batches, appending to writer; returns the unreadable images' errors."""
     loader = DataLoader(images, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda")
-    bar = tqdm(total=writer.total, initial=writer.num_written, unit="img", desc="features", dynamic_ncols=True)
+    bar = tqdm(total=writer.total, initial=writer.num_written, unit="img", desc=desc, dynamic_ncols=True,
+               disable=not progress)
     t0, done, errors = time.perf_counter(), 0, []
     with torch.inference_mode():
         for pixels, batch_errors in loader:
@@ -135,10 +171,151 @@ def _extract(backbone: torch.nn.Module, images: _Images, writer: FeatureWriter, 
 
 def _report_unreadable(errors: list[str], total: int, max_unreadable: float) -> None:
     """One summary line for unreadable images; an error when they are more than max_unreadable of the total."""
-    if not errors:
-        return
-    summary = (f"{len(errors)} of {total} images could not be read and are marked invalid in the file (training "
-               f"skips them), e.g. {errors[0]}")
-    if len(errors) > max_unreadable * total:
+    if errors:
+        _unreadable_verdict(len(errors), errors[0], total, max_unreadable)
+
+
+def _unreadable_verdict(count: int, example: str, total: int, max_unreadable: float, show: bool = True) -> None:
+    summary = (f"{count} of {total} images could not be read and are marked invalid in the file (training "
+               f"skips them), e.g. {example}")
+    if count > max_unreadable * total:
         raise DatasetError(summary + f"; that is more than --max_unreadable {max_unreadable:g} of the images")
-    print(f"warning: {summary}", flush=True)
+    if show:
+        print(f"warning: {summary}", flush=True)
+
+
+def shard_ranges(num_images: int, world: int, batch_size: int) -> list[tuple[int, int]]:
+    """Each process's contiguous [start, stop) of the images: whole batches, as even as they divide (the last
+    process's may end on the final partial batch; a process may get none when there are fewer batches than
+    processes). Cutting at batch boundaries keeps every backbone call the same as in a single process."""
+    batches = -(-num_images // batch_size)
+    cuts = [min(num_images, (r * batches // world) * batch_size) for r in range(world + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _agree(error: BaseException | None, group) -> None:
+    """Raise on every process the first error any process met (so none waits for a peer that gave up)."""
+    first = next((e for e in all_gather_objects(error, group) if e is not None), None)
+    if first is not None:
+        raise first
+
+
+def _prepare_shards(cfg: GeneratorConfig, meta: dict, ids: list[int], ranges: list[tuple[int, int]],
+                    tokens: int, channels: int) -> None:
+    """The main process's checks before any shard is written: no complete file (unless --overwrite), no files of
+    a run with another number of processes, shards of this run of the same job (others refused, or removed with
+    --overwrite), a half-done join removed, and room for every shard plus the joined file."""
+    out, world = Path(cfg.output_path), len(ranges)
+    if out.exists() and not cfg.overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    stale = leftover_files(out, world)
+    if stale and not cfg.overwrite:
+        m = re.search(r"-of-(\d+)", stale[0].name[len(out.name):])
+        other = f"{m.group(1)} processes" if m else "one process"
+        raise FileExistsError(f"{stale[0]} is left by an interrupted run with {other}: rerun with {other} to finish "
+                              f"it, or pass --overwrite to start over with {world}")
+    for p in stale:
+        p.unlink()
+    if join_partial_path(out).exists():
+        print(f"{join_partial_path(out)} is a join that was interrupted: it is redone", flush=True)
+        join_partial_path(out).unlink()
+    for rank, (lo, hi) in enumerate(ranges):
+        for p in (shard_path(out, rank, world), partial_path(shard_path(out, rank, world))):
+            if not p.exists():
+                continue
+            try:
+                ok = same_job(p, meta, ids[lo:hi])
+                if ok and p.suffix != ".partial" and not _is_complete(p):
+                    raise FeatureFileError(f"{p} is not complete")
+            except (OSError, KeyError, FeatureFileError):
+                print(f"{p} is unreadable (interrupted during a write?): starting that shard over", flush=True)
+                p.unlink()
+                continue
+            if ok:
+                continue
+            if not cfg.overwrite:
+                with h5py.File(p, "r") as f:
+                    batch = int(f.attrs.get("batch_size", cfg.batch_size))
+                if batch != cfg.batch_size:
+                    raise FileExistsError(f"{p} was cut for --batch_size {batch} (shards end at batch boundaries): "
+                                          f"rerun with --batch_size {batch} to resume it, or pass --overwrite to "
+                                          "start over")
+                raise FileExistsError(f"{p} is a feature shard of a different job (other backbone, images or dtype); "
+                                      "pass --overwrite to replace it, or choose another output path")
+            p.unlink()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    check_disk_space_for_shards(out, [shard_path(out, r, world) for r in range(world)],
+                                [hi - lo for lo, hi in ranges], tokens, channels, cfg.dtype)
+
+
+def _is_complete(path: Path) -> bool:
+    with h5py.File(path, "r") as f:
+        return bool(f.attrs.get("complete"))
+
+
+def _extract_sharded(cfg: GeneratorConfig, info: DistInfo, group) -> Path:
+    """This process's shard (resumed when a partial one is there), then the join on the main process."""
+    device, rank, world = info.device, info.rank, info.world
+    precision = resolve_precision(cfg.precision, device)
+    records = load_records(cfg.captions_path, cfg.images_path)
+    check_images_present(records, cfg.max_unreadable, cfg.images_path)
+    backbone, bb = load_backbone(cfg)
+    backbone.to(device)
+    tokens, channels = backbone_output_shape(bb)
+    attrs = _job_attrs(cfg, backbone, bb)
+    ids = [r.image_id for r in records]
+    ranges = shard_ranges(len(records), world, cfg.batch_size)
+    out = Path(cfg.output_path)
+    if info.is_main:
+        size = required_bytes(len(records), tokens, channels, cfg.dtype)
+        print(f"{len(records)} images -> {out}: ({len(records)}, {tokens}, {channels}) {cfg.dtype}, "
+              f"{size / 1e9:.2f} GB, by {world} processes (shards of up to {max(b - a for a, b in ranges)} images, "
+              f"{2 * size / 1e9:.2f} GB on disk while they are joined); backbone {bb.name} at {bb.img_size}px on "
+              f"{device.type} ({precision})", flush=True)
+    error = None
+    if info.is_main:
+        try:
+            _prepare_shards(cfg, {**attrs, "tokens": tokens, "channels": channels, "dtype": cfg.dtype}, ids, ranges,
+                            tokens, channels)
+        except (FileExistsError, OSError, FeatureFileError) as e:
+            error = e
+    _agree(error, group)
+
+    lo, hi = ranges[rank]
+    shard, errors = shard_path(out, rank, world), []
+    if hi > lo and shard.exists():
+        print(f"rank {rank}: shard {shard.name} is already complete", flush=True)
+    elif hi > lo:
+        writer = FeatureWriter(shard, ids[lo:hi], tokens, channels, cfg.dtype, attrs, overwrite=cfg.overwrite)
+        try:
+            if writer.num_written:
+                print(f"rank {rank}: resuming after {writer.num_written} of its {hi - lo} images already written",
+                      flush=True)
+            errors = _extract(backbone, _Images(records[lo + writer.num_written:hi], bb), writer, cfg, device,
+                              precision, desc=f"features (rank 0 of {world})", progress=info.is_main)
+            writer.finish()
+        finally:
+            writer.close()
+    unreadable, example = 0, ""
+    if hi > lo:
+        with h5py.File(shard, "r") as f:
+            invalid = np.flatnonzero(~f["valid"][()])
+        unreadable = len(invalid)
+        example = errors[0] if errors else (f"{records[lo + invalid[0]].path}" if unreadable else "")
+    counts = all_gather_objects((unreadable, example), group)  # every shard is complete past this point
+
+    error = None
+    if info.is_main:
+        try:
+            join_feature_shards(out, [shard_path(out, r, world) for r, (a, b) in enumerate(ranges) if b > a], ids,
+                                overwrite=cfg.overwrite)
+        except (FileExistsError, OSError, FeatureFileError) as e:
+            error = e
+    _agree(error, group)
+    total_unreadable = sum(c for c, _ in counts)
+    if total_unreadable:
+        _unreadable_verdict(total_unreadable, next(e for c, e in counts if c), len(records), cfg.max_unreadable,
+                            show=info.is_main)
+    if info.is_main:
+        print(f"wrote {out}", flush=True)
+    return out

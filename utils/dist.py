@@ -6,6 +6,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -66,13 +67,23 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_gather_objects(obj: Any) -> list[Any]:
-    """Every process's object, in rank order (a list of one in a single process)."""
+def all_gather_objects(obj: Any, group: Any = None) -> list[Any]:
+    """Every process's object, in rank order (a list of one in a single process); group: the default one or one of
+    coordination_group()."""
     if not dist.is_initialized():
         return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
     return out
+
+
+def coordination_group(timeout_s: float = 7 * 24 * 3600.0) -> Any:
+    """A gloo group of every process, for small CPU-side messages that may wait long (a process done with its share
+    waiting for the slowest one, or for a file the main process is writing) where the default group would time out
+    (NCCL's watchdog after 10 minutes). None in a single process; every process must call it, in the same order."""
+    if not dist.is_initialized():
+        return None
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
 
 
 def launch(worker: Callable[[Any], Any], cfg: Any, num_procs: int, port: int) -> Any:
