@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from data.captions import DatasetError, ImageRecord, load_records
+from data.captions import DatasetError, ImageRecord, load_records, missing_image_message
 from data.features import (
     FeatureFileError,
     FeatureWriter,
@@ -89,9 +89,9 @@ def check_images_present(records: list[ImageRecord], max_unreadable: float, imag
     """Fail before any work when too many image files are missing (a wrong --images_path, typically)."""
     missing = [r for r in records if not r.path.is_file()]
     if len(missing) > max_unreadable * len(records):
-        raise DatasetError(f"{len(missing)} of {len(records)} image files do not exist (e.g. {missing[0].path}); "
-                           f"check --images_path {images_path} (relative paths of a manifest resolve against the "
-                           "manifest's folder when --images_path is not given)")
+        raise DatasetError(f"{len(missing)} of {len(records)} image files do not exist (e.g. "
+                           f"{missing_image_message(missing[0])}); check --images_path {images_path} (a manifest's "
+                           "relative paths are looked up there first, then beside the manifest)")
 
 
 def load_backbone(cfg: GeneratorConfig) -> tuple[torch.nn.Module, BackboneConfig]:
