@@ -1,5 +1,6 @@
 # The README's commands. `make quickstart` runs the main job on the embedded synthetic dataset; `make test` runs the
-# linter and the whole test suite. Both create .venv and install requirements.txt first (skipped when unchanged).
+# linter and the whole test suite, `make test-fast` the unit tests only. All create .venv and install
+# requirements.txt first (skipped when unchanged).
 
 PYTHON ?= python3
 VENV := .venv
@@ -7,7 +8,7 @@ BIN := $(VENV)/bin
 REQ_HASH := $(shell sha256sum requirements.txt | cut -c1-16)
 STAMP := $(VENV)/.installed-$(REQ_HASH)
 
-.PHONY: setup browser quickstart test lint bench clean
+.PHONY: setup browser quickstart test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -43,6 +44,12 @@ test: setup browser
 	$(BIN)/ruff check .
 	@echo "== test: pytest (the whole suite, slow tests included)"
 	$(BIN)/python -m pytest -q
+
+# the unit tests: everything not marked slow (no training runs, servers, browser or quickstart); the loop while working
+test-fast: setup
+	@echo "== test-fast: ruff, then the tests not marked slow"
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py
