@@ -1,16 +1,26 @@
-"""Serving throughput on CPU: a real uvicorn server, one client at a time vs 16 concurrent clients (micro-batching)."""
+"""Serving throughput on CPU: a real uvicorn server, one client at a time vs 16 concurrent clients (micro-batching).
+
+With --baseline_root, the same model is also served from another checkout (e.g. the commit before a change) and the
+two servers are measured in alternation, round after round, so that both see the same machine load."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import math
+import os
 import statistics
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from serving.testing import RunningServer
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -27,6 +37,8 @@ class BenchConfig:
     max_batch_size: int
     max_wait_ms: float
     threads: int
+    rounds: int
+    baseline_root: str | None
     output: str | None
 
 
@@ -40,10 +52,13 @@ def parse_config(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--max_batch_size", type=int, default=16, help="CAPTION_MAX_BATCH_SIZE of the server")
     p.add_argument("--max_wait_ms", type=float, default=5.0, help="CAPTION_MAX_WAIT_MS of the server")
     p.add_argument("--threads", type=int, default=0, help="CAPTION_THREADS (torch threads; 0: torch's default)")
+    p.add_argument("--rounds", type=int, default=1, help="repeat both phases; medians are reported")
+    p.add_argument("--baseline_root", default=None,
+                   help="also serve api.py from this checkout and measure it in alternation with this one")
     p.add_argument("--output", default=None, help="also write the results as JSON to this file")
     a = p.parse_args(argv)
     return BenchConfig(a.requests, a.concurrency, a.img_size, a.beam_size, a.max_len, a.max_batch_size,
-                       a.max_wait_ms, a.threads, a.output)
+                       a.max_wait_ms, a.threads, a.rounds, a.baseline_root, a.output)
 
 
 def make_checkpoint(directory: Path, img_size: int) -> Path:
@@ -94,28 +109,89 @@ async def run_phase(base_url: str, image: bytes, query: str, total: int, concurr
             "p50_ms": statistics.median(ms), "p95_ms": percentile(ms, 95)}
 
 
-def main(cfg: BenchConfig) -> dict[str, object]:
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc; nan elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(server: RunningServer, image: bytes, query: str, cfg: BenchConfig) -> dict[str, dict[str, float]]:
+    """One round: the requests one at a time, then from cfg.concurrency clients; with each phase, the server's CPU
+    time per request (a figure other jobs on a shared machine disturb much less than requests/s)."""
+    round_: dict[str, dict[str, float]] = {}
+    for phase, clients in (("sequential", 1), ("concurrent", cfg.concurrency)):
+        cpu = process_cpu_seconds(server.process.pid)
+        round_[phase] = asyncio.run(run_phase(server.base_url, image, query, cfg.requests, clients))
+        cpu = process_cpu_seconds(server.process.pid) - cpu
+        round_[phase]["server_cpu_ms_per_request"] = 1000 * cpu / cfg.requests
+    return round_
+
+
+def summarise(rounds: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
+    """Medians over rounds of each phase's figures, and of the concurrent / sequential ratio."""
+    summary: dict[str, Any] = {phase: {key: statistics.median(r[phase][key] for r in rounds)
+                                          for key in rounds[0][phase]} for phase in ("sequential", "concurrent")}
+    summary["throughput_ratio"] = statistics.median(r["concurrent"]["requests_per_s"] /
+                                                    r["sequential"]["requests_per_s"] for r in rounds)
+    return summary
+
+
+def serve_and_measure(cfg: BenchConfig) -> dict[str, list[dict[str, dict[str, float]]]]:
+    """Rounds of measurements per server (this checkout, and the baseline one when given), in alternation."""
     from serving.testing import image_bytes, uvicorn_server
 
     image = image_bytes((640, 480), "JPEG")
     query = f"beam_size={cfg.beam_size}&max_len={cfg.max_len}"
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         checkpoint = make_checkpoint(Path(tmp), cfg.img_size)
         env = {"CAPTION_CHECKPOINT": str(checkpoint), "CAPTION_MAX_BATCH_SIZE": str(cfg.max_batch_size),
                "CAPTION_MAX_WAIT_MS": str(cfg.max_wait_ms), "CAPTION_QUEUE_SIZE": str(4 * cfg.concurrency),
                "CAPTION_THREADS": str(cfg.threads)}
-        with uvicorn_server("api:app", env, Path(tmp) / "server.log") as server:
-            asyncio.run(run_phase(server.base_url, image, query, 2 * cfg.concurrency, cfg.concurrency))  # warm-up
-            sequential = asyncio.run(run_phase(server.base_url, image, query, cfg.requests, 1))
-            concurrent = asyncio.run(run_phase(server.base_url, image, query, cfg.requests, cfg.concurrency))
-    ratio = concurrent["requests_per_s"] / sequential["requests_per_s"]
-    results = {"config": vars(cfg), "sequential": sequential, "concurrent": concurrent, "throughput_ratio": ratio}
+        roots = {"this checkout": ROOT}
+        if cfg.baseline_root:
+            roots["baseline"] = Path(cfg.baseline_root).resolve()
+        servers = {name: stack.enter_context(uvicorn_server("api:app", env, Path(tmp) / f"server{i}.log",
+                                                            app_dir=root))
+                   for i, (name, root) in enumerate(roots.items())}
+        for server in servers.values():  # warm-up
+            asyncio.run(run_phase(server.base_url, image, query, 2 * cfg.concurrency, cfg.concurrency))
+        rounds: dict[str, list[dict[str, dict[str, float]]]] = {name: [] for name in servers}
+        for index in range(cfg.rounds):
+            for name in list(servers)[::1 if index % 2 == 0 else -1]:
+                rounds[name].append(measure(servers[name], image, query, cfg))
+    return rounds
+
+
+def main(cfg: BenchConfig) -> dict[str, object]:
+    rounds = serve_and_measure(cfg)
+    results: dict[str, object] = {"config": vars(cfg), "rounds": rounds}
     print(f"model: {cfg.img_size} px end-to-end Optimizer-ExpansionNet (random weights), beam {cfg.beam_size}, "
-          f"max_len {cfg.max_len}, server max batch {cfg.max_batch_size}, max wait {cfg.max_wait_ms:g} ms")
-    for name, phase in (("one at a time", sequential), (f"{cfg.concurrency} concurrent", concurrent)):
-        print(f"{name:>15}: {phase['requests_per_s']:7.2f} requests/s  p50 {phase['p50_ms']:7.1f} ms  "
-              f"p95 {phase['p95_ms']:7.1f} ms  ({phase['requests']} requests in {phase['seconds']:.1f} s)")
-    print(f"throughput ratio (concurrent / sequential): {ratio:.2f}x (target >= 2x)")
+          f"max_len {cfg.max_len}, server max batch {cfg.max_batch_size}, max wait {cfg.max_wait_ms:g} ms; "
+          f"medians of {cfg.rounds} round(s)")
+    for server, measured in rounds.items():
+        summary = summarise(measured)
+        results[server] = summary
+        print(f"{server}:")
+        for label, key in (("one at a time", "sequential"), (f"{cfg.concurrency} concurrent", "concurrent")):
+            phase = summary[key]
+            print(f"{label:>15}: {phase['requests_per_s']:7.2f} requests/s  p50 {phase['p50_ms']:7.1f} ms  "
+                  f"p95 {phase['p95_ms']:7.1f} ms  server CPU {phase['server_cpu_ms_per_request']:5.1f} ms/request  "
+                  f"({phase['requests']:.0f} requests in {phase['seconds']:.1f} s)")
+        print(f"throughput ratio (concurrent / sequential): {summary['throughput_ratio']:.2f}x (target >= 2x)")
+    if "baseline" in rounds:
+        paired = [ours["concurrent"]["requests_per_s"] / base["concurrent"]["requests_per_s"]
+                  for ours, base in zip(rounds["this checkout"], rounds["baseline"])]
+        results["concurrent_vs_baseline"] = statistics.median(paired)
+        print(f"{cfg.concurrency}-client throughput, this checkout / baseline, median of paired rounds: "
+              f"{statistics.median(paired):.2f}x (rounds: {', '.join(f'{p:.2f}' for p in paired)})")
+        cpu = [ours["concurrent"]["server_cpu_ms_per_request"] / base["concurrent"]["server_cpu_ms_per_request"]
+               for ours, base in zip(rounds["this checkout"], rounds["baseline"])]
+        results["concurrent_cpu_vs_baseline"] = statistics.median(cpu)
+        print(f"server CPU per request at {cfg.concurrency} clients, this checkout / baseline, median of paired "
+              f"rounds: {statistics.median(cpu):.2f}x (rounds: {', '.join(f'{c:.2f}' for c in cpu)})")
     if cfg.output:
         Path(cfg.output).write_text(json.dumps(results, indent=2))
     return results
