@@ -13,10 +13,11 @@ class DynamicExpansionCache:
     For every past position it keeps K, Va, Vb and the conditioning vector cond (D each), and the forward-step
     outputs Ca, Cb of its E expanded rows (E x D each), which never change once written (the forward step is causal).
     Expanded queries and biases are not stored: they are q_exp[e] + cond_t and b_exp[e] + cond_t.
+    Every buffer has a spare twin so that a beam re-ordering is one gather into the spare and a swap.
 
-    Buffers are position-major, (rows, batch, D): the filled prefix of a buffer is contiguous, so a beam re-ordering
-    is one contiguous gather of the filled rows into a spare twin (then a swap), and `append` hands the steps a
-    (batch, rows, D) strided view that matrix products read without a copy.
+    Buffers are batch-major, (batch, rows, D). A position-major layout (rows, batch, D), whose filled prefix is
+    contiguous, was measured too: 20% slower on a quiet 2-core machine (strided matrix products), though its gather
+    degrades far less when the cores are oversubscribed (docs/benchmarks.md, "Decoding").
     """
 
     NAMES = ("k", "va", "vb", "cond", "ca", "cb")
@@ -26,29 +27,27 @@ class DynamicExpansionCache:
         kw = {"device": device, "dtype": dtype}
         rows = {"k": max_len, "va": max_len, "vb": max_len, "cond": max_len, "ca": max_len * num_exp,
                 "cb": max_len * num_exp}
-        self._buffers = {name: torch.zeros(n, batch, d_model, **kw) for name, n in rows.items()}
-        self._spares = {name: torch.empty(n, batch, d_model, **kw) for name, n in rows.items()}
+        self._buffers = {name: torch.zeros(batch, n, d_model, **kw) for name, n in rows.items()}
+        self._spares = {name: torch.empty(batch, n, d_model, **kw) for name, n in rows.items()}
         self.num_exp = num_exp
         self.length = 0
 
     def append(self, name: str, rows: torch.Tensor) -> torch.Tensor:
-        """Write the newest position's rows (B, n, D) after the filled prefix; return the whole filled buffer as a
-        (B, filled, D) view.
+        """Write the newest position's rows (B, n, D) after the filled prefix; return the whole filled buffer.
 
         n is 1 for k, va, vb and cond and num_exp for ca and cb; `length` moves on in DecoderCache.advance.
         """
-        n = rows.shape[1]
-        start = self.length * n
+        start = self.length * rows.shape[1]
         buf = self._buffers[name]
-        buf[start:start + n] = rows.transpose(0, 1)
-        return buf[:start + n].transpose(0, 1)
+        buf[:, start:start + rows.shape[1]] = rows
+        return buf[:, :start + rows.shape[1]]
 
     def reorder(self, index: torch.Tensor) -> None:
         """Gather rows along the batch axis (beam re-ordering): the filled prefix, into the spare buffers."""
         for name in self.NAMES:
             filled = self.length * (self.num_exp if name in ("ca", "cb") else 1)
             src, dst = self._buffers[name], self._spares[name]
-            torch.index_select(src[:filled], 1, index, out=dst[:filled])
+            torch.index_select(src[:, :filled], 0, index, out=dst[:, :filled])
             self._buffers[name], self._spares[name] = dst, src
 
 
