@@ -40,6 +40,7 @@ class _Part:
 
 
 def too_large(limit: int) -> HTTPException:
+    """413 naming the limit; the connection closes, the rest of the body unread."""
     return HTTPException(413, f"request body is larger than the limit of {limit} bytes", headers=CLOSE)
 
 
