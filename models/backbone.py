@@ -17,9 +17,17 @@ class BackboneWeightsError(ValueError):
 
 
 def create_backbone(cfg: BackboneConfig) -> nn.Module:
-    """A timm model with no classifier head and random weights (pretrained weights come from local files only)."""
-    return timm.create_model(cfg.name, pretrained=False, num_classes=0, img_size=cfg.img_size,
-                             drop_path_rate=cfg.drop_path_rate, **cfg.overrides)
+    """A timm model with no classifier head and random weights (pretrained weights come from local files only).
+
+    Transformers are built for cfg.img_size; convolutional families take any input size and no img_size argument.
+    """
+    kwargs = {"pretrained": False, "num_classes": 0, "drop_path_rate": cfg.drop_path_rate, **cfg.overrides}
+    try:
+        return timm.create_model(cfg.name, img_size=cfg.img_size, **kwargs)
+    except TypeError as e:
+        if "img_size" not in str(e):
+            raise
+        return timm.create_model(cfg.name, **kwargs)
 
 
 def backbone_output_shape(cfg: BackboneConfig) -> tuple[int, int]:
@@ -30,10 +38,14 @@ def backbone_output_shape(cfg: BackboneConfig) -> tuple[int, int]:
 
 
 def backbone_tokens(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """images (B, 3, H, W) -> tokens (B, H' * W', C) of the last stage after the final norm (timm gives NHWC)."""
+    """images (B, 3, H, W) -> tokens (B, H' * W', C) of the last stage: timm's Swin gives NHWC (its `output_fmt`),
+    convolutional families NCHW; a (B, N, C) sequence passes through."""
     feats = backbone.forward_features(images)
     if feats.dim() == 4:
-        feats = feats.flatten(1, 2)
+        if str(getattr(getattr(backbone, "output_fmt", "NCHW"), "value", getattr(backbone, "output_fmt", "NCHW"))) \
+                == "NHWC":
+            return feats.flatten(1, 2)  # (B, H', W', C) -> (B, H'W', C)
+        return feats.flatten(2).transpose(1, 2)  # (B, C, H', W') -> (B, H'W', C)
     return feats
 
 

@@ -229,3 +229,18 @@ def test_memory_slots_start_as_their_init_says_and_memory_attention_biases_start
         assert v.std().item() == pytest.approx(scaled_std[1], rel=0.15)
     plain = build_model(tiny_config(name="expansionnet_v2", end_to_end=False))
     assert torch.count_nonzero(plain.decoders[0].mha.Wq.bias) > 0  # the baseline keeps PyTorch's default biases
+
+
+def test_backbone_tokens_read_channels_last_swin_and_channels_first_cnns_alike():
+    from models.backbone import backbone_tokens, create_backbone
+    from models.config import BackboneConfig, tiny_swinv2
+
+    images = torch.randn(2, 3, 64, 64)
+    cnn = create_backbone(BackboneConfig(name="resnet10t", img_size=64)).eval()
+    grid = cnn.forward_features(images)  # (B, C, H', W') = (2, 512, 2, 2)
+    tokens = backbone_tokens(cnn, images)
+    assert tokens.shape == (2, grid.shape[2] * grid.shape[3], grid.shape[1])
+    assert torch.equal(tokens[:, 1], grid[:, :, 0, 1])  # row-major positions, channels last
+    swin = create_backbone(tiny_swinv2(img_size=64, embed_dim=16, depths=(1, 1), window_size=4)).eval()
+    nhwc = swin.forward_features(images)  # (B, H', W', C)
+    assert torch.equal(backbone_tokens(swin, images)[:, 1], nhwc[:, 0, 1])
