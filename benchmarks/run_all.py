@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["bench_decoding.py", "bench_train_step.py", "bench_cider.py", "bench_data.py", "bench_serving.py"]
+SCRIPTS = ["bench_decoding.py", "bench_onnx.py", "bench_train_step.py", "bench_cider.py", "bench_data.py",
+           "bench_serving.py", "bench_serving_guard.py"]
 
 
 def main() -> int:
