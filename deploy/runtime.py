@@ -189,6 +189,7 @@ class OrtRuntime(CaptionRuntime):
         self.past_names, self.present_names = io["past"], io["present"]
         self.past_rows = io["past_rows_per_position"]  # 1 for k/va/vb/cond, num_exp_dec for ca/cb
         self.on_cuda = self.providers[0] == "CUDAExecutionProvider"
+        self._tmp: Any = None  # a temporary export folder this runtime keeps alive (deploy.loading)
 
     def _feed(self, array: np.ndarray) -> Any:
         if not self.on_cuda:
