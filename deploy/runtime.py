@@ -4,7 +4,7 @@ A runtime turns images (or cached features) into an encoder output (`encode`) an
 (`stepper`), the interface models.decoding's beam search, greedy search and sampling run over. Three kinds:
 
 - TorchRuntime: an ExpansionNet in PyTorch (autocast precision, any device);
-- OrtRuntime: an exported folder (deploy.onnx) run by ONNX Runtime, CPU or CUDA provider;
+- OrtRuntime: an exported folder (deploy.onnx_export) run by ONNX Runtime, CPU or CUDA provider;
 - EnsembleRuntime: several runtimes of one vocabulary; each member encodes with its own backbone (one pass per
   member per image) and keeps its own caches; the searches see the mean of the members' word probabilities.
 """
