@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI
 from PIL import Image
 
-from serving import Backend, CaptionParams, ServingSettings, create_app, load_settings, weights_summary
+from serving import Backend, CaptionParams, ServingSettings, create_app, load_settings
 
 if TYPE_CHECKING:
     import torch
@@ -16,39 +16,44 @@ if TYPE_CHECKING:
     from captioner import Captioner
 
 ENV_PREFIX = "CAPTION"
-MODEL_KEYS: dict[str, str | None] = {"CHECKPOINT": None, "VOCAB": None, "DEVICE": "cpu", "PRECISION": "auto"}
+MODEL_KEYS: dict[str, str | None] = {"CHECKPOINT": None, "VOCAB": None, "DEVICE": "cpu", "PRECISION": "auto",
+                                     "BACKEND": "auto", "ONNX_CACHE": None}
 
 
 class ExpansionNetBackend:
-    """Our checkpoints (or official ones with their vocabulary) behind the serving Backend protocol."""
+    """Our checkpoints, model folders or ONNX exports (or official checkpoints with their vocabulary), one model or an
+    ensemble, behind the serving Backend protocol."""
 
     def __init__(self, captioner: Captioner, checkpoint: str) -> None:
-        if not captioner.end_to_end:
-            raise RuntimeError(f"{checkpoint} is a features-only checkpoint (no backbone): it cannot caption images; "
-                               "serve an end-to-end checkpoint")
+        from engine.checkpoints import require_end_to_end
+
+        require_end_to_end(captioner.config, checkpoint, "be served (the API captions images)")
         self.captioner = captioner
         self.max_len = int(captioner.max_seq_len)
+        self.weights = captioner.runtime.weights()  # computed once: /ready answers without hashing again
 
     @classmethod
     def load(cls, model: Mapping[str, str | None], max_pixels: int | None = None) -> ExpansionNetBackend:
-        """Load CAPTION_CHECKPOINT (+ CAPTION_VOCAB for official checkpoints) on CAPTION_DEVICE."""
+        """Load CAPTION_CHECKPOINT (several, comma-separated: an ensemble; + CAPTION_VOCAB for official checkpoints)
+        on CAPTION_DEVICE with CAPTION_BACKEND."""
         from captioner import load_captioner
 
-        path = model.get("CHECKPOINT")
-        if not path:
+        paths = [p.strip() for p in (model.get("CHECKPOINT") or "").split(",") if p.strip()]
+        if not paths:
             raise RuntimeError(f"{ENV_PREFIX}_CHECKPOINT is not set: point it (or the key in the "
-                               f"{ENV_PREFIX}_API_CONFIG JSON file) to a checkpoint file")
-        captioner = load_captioner(path, device=model.get("DEVICE") or "cpu", vocab=model.get("VOCAB"),
-                                   precision=model.get("PRECISION") or "auto", max_pixels=max_pixels)
-        return cls(captioner, str(path))
+                               f"{ENV_PREFIX}_API_CONFIG JSON file) to a checkpoint file, model folder or ONNX folder")
+        captioner = load_captioner(paths, device=model.get("DEVICE") or "cpu", vocab=model.get("VOCAB"),
+                                   precision=model.get("PRECISION") or "auto", max_pixels=max_pixels,
+                                   backend=model.get("BACKEND") or "auto", onnx_cache=model.get("ONNX_CACHE"))
+        return cls(captioner, paths[0])
 
     def info(self) -> dict[str, Any]:
-        """Name, kind, size and weights hash (never the checkpoint's path), device and precision."""
+        """Name, kind, size and weights hash (never a file path), runtime, device and precision."""
         c = self.captioner
-        return {"backend": "expansionnet", "name": c.config.name, "kind": type(c.model).__name__,
-                **weights_summary(c.model), "device": str(c.device), "precision": c.precision,
-                "vocab_size": len(c.vocab), "image_size": c.config.backbone.img_size if c.config.backbone else None,
-                "max_len": self.max_len}
+        return {"backend": "expansionnet", "name": c.config.name, "kind": c.backend,
+                "members": len(getattr(c.runtime, "members", [c.runtime])), **self.weights, "device": str(c.device),
+                "precision": c.precision, "vocab_size": len(c.vocab),
+                "image_size": c.config.backbone.img_size if c.config.backbone else None, "max_len": self.max_len}
 
     def check_params(self, params: CaptionParams) -> None:
         if params.repetition_penalty != 1.0 or params.no_repeat_ngram_size != 0:
@@ -74,7 +79,8 @@ def load_backend(model: Mapping[str, str | None]) -> Backend:
 
 def build_app(environ: Mapping[str, str] | None = None, settings: ServingSettings | None = None) -> FastAPI:
     """The app for CAPTION_* settings (environment, or CAPTION_API_CONFIG); the model loads at start-up."""
-    env_settings, model = load_settings(ENV_PREFIX, MODEL_KEYS, path_keys=("CHECKPOINT", "VOCAB"), environ=environ)
+    env_settings, model = load_settings(ENV_PREFIX, MODEL_KEYS, path_keys=("CHECKPOINT", "VOCAB", "ONNX_CACHE"),
+                                        environ=environ)
     settings = settings or env_settings
     return create_app(lambda: load_backend(model), settings,
                       title="ExpansionNet v2 captioning API", env_prefix=ENV_PREFIX,

@@ -24,6 +24,7 @@ from data.vocab import Vocabulary
 from deploy.folder import card_facts, save_pretrained
 from deploy.loading import load_model, training_facts
 from deploy.runtime import CaptionRuntime, TorchRuntime
+from engine.checkpoints import require_end_to_end
 from models import ExpansionNet, ModelConfig
 from models.decoding import SearchOutput, beam_search, greedy_search, sample
 from utils.runtime import resolve_device, resolve_precision
@@ -106,9 +107,7 @@ class Captioner:
     def preprocess(self, images: Sequence[BatchItem]) -> torch.Tensor:
         """Paths, bytes, PIL images or preprocessed tensors -> (B, 3, H, W) normalised for this model's backbone
         (an ensemble's first member's; see pixels for members that want other sizes)."""
-        if not self.end_to_end:
-            raise ValueError("this checkpoint is a features-only model (no backbone): it cannot caption images; "
-                             "use caption_features, or an end-to-end checkpoint")
+        require_end_to_end(self.config, self.sources[0] if self.sources else "this model")
         pre = self.runtime.preprocessing
         return to_image_batch(images, pre.img_size, pre.mean, pre.std, max_pixels=self.max_pixels)
 
@@ -208,8 +207,9 @@ class Captioner:
         """Write a shareable model folder (config.json, vocab.json, model.safetensors, README.md); load it again
         with load_captioner(folder). Only a single PyTorch model can be saved (export.py writes ONNX folders)."""
         if not isinstance(self.runtime, TorchRuntime):
-            raise ValueError(f"save_pretrained needs a single PyTorch model; this captioner is {self.backend} "
-                             "(save each ensemble member on its own; an ONNX folder is already shareable)")
+            raise ValueError(f"save_pretrained needs a single PyTorch model; this captioner runs on {self.backend} "
+                             "(load it with load_captioner(path, backend='torch'); save ensemble members one by one; "
+                             "an ONNX folder is already shareable)")
         return save_pretrained(folder, self.model, self.config, self.vocab,
                                source=str(self.sources[0]) if self.sources else "",
                                card_extra=card_facts(self.training), training=self.training)
@@ -223,9 +223,10 @@ def load_captioner(path: str | Path | Sequence[str | Path], device: str | torch.
     folder (save_pretrained), an exported ONNX folder (export.py), or a list of any of those: an ensemble averaging
     the members' word probabilities (one vocabulary; backbones may differ).
 
-    backend: auto (ONNX Runtime for exported folders, PyTorch otherwise), torch, or onnx (a PyTorch source is
-    exported first: into onnx_cache/<weights digest>-<precision>/ when given, reused by later loads, else into a
-    temporary folder). threads: ONNX Runtime's intra-op threads (default torch's).
+    backend: auto (ONNX Runtime for exported folders and for fp32 on the CPU, the fastest path with PyTorch's
+    captions; PyTorch on a GPU or under bf16/fp16), torch, or onnx. ONNX Runtime on a PyTorch source exports it once
+    into onnx_cache/<weights digest>-<precision>/ (default: deploy.loading.default_onnx_cache()). Use backend='torch'
+    for the PyTorch model itself (captioner.model, save_pretrained). threads: ONNX Runtime's intra-op threads.
     """
     loaded = load_model(path if isinstance(path, (str, Path)) else list(path), backend=backend, device=device,
                         precision=precision, vocab=vocab, threads=threads, onnx_cache=onnx_cache)

@@ -44,8 +44,6 @@ def parse_config(argv: list[str] | None = None) -> DemoConfig:
     cfg = DemoConfig(**dataclass_values(p.parse_args(argv), DemoConfig))
     if cfg.beam_size < 1 or not 1 <= cfg.num_captions <= cfg.beam_size:
         p.error(f"--num_captions must be between 1 and --beam_size ({cfg.beam_size}), and --beam_size at least 1")
-    if len(cfg.checkpoint) > 1:
-        p.error("ensembles are not supported by demo.py yet: give one --checkpoint")
     return cfg
 
 
@@ -62,10 +60,10 @@ def expand_paths(paths: tuple[str, ...]) -> list[Path]:
 
 
 def main(cfg: DemoConfig) -> int:
-    captioner = load_captioner(cfg.checkpoint[0], device=cfg.device, vocab=cfg.vocab or None,
-                               precision=cfg.precision)
+    captioner = load_captioner(list(cfg.checkpoint), device=cfg.device, vocab=cfg.vocab or None,
+                               precision=cfg.precision, backend=cfg.backend, onnx_cache=cfg.onnx_cache or None)
     require_end_to_end(captioner.config, cfg.checkpoint[0])
-    max_len = resolve_max_len(cfg, captioner.model.max_seq_len - 1)
+    max_len = resolve_max_len(cfg, captioner.max_seq_len - 1)
     images, names, failures = [], [], 0
     for path in expand_paths(cfg.image_paths):
         try:
@@ -93,5 +91,5 @@ if __name__ == "__main__":
     plain_warnings()
     try:
         sys.exit(main(parse_config()))
-    except (CheckpointError, ValueError) as e:
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")

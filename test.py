@@ -16,9 +16,9 @@ from data.captions import DatasetError, ImageRecord, load_records, split_records
 from data.features import FeatureFileError, FeatureReader
 from data.images import list_images
 from data.loaders import ImageSource
-from engine.checkpoints import CheckpointError, RestoredModel, require_end_to_end, restore_model
+from deploy.loading import LoadedModel, load_model
+from engine.checkpoints import CheckpointError, backbone_weights_sha256, require_end_to_end
 from engine.evaluate import caption_records, evaluation_report
-from utils.checkpoint import file_sha256, state_dict_sha256
 from utils.cli import (
     ArgumentParser,
     CheckpointOptions,
@@ -31,7 +31,7 @@ from utils.cli import (
 )
 from utils.dist import DistInfo, cleanup, init_distributed, launch
 from utils.fields import option
-from utils.runtime import RuntimeOptions, resolve_device, resolve_precision
+from utils.runtime import RuntimeOptions, resolve_device
 
 METRIC_NAMES = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 
@@ -69,8 +69,6 @@ def parse_config(argv: list[str] | None = None) -> TestConfig:
     cfg = TestConfig(**dataclass_values(p.parse_args(argv), TestConfig))
     if not cfg.images_path and not cfg.features_path:
         p.error("give --images_path (end-to-end checkpoint) or --features_path (cached features)")
-    if len(cfg.checkpoint) > 1:
-        p.error("ensembles are not supported by test.py yet: give one --checkpoint")
     for name in ("images_path", "features_path", "captions_path", "vocab"):
         value = getattr(cfg, name)
         if value and not Path(value).exists():
@@ -108,18 +106,19 @@ def load_split(cfg: TestConfig, checkpoint: dict) -> list[ImageRecord]:
     return records
 
 
-def image_source(cfg: TestConfig, restored: RestoredModel) -> ImageSource:
-    """Cached features (checked against the checkpoint's backbone) or images preprocessed for its backbone."""
+def image_source(cfg: TestConfig, loaded: LoadedModel) -> ImageSource:
+    """Cached features (checked against the model's width and backbone weights) or images preprocessed for its
+    backbone (an ensemble's first member's; members that want other sizes are resized by the runtime)."""
+    config = loaded.runtime.config
     if not cfg.features_path:
-        require_end_to_end(restored.config, restored.path, "caption images")
-        return ImageSource(backbone=restored.config.backbone)
+        require_end_to_end(config, loaded.sources[0], "caption images")
+        return ImageSource(backbone=config.backbone)
     reader = FeatureReader(cfg.features_path)
-    reader.check_matches(None, restored.config.img_feature_dim)
-    backbone = restored.model.backbone
-    if backbone is not None and reader.attrs.get("weights_sha256") not in (None, state_dict_sha256(
-            backbone.state_dict())):
+    reader.check_matches(None, config.img_feature_dim)
+    stored, ours = reader.attrs.get("weights_sha256"), backbone_weights_sha256(loaded.checkpoint)
+    if stored and ours and stored != ours:
         print(f"warning: {cfg.features_path} was extracted with other backbone weights than those in "
-              f"{restored.path}; the scores describe those features, not this checkpoint's backbone",
+              f"{loaded.sources[0]}; the scores describe those features, not this checkpoint's backbone",
               file=sys.stderr)
     return ImageSource(features=reader)
 
@@ -163,20 +162,20 @@ def worker(cfg: TestConfig) -> list[dict]:
 
 def evaluate(cfg: TestConfig, dist: DistInfo) -> list[dict]:
     """Caption the split at every beam size; on the main process write predictions and metrics and print a table."""
-    restored = restore_model(cfg.checkpoint[0], vocab_path=cfg.vocab or None, features_only=bool(cfg.features_path))
-    model = restored.model.to(dist.device).eval()
-    records = load_split(cfg, restored.checkpoint)
-    source = image_source(cfg, restored)
-    precision = resolve_precision(cfg.precision, dist.device)
-    max_len = resolve_max_len(cfg, restored.config.max_seq_len - 1)
+    loaded = load_model(list(cfg.checkpoint), backend=cfg.backend, device=dist.device, precision=cfg.precision,
+                        vocab=cfg.vocab or None, features_only=bool(cfg.features_path),
+                        onnx_cache=cfg.onnx_cache or None)
+    records = load_split(cfg, loaded.checkpoint)
+    source = image_source(cfg, loaded)
+    max_len = resolve_max_len(cfg, loaded.runtime.max_seq_len - 1)
     out_dir = Path(cfg.output_dir or Path(cfg.checkpoint[0]).parent)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_hash = file_sha256(cfg.checkpoint[0]) if dist.is_main else ""
+    weights = loaded.runtime.weights()
     rows = []
     for beam in cfg.beam_sizes:
         paths = output_paths(cfg, out_dir, beam) if dist.is_main else None
-        preds, skipped = caption_records(model, records, restored.vocab, source, beam_size=beam, max_len=max_len,
-                                         batch_size=cfg.batch_size, device=dist.device, precision=precision,
+        preds, skipped = caption_records(loaded.runtime, records, loaded.vocab, source, beam_size=beam,
+                                         max_len=max_len, batch_size=cfg.batch_size, device=dist.device,
                                          rank=dist.rank, world=dist.world, num_workers=cfg.num_workers,
                                          desc=f"{cfg.split} beam {beam}")
         if not dist.is_main:
@@ -194,7 +193,8 @@ def evaluate(cfg: TestConfig, dist: DistInfo) -> list[dict]:
         if cfg.predictions_only:
             continue
         report = evaluation_report(preds, records, cfg.metrics, cfg.spice_dir or None)
-        row = {"checkpoint": str(cfg.checkpoint[0]), "checkpoint_sha256": ckpt_hash, "split": cfg.split,
+        row = {"checkpoint": [str(c) for c in cfg.checkpoint], "weights_sha256": weights["weights_sha256"],
+               "backend": loaded.runtime.kind, "split": cfg.split,
                "beam_size": beam, "max_len": max_len, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "skipped_images": skipped, "predictions": str(results_path), **report}
         metrics_path.write_text(json.dumps(row, indent=1))
@@ -212,5 +212,5 @@ if __name__ == "__main__":
     plain_warnings()
     try:
         main(parse_config())
-    except (CheckpointError, DatasetError, FeatureFileError, FileExistsError) as e:
+    except (CheckpointError, DatasetError, FeatureFileError, FileExistsError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")

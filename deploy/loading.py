@@ -4,7 +4,9 @@ exported ONNX folder, or a list of those (an ensemble), on the PyTorch or the ON
 from __future__ import annotations
 
 import json
-import tempfile
+import os
+import shutil
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,17 +71,33 @@ def _torch_model(path: Path, kind: str, vocab: Source | None, features_only: boo
     return model, config, folder_vocab, manifest.get("training", {}), False
 
 
+def default_onnx_cache() -> Path:
+    """Where exports made for backend 'auto' / 'onnx' are kept: $XDG_CACHE_HOME (or ~/.cache)/expansionnet/onnx."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "expansionnet" / "onnx"
+
+
+def resolve_backend(backend: str, kind: str, device: torch.device, precision: str) -> str:
+    """'auto': ONNX Runtime for an exported folder and for fp32 on the CPU (the fastest path that gives PyTorch's
+    captions, docs/benchmarks.md), PyTorch on a GPU or under bf16/fp16 autocast."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    if kind == "onnx" or (device.type == "cpu" and resolve_precision(precision, device) == "fp32"):
+        return "onnx"
+    return "torch"
+
+
 def load_one(path: Source, *, backend: str = "auto", device: str | torch.device = "cpu", precision: str = "auto",
              vocab: Source | None = None, features_only: bool = False, threads: int | None = None,
              onnx_cache: Source | None = None) -> LoadedModel:
-    """One model source on one backend. backend 'onnx' with a PyTorch source exports it first (fp32, or fp16 when
-    precision is fp16): into onnx_cache/<weights digest>-<precision>/ when given (reused by later loads of the same
-    weights), else into a temporary folder. 'auto' is ONNX Runtime for an exported folder, PyTorch otherwise."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    """One model source on one backend (see resolve_backend for 'auto'). ONNX Runtime on a PyTorch source exports
+    it first (fp32, or fp16 when precision is fp16) into onnx_cache/<weights digest>-<precision>/ (default:
+    default_onnx_cache()), reused by later loads of the same weights."""
     path = Path(path)
     kind = source_kind(path)
     dev = resolve_device(device)
+    backend = resolve_backend(backend, kind, dev, precision)
     if kind == "onnx":
         if backend == "torch":
             raise ValueError(f"{path} is an exported ONNX folder: it holds no PyTorch weights; load it with "
@@ -94,23 +112,36 @@ def load_one(path: Source, *, backend: str = "auto", device: str | torch.device 
         return LoadedModel(runtime, vocab_obj, [path], read_onnx_manifest(path).get("training", {}))
     model, config, vocab_obj, ckpt, official = _torch_model(path, kind, vocab, features_only)
     if backend == "onnx":
-        from deploy.onnx_export import export_onnx
         from utils.checkpoint import state_dict_sha256
 
         onnx_precision = "fp16" if precision == "fp16" else "fp32"
-        tmp = None
-        if onnx_cache is not None:
-            target = Path(onnx_cache) / f"{state_dict_sha256(model.state_dict())[:16]}-{onnx_precision}"
-        else:
-            tmp = tempfile.TemporaryDirectory(prefix="expansionnet-onnx-")
-            target = Path(tmp.name)
+        cache = Path(onnx_cache) if onnx_cache is not None else default_onnx_cache()
+        target = cache / f"{state_dict_sha256(model.state_dict())[:16]}-{onnx_precision}"
         if not (target / "config.json").is_file():  # config.json is written last: a finished export
-            export_onnx(model, config, vocab_obj, target, precision=onnx_precision, source=str(path))
+            print(f"exporting {path} to ONNX once, into {target} (later loads of these weights reuse it)",
+                  file=sys.stderr, flush=True)
+            _export_atomically(model, config, vocab_obj, target, onnx_precision, str(path))
         runtime = OrtRuntime(target, dev, threads=threads)
-        runtime._tmp = tmp  # a temporary folder lives as long as the runtime
         return LoadedModel(runtime, vocab_obj, [path], ckpt, official)
     runtime = TorchRuntime(model.eval().to(dev), config, dev, resolve_precision(precision, dev))
     return LoadedModel(runtime, vocab_obj, [path], ckpt, official, model=runtime.model)
+
+
+def _export_atomically(model: ExpansionNet, config: ModelConfig, vocab: Vocabulary, target: Path, precision: str,
+                       source: str) -> None:
+    """Export into a folder of this process, then rename it into place: processes that load the same weights at once
+    (evaluation shards, server workers) never see half an export, and the first to finish wins."""
+    from deploy.onnx_export import export_onnx
+
+    work = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    export_onnx(model, config, vocab, work, precision=precision, source=source)
+    try:
+        os.rename(work, target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+        shutil.rmtree(work, ignore_errors=True)  # another process finished the same export first
 
 
 def load_model(source: Source | Sequence[Source], **kw: Any) -> LoadedModel:

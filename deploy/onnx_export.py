@@ -30,6 +30,7 @@ from data.vocab import Vocabulary
 from deploy.runtime import DECODER_FILE, ENCODER_FILE, ONNX_FORMAT
 from models import ExpansionNet, ModelConfig, count_parameters
 from models.cache import ConcatExpansionCache, CrossAttentionCache, DynamicExpansionCache
+from utils.checkpoint import state_dict_sha256
 
 PAST = DynamicExpansionCache.NAMES
 DEFAULT_OPSET = 17
@@ -143,6 +144,7 @@ def export_onnx(model: ExpansionNet, config: ModelConfig, vocab: Vocabulary, out
     manifest = {
         "format": ONNX_FORMAT, "format_version": 1, "precision": precision, "opset": opset,
         "model_config": config.to_dict(), "source": source, "training": training or {},
+        "parameters": count_parameters(model), "weights_sha256": state_dict_sha256(model.state_dict()),
         "torch_version": torch.__version__,
         "io": {"encoder_input": enc_in, **names,
                "past_rows_per_position": [E if n.rsplit(".", 1)[1] in ("ca", "cb") else 1 for n in names["past"]]},

@@ -11,6 +11,7 @@ A runtime turns images (or cached features) into an encoder output (`encode`) an
 
 from __future__ import annotations
 
+import hashlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from models import ExpansionNet, ModelConfig
 from models.decoding import EnsembleStepper, Stepper, TorchStepper
+from utils.checkpoint import state_dict_sha256
 from utils.runtime import autocast
 
 ONNX_FORMAT = "expansionnet-onnx"
@@ -85,6 +87,10 @@ class CaptionRuntime(ABC):
     def info(self) -> dict[str, Any]:
         return {"kind": self.kind, "name": self.config.name, "device": str(self.device), "precision": self.precision}
 
+    @abstractmethod
+    def weights(self) -> dict[str, Any]:
+        """{"parameters", "weights_sha256"}: which weights this runtime computes with (no file paths)."""
+
 
 class TorchRuntime(CaptionRuntime):
     """An ExpansionNet in eval mode on one device, steps under one autocast precision."""
@@ -121,6 +127,10 @@ class TorchRuntime(CaptionRuntime):
         with autocast(self.device, self.precision):
             logits = self.model.decode(tokens.to(self.device), memory)
         return F.log_softmax(logits.float(), dim=-1)
+
+    def weights(self) -> dict[str, Any]:
+        return {"parameters": sum(p.numel() for p in self.model.parameters()),
+                "weights_sha256": state_dict_sha256(self.model.state_dict())}
 
 
 @dataclass
@@ -189,7 +199,6 @@ class OrtRuntime(CaptionRuntime):
         self.past_names, self.present_names = io["past"], io["present"]
         self.past_rows = io["past_rows_per_position"]  # 1 for k/va/vb/cond, num_exp_dec for ca/cb
         self.on_cuda = self.providers[0] == "CUDAExecutionProvider"
-        self._tmp: Any = None  # a temporary export folder this runtime keeps alive (deploy.loading)
 
     def _feed(self, array: np.ndarray) -> Any:
         if not self.on_cuda:
@@ -215,8 +224,11 @@ class OrtRuntime(CaptionRuntime):
         return OrtStepper(self, memory, group, max_len)
 
     def info(self) -> dict[str, Any]:
-        return {**super().info(), "folder": str(self.folder), "providers": self.providers,
-                "opset": self.manifest.get("opset")}
+        return {**super().info(), "providers": self.providers, "opset": self.manifest.get("opset")}
+
+    def weights(self) -> dict[str, Any]:
+        """The exported model's source weights, as the export recorded them."""
+        return {key: self.manifest.get(key) for key in ("parameters", "weights_sha256")}
 
 
 class OrtStepper(Stepper):
@@ -307,4 +319,10 @@ class EnsembleRuntime(CaptionRuntime):
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "members": [m.info() for m in self.members]}
+
+    def weights(self) -> dict[str, Any]:
+        """Every member's parameters counted; one digest over the members' digests, in order."""
+        parts = [m.weights() for m in self.members]
+        digest = hashlib.sha256("".join(str(p["weights_sha256"]) for p in parts).encode()).hexdigest()
+        return {"parameters": sum(p["parameters"] or 0 for p in parts), "weights_sha256": digest}
 

@@ -21,6 +21,7 @@ from utils.checkpoint import (
     load_state_file,
     make_checkpoint,
     state_dict_differences,
+    state_dict_sha256,
 )
 
 CHECKPOINT_GLOB = "ckpt_e*_it*.pth"  # a run folder's rolling checkpoints; names sort by epoch and iteration
@@ -82,6 +83,13 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
     if problems:
         raise CheckpointError(f"weights from {source} do not fit the model: " + "; ".join(problems))
     model.load_state_dict(state_dict, strict=False)
+
+
+def backbone_weights_sha256(checkpoint: dict[str, Any]) -> str | None:
+    """The digest of the backbone weights an end-to-end checkpoint holds (what feature files record), or None."""
+    state = {k[len("swin_transf."):]: v for k, v in clean_state_dict(checkpoint.get("model_state_dict", {})).items()
+             if k.startswith("swin_transf.")}
+    return state_dict_sha256(state) if state else None
 
 
 def require_end_to_end(config: ModelConfig, path: str | Path, purpose: str = "caption images") -> None:

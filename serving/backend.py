@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -47,13 +46,9 @@ class Backend(Protocol):
 
 
 def weights_summary(module: Any) -> dict[str, Any]:
-    """Parameter count and a SHA-256 of every tensor of a torch module's state (name, dtype, shape and bytes, in name
-    order): which weights are served, without saying where they came from."""
-    import torch
+    """Parameter count and the SHA-256 of a torch module's weights (utils.checkpoint.state_dict_sha256, the digest
+    checkpoints and feature files record): which weights are served, without saying where they came from."""
+    from utils.checkpoint import state_dict_sha256
 
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(memoryview(flat.view(torch.uint8).numpy()))
-    return {"parameters": sum(p.numel() for p in module.parameters()), "weights_sha256": digest.hexdigest()}
+    return {"parameters": sum(p.numel() for p in module.parameters()),
+            "weights_sha256": state_dict_sha256(module.state_dict())}

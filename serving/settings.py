@@ -97,7 +97,8 @@ def load_settings(prefix: str, model_keys: Mapping[str, str | None], path_keys: 
 
     Environment variables win over the file. ``model_keys`` are backend-specific keys (short name -> default), e.g.
     ``{"CHECKPOINT": None}`` for ``CAPTION_CHECKPOINT``; ``path_keys`` among them are resolved relative to the config
-    file. Returns the shared settings and the model keys by short name. Unknown keys in the file are an error.
+    file (a key may hold a list of paths in the file; it reaches the backend joined with commas). Returns the shared
+    settings and the model keys by short name. Unknown keys in the file are an error.
     """
     env = os.environ if environ is None else environ
     defaults = ServingSettings()
@@ -118,9 +119,16 @@ def load_settings(prefix: str, model_keys: Mapping[str, str | None], path_keys: 
         settings = ServingSettings(**kwargs)
     except SettingsError as exc:
         raise SettingsError(f"{prefix} settings: {exc}") from None
-    model = {key: (None if values.get(f"{prefix}_{key}") in (None, "") else str(values[f"{prefix}_{key}"]))
-             if f"{prefix}_{key}" in values else default for key, default in model_keys.items()}
+    model = {key: _model_value(values[f"{prefix}_{key}"]) if f"{prefix}_{key}" in values else default
+             for key, default in model_keys.items()}
     return settings, model
+
+
+def _model_value(raw: Any) -> str | None:
+    """A model key's value as text: None when empty; a list (from a config file) joined with commas."""
+    if raw in (None, "", []):
+        return None
+    return ",".join(str(item) for item in raw) if isinstance(raw, list) else str(raw)
 
 
 def _read_config_file(path: Path, known: set[str], path_keys: set[str]) -> dict[str, Any]:
@@ -135,6 +143,9 @@ def _read_config_file(path: Path, known: set[str], path_keys: set[str]) -> dict[
     if unknown:
         raise SettingsError(f"{path}: unknown keys {unknown}; known keys are {sorted(known)}")
     for key in path_keys & set(data):
-        if isinstance(data[key], str) and data[key] and not Path(data[key]).is_absolute():
-            data[key] = str(path.parent / data[key])
+        items = data[key] if isinstance(data[key], list) else [data[key]]
+        if not all(isinstance(item, str) for item in items):
+            raise SettingsError(f"{path}: {key} must be a path or a list of paths")
+        resolved = [item if not item or Path(item).is_absolute() else str(path.parent / item) for item in items]
+        data[key] = resolved if isinstance(data[key], list) else resolved[0]
     return data

@@ -41,6 +41,13 @@ def tiny_config(name: str = "optimizer_expansionnet", end_to_end: bool = True, v
     return ModelConfig(**cfg)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def onnx_export_cache(tmp_path_factory):
+    """ONNX exports made by backend 'auto' go to a folder of the test session, never to the user's ~/.cache (servers
+    started by tests inherit the variable)."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+
+
 @pytest.fixture
 def vocab() -> Vocabulary:
     return tiny_vocab()

@@ -33,6 +33,7 @@ from serving import (
 )
 from serving.testing import image_bytes
 from serving.urlguard import host_allowed, is_public_address
+from utils.checkpoint import load_checkpoint_file, state_dict_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = image_bytes()
@@ -105,8 +106,24 @@ def test_api_ready_503_until_loaded_then_model_info(tiny_checkpoint: Path) -> No
         info = started.get("/ready").json()
     assert info["status"] == "ready" and info["model"]["backend"] == "expansionnet"
     assert info["model"]["name"] == "optimizer_expansionnet" and info["limits"]["max_len_limit"] == 24
-    assert info["model"]["kind"] == "ExpansionNet" and info["model"]["parameters"] > 1000
-    assert len(info["model"]["weights_sha256"]) == 64 and "checkpoint" not in info["model"]
+    assert info["model"]["kind"] == "onnx" and info["model"]["parameters"] > 1000  # the default CPU runtime
+    assert info["model"]["weights_sha256"] == state_dict_sha256(load_checkpoint_file(tiny_checkpoint)[
+        "model_state_dict"])
+    assert "checkpoint" not in info["model"] and str(tiny_checkpoint.parent) not in json.dumps(info)
+
+
+def test_api_serves_an_ensemble_of_checkpoints_on_the_chosen_backend(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    second = tmp_path / "second.pth"
+    second.write_bytes(tiny_checkpoint.read_bytes())
+    config = tmp_path / "api.json"
+    config.write_text(json.dumps({"CAPTION_CHECKPOINT": [str(tiny_checkpoint), "second.pth"],
+                                  "CAPTION_BACKEND": "torch"}))
+    app = api.build_app(environ={"CAPTION_API_CONFIG": str(config)})
+    with TestClient(app) as client:
+        info = client.get("/ready").json()["model"]
+        answer = client.post("/predict", files={"file": png_file()}, params={"beam_size": 2, "max_len": 5})
+    assert info["kind"] == "ensemble" and info["members"] == 2
+    assert answer.status_code == 200 and isinstance(answer.json()["caption"], str)
 
 
 def test_api_startup_fails_clearly_without_checkpoint() -> None:
@@ -580,7 +597,7 @@ def test_settings_from_file_and_environment(tmp_path: Path) -> None:
     settings, model = load_settings("CAPTION", api.MODEL_KEYS, path_keys=("CHECKPOINT",), environ=env)
     assert settings.max_batch_size == 8 and settings.url_fetch and settings.url_allowlist == ("images.example.org",)
     assert model == {"CHECKPOINT": str(tmp_path / "ckpt/best.pth"), "VOCAB": None, "DEVICE": "cuda:1",
-                     "PRECISION": "auto"}
+                     "PRECISION": "auto", "BACKEND": "auto", "ONNX_CACHE": None}
     defaults, _ = load_settings("CAPTION", api.MODEL_KEYS, environ={})
     assert defaults == ServingSettings() and not defaults.url_fetch
 

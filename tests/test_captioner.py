@@ -27,11 +27,11 @@ PHOTO = Path(__import__("matplotlib").get_data_path()) / "sample_data" / "grace_
 
 
 def test_checkpoint_round_trip_gives_identical_captions_and_weights(tiny_checkpoint, tmp_path):
-    a = load_captioner(tiny_checkpoint)
+    a = load_captioner(tiny_checkpoint, backend="torch")
     ckpt = load_checkpoint_file(tiny_checkpoint)
     assert ckpt["format_version"] == 1 and ckpt["vocab"]["tokens"] == list(tiny_vocab().tokens)
     again = save_model_checkpoint(tmp_path / "again.pth", a.model, a.config, a.vocab)
-    b = load_captioner(again)
+    b = load_captioner(again, backend="torch")
     for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
     img = Image.open(PHOTO)
@@ -198,3 +198,17 @@ def test_bf16_autocast_on_the_cpu_captions_close_to_fp32(tiny_checkpoint):
     out = bf16.caption(images, beam_size=2, max_len=6)
     assert len(out) == 2 and all(len(c[0].tokens) >= 1 for c in out)
     assert [c[0].score for c in out] == pytest.approx([c[0].score for c in fp32], abs=0.1)
+
+
+def test_the_default_cpu_backend_is_onnx_runtime_with_pytorchs_captions_exported_once(tiny_checkpoint, tmp_path):
+    cache = tmp_path / "cache"
+    fast = load_captioner(tiny_checkpoint, onnx_cache=cache)
+    assert fast.backend == "onnx" and len(list(cache.iterdir())) == 1  # one export, keyed by the weights
+    assert load_captioner(tiny_checkpoint, onnx_cache=cache).backend == "onnx" and len(list(cache.iterdir())) == 1
+    exact = load_captioner(tiny_checkpoint, backend="torch")
+    images = [Image.open(PHOTO)]
+    got, want = fast.caption(images, beam_size=3, max_len=8)[0], exact.caption(images, beam_size=3, max_len=8)[0]
+    assert [c.tokens for c in got] == [c.tokens for c in want]
+    assert [c.score for c in got] == pytest.approx([c.score for c in want], abs=1e-5)
+    assert fast.runtime.weights() == exact.runtime.weights()  # the export records which weights it holds
+    assert load_captioner(tiny_checkpoint, precision="bf16").backend == "torch"  # autocast runs in PyTorch

@@ -46,7 +46,7 @@ def test_evaluation_writes_metrics_and_a_results_file_pycocotools_loads(evaluate
     assert "CIDEr-D" in proc.stdout and "dangling" in proc.stdout
     row = json.loads((out / "metrics_test_beam2.json").read_text())
     assert row["num_images"] == 8 and row["split"] == "test" and row["beam_size"] == 2
-    assert len(row["checkpoint_sha256"]) == 64 and row["tokenizer"] in ("ptb", "python")
+    assert len(row["weights_sha256"]) == 64 and row["tokenizer"] in ("ptb", "python") and row["backend"] == "onnx"
     assert {"BLEU-4", "CIDEr-D"} <= set(row["metrics"]) and "mean_length" in row["caption_stats"]
     results = json.loads((out / "predictions_test_beam2.json").read_text())
     test_ids = {r.image_id for r in split_records(load_records(captions, captions.parent))["test"]}

@@ -27,9 +27,9 @@ def trained_checkpoint(tmp_path):
 
 
 def test_save_pretrained_round_trip_gives_identical_weights_and_captions(trained_checkpoint, tmp_path):
-    cap = load_captioner(trained_checkpoint)
+    cap = load_captioner(trained_checkpoint, backend="torch")
     folder = cap.save_pretrained(tmp_path / "model")
-    again = load_captioner(folder)
+    again = load_captioner(folder, backend="torch")
     assert again.backend == "torch" and again.config == cap.config and again.vocab == cap.vocab
     for (ka, va), (kb, vb) in zip(cap.model.state_dict().items(), again.model.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
@@ -56,7 +56,7 @@ def test_model_folder_holds_no_pickle_only_json_and_safetensors(trained_checkpoi
 
 
 def test_model_card_states_architecture_size_data_and_recorded_metrics(trained_checkpoint, tmp_path):
-    folder = load_captioner(trained_checkpoint).save_pretrained(tmp_path / "model")
+    folder = load_captioner(trained_checkpoint, backend="torch").save_pretrained(tmp_path / "model")
     card = (folder / "README.md").read_text()
     model, _, _ = load_pretrained(folder)
     assert f"{count_parameters(model):,}" in card
@@ -66,7 +66,7 @@ def test_model_card_states_architecture_size_data_and_recorded_metrics(trained_c
 
 
 def test_broken_folders_are_refused_naming_what_is_wrong(trained_checkpoint, tmp_path):
-    folder = load_captioner(trained_checkpoint).save_pretrained(tmp_path / "model")
+    folder = load_captioner(trained_checkpoint, backend="torch").save_pretrained(tmp_path / "model")
     from safetensors.torch import load_file, save_file
 
     state = load_file(str(folder / "model.safetensors"))
