@@ -14,13 +14,11 @@ from pathlib import Path
 from data.captions import DatasetError
 from engine.checkpoints import CheckpointError
 from engine.features import GeneratorConfig, extract_features
-from utils.cli import ArgumentParser, add_dataclass_flags, dataclass_values, plain_warnings
+from utils.cli import parse_dataclass, plain_warnings
 
 
 def parse_config(argv: list[str] | None = None) -> GeneratorConfig:
-    p = ArgumentParser(description=__doc__)
-    add_dataclass_flags(p, GeneratorConfig)
-    cfg = GeneratorConfig(**dataclass_values(p.parse_args(argv), GeneratorConfig))
+    cfg, p = parse_dataclass(GeneratorConfig, argv, __doc__)
     if cfg.batch_size < 1:
         p.error("--batch_size must be at least 1")
     for name in ("backbone", "images_path", "captions_path"):

@@ -10,16 +10,7 @@ from pathlib import Path
 from captioner import load_captioner
 from data.images import ImageLoadError, list_images, open_image
 from engine.checkpoints import CheckpointError, require_end_to_end
-from utils.cli import (
-    ArgumentParser,
-    CheckpointOptions,
-    LengthOptions,
-    add_dataclass_flags,
-    add_ignored_flags,
-    dataclass_values,
-    plain_warnings,
-    resolve_max_len,
-)
+from utils.cli import CheckpointOptions, LengthOptions, parse_dataclass, plain_warnings, resolve_max_len
 from utils.fields import option
 from utils.plots import save_caption_grid
 from utils.runtime import RuntimeOptions
@@ -38,10 +29,8 @@ class DemoConfig(CheckpointOptions, LengthOptions, RuntimeOptions):
 
 
 def parse_config(argv: list[str] | None = None) -> DemoConfig:
-    p = ArgumentParser(description=__doc__)
-    add_dataclass_flags(p, DemoConfig)
-    add_ignored_flags(p, "--model_dim", "--N_enc", "--N_dec")  # the reference demo's; the checkpoint knows its model
-    cfg = DemoConfig(**dataclass_values(p.parse_args(argv), DemoConfig))
+    # the reference demo's model flags are accepted and ignored: the checkpoint describes its own model
+    cfg, p = parse_dataclass(DemoConfig, argv, __doc__, ignored=("--model_dim", "--N_enc", "--N_dec"))
     if cfg.beam_size < 1 or not 1 <= cfg.num_captions <= cfg.beam_size:
         p.error(f"--num_captions must be between 1 and --beam_size ({cfg.beam_size}), and --beam_size at least 1")
     return cfg

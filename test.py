@@ -19,16 +19,7 @@ from data.loaders import ImageSource
 from deploy.loading import LoadedModel, load_model
 from engine.checkpoints import CheckpointError, backbone_weights_sha256, require_end_to_end
 from engine.evaluate import caption_records, evaluation_report
-from utils.cli import (
-    ArgumentParser,
-    CheckpointOptions,
-    LengthOptions,
-    add_dataclass_flags,
-    add_ignored_flags,
-    dataclass_values,
-    plain_warnings,
-    resolve_max_len,
-)
+from utils.cli import CheckpointOptions, LengthOptions, parse_dataclass, plain_warnings, resolve_max_len
 from utils.dist import DistInfo, cleanup, init_distributed, launch
 from utils.fields import option
 from utils.runtime import RuntimeOptions, resolve_device
@@ -63,10 +54,9 @@ class TestConfig(CheckpointOptions, LengthOptions, RuntimeOptions):
 
 
 def parse_config(argv: list[str] | None = None) -> TestConfig:
-    p = ArgumentParser(description=__doc__)
-    add_dataclass_flags(p, TestConfig)
-    add_ignored_flags(p, "--is_end_to_end", "--N_enc", "--N_dec", "--model_dim")  # the seed's test command
-    cfg = TestConfig(**dataclass_values(p.parse_args(argv), TestConfig))
+    # the seed's test command passes model flags: accepted and ignored, the checkpoint describes its own model
+    legacy = ("--is_end_to_end", "--N_enc", "--N_dec", "--model_dim")
+    cfg, p = parse_dataclass(TestConfig, argv, __doc__, ignored=legacy)
     if not cfg.images_path and not cfg.features_path:
         p.error("give --images_path (end-to-end checkpoint) or --features_path (cached features)")
     for name in ("images_path", "features_path", "captions_path", "vocab"):

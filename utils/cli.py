@@ -16,9 +16,11 @@ import difflib
 import re
 import warnings
 from dataclasses import MISSING, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from utils.fields import described_fields, option
+
+T = TypeVar("T")
 
 GROUP_ORDER = ("data", "model", "optimisation", "evaluation", "runtime")
 
@@ -142,6 +144,16 @@ def dataclass_values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
         if values.get(f.name) is None and f.default == ():
             values[f.name] = ()
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
+def parse_dataclass(cls: type[T], argv: list[str] | None, description: str | None = None,
+                    ignored: tuple[str, ...] = ()) -> tuple[T, ArgumentParser]:
+    """A script's config from its command line: every option(...) field of cls as a flag (plus the `ignored`
+    legacy flags); returns the config and the parser, whose error() reports a problem found afterwards."""
+    parser = ArgumentParser(description=description)
+    add_dataclass_flags(parser, cls)
+    add_ignored_flags(parser, *ignored)
+    return cls(**dataclass_values(parser.parse_args(argv), cls)), parser
 
 
 def add_ignored_flags(parser: ArgumentParser, *names: str) -> None:
