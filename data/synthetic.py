@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import shutil
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,8 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from data.vocab import tokenize
+from utils.cli import parse_dataclass
+from utils.fields import option
 from utils.files import atomic_write_json
 
 GENERATOR_VERSION = 1
@@ -108,12 +109,12 @@ def shape_vocabulary() -> dict[str, Any]:
 class SyntheticConfig:
     """How many images per split, their side in pixels, the seed and the number of captions per image."""
 
-    num_train: int = 4000
-    num_val: int = 500
-    num_test: int = 500
-    image_size: int = 64
-    seed: int = 0
-    captions_per_image: int = 5
+    num_train: int = option(4000, "training images", group="data")
+    num_val: int = option(500, "validation images", group="data")
+    num_test: int = option(500, "test images", group="data")
+    image_size: int = option(64, "image side in pixels (32 to 1024)", group="data")
+    seed: int = option(0, "image i depends only on (seed, i)", group="data")
+    captions_per_image: int = option(5, "distinct captions per image (1 to 10)", group="data")
 
     def __post_init__(self) -> None:
         """Reject sizes the generator cannot honour, with a message naming the field."""
@@ -734,30 +735,23 @@ def _write_images(out: Path, config: SyntheticConfig, progress: bool) -> tuple[l
     return images, truth
 
 
+@dataclass(frozen=True)
+class _Command(SyntheticConfig):
+    """The command line: the dataset's config plus where to write it."""
+
+    out: str = option("", "output directory (created; must be empty or hold this generator's files)", required=True,
+                      group="data")
+    overwrite: bool = option(False, "replace this generator's files in --out", group="data")
+    quiet: bool = option(False, "no progress bar", group="runtime")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: generate the dataset into --out and print the json path."""
-    defaults = SyntheticConfig()
-    parser = argparse.ArgumentParser(description="Generate the synthetic shapes captioning dataset (Karpathy json).")
-    parser.add_argument("--out", required=True, help="output directory (created; must be empty or ours)")
-    parser.add_argument("--num_train", type=int, default=defaults.num_train)
-    parser.add_argument("--num_val", type=int, default=defaults.num_val)
-    parser.add_argument("--num_test", type=int, default=defaults.num_test)
-    parser.add_argument("--image_size", type=int, default=defaults.image_size)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--captions_per_image", type=int, default=defaults.captions_per_image)
-    parser.add_argument("--overwrite", action="store_true", help="replace this generator's files in --out")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
     try:
-        config = SyntheticConfig(
-            num_train=args.num_train,
-            num_val=args.num_val,
-            num_test=args.num_test,
-            image_size=args.image_size,
-            seed=args.seed,
-            captions_per_image=args.captions_per_image,
-        )
-        path = generate_synthetic_dataset(args.out, config, overwrite=args.overwrite, progress=not args.quiet)
+        cmd, _ = parse_dataclass(_Command, list(argv) if argv is not None else None,
+                                 "Generate the synthetic shapes captioning dataset (Karpathy json).")
+        config = SyntheticConfig(**{f.name: getattr(cmd, f.name) for f in fields(SyntheticConfig)})
+        path = generate_synthetic_dataset(cmd.out, config, overwrite=cmd.overwrite, progress=not cmd.quiet)
     except (ValueError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
