@@ -512,10 +512,7 @@ def load_karpathy_json(
     """
     path = resolve_karpathy_file(captions_path)
     base = Path(images_path) if images_path not in (None, "") else path.parent
-    try:
-        data = json.loads(_read_utf8(path, "Karpathy captions json"))
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    data = _parse_json(_read_utf8(path, "Karpathy captions json"), str(path))
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DatasetError(f"{path}: field 'images' is missing or not a list (expected Karpathy's format; this is "
                            f"{_describe_json(data)})")
@@ -558,12 +555,19 @@ def resolve_manifest_image(
     return under, (under, beside)
 
 
+def _parse_json(text: str, where: str) -> Any:
+    """json.loads, with an error naming the place (a one-line text: its column only)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        at = f"column {exc.colno}" if exc.lineno == 1 and "\n" not in text.strip() else \
+            f"line {exc.lineno}, column {exc.colno}"
+        raise DatasetError(f"{where}: invalid JSON at {at}: {exc.msg}") from None
+
+
 def _manifest_item(line: str, where: str) -> tuple[str, list[Any], str, Any]:
     """(image, captions, split, image_id or None) of one manifest line, or raise naming the field."""
-    try:
-        item = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"{where}: invalid JSON at column {exc.colno}: {exc.msg}") from None
+    item = _parse_json(line, where)
     if not isinstance(item, dict):
         raise DatasetError(f"{where}: expected a JSON object, got {type(item).__name__}")
     image = item.get("image")
@@ -745,10 +749,7 @@ def _has_image_suffix(name: str) -> bool:
 
 
 def _rows_from_json(path: Path, text: str) -> list[CaptionRow]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    data = _parse_json(text, str(path))
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: expected a JSON object mapping image file names to lists of captions")
     rows: list[CaptionRow] = []

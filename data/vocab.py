@@ -74,21 +74,10 @@ class Vocabulary:
         """A fresh token -> id mapping (a copy, so callers cannot corrupt the vocabulary)."""
         return dict(self._word2idx)
 
-    @property
-    def pad_idx(self) -> int:
-        return self._word2idx[PAD]
-
-    @property
-    def sos_idx(self) -> int:
-        return self._word2idx[SOS]
-
-    @property
-    def eos_idx(self) -> int:
-        return self._word2idx[EOS]
-
-    @property
-    def unk_idx(self) -> int:
-        return self._word2idx[UNK]
+    pad_idx = property(lambda self: self._word2idx[PAD], doc="id of the padding token")
+    sos_idx = property(lambda self: self._word2idx[SOS], doc="id of the start-of-sentence token")
+    eos_idx = property(lambda self: self._word2idx[EOS], doc="id of the end-of-sentence token")
+    unk_idx = property(lambda self: self._word2idx[UNK], doc="id of the unknown-word token")
 
     def __len__(self) -> int:
         return len(self._tokens)
