@@ -18,6 +18,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import h5py
 import numpy as np
@@ -111,6 +112,26 @@ def _job_attrs(cfg: GeneratorConfig, backbone: torch.nn.Module, bb: BackboneConf
         "batch_size": cfg.batch_size}
 
 
+class Job(NamedTuple):
+    """What every process of an extraction starts from."""
+
+    records: list[ImageRecord]
+    backbone: torch.nn.Module  # on its device, weights loaded
+    config: BackboneConfig
+    tokens: int
+    channels: int
+    attrs: dict  # what the feature file records about the job
+
+
+def prepare_job(cfg: GeneratorConfig, device: torch.device) -> Job:
+    """The records (checked present), the backbone and the output's shape of an extraction."""
+    records = load_records(cfg.captions_path, cfg.images_path)
+    check_images_present(records, cfg.max_unreadable, cfg.images_path)
+    backbone, bb = load_backbone(cfg)
+    backbone.to(device)
+    return Job(records, backbone, bb, *backbone_output_shape(bb), _job_attrs(cfg, backbone, bb))
+
+
 def extract_features(cfg: GeneratorConfig) -> Path:
     """Write (or finish) the feature file of cfg; returns its path. Under torchrun, this process's shard, joined
     with the others' by the main process (every process returns once the file is in place)."""
@@ -121,13 +142,8 @@ def extract_features(cfg: GeneratorConfig) -> Path:
         finally:
             cleanup()
     device = resolve_device(cfg.device)
+    records, backbone, bb, tokens, channels, attrs = prepare_job(cfg, device)
     precision = resolve_precision(cfg.precision, device)
-    records = load_records(cfg.captions_path, cfg.images_path)
-    check_images_present(records, cfg.max_unreadable, cfg.images_path)
-    backbone, bb = load_backbone(cfg)
-    backbone.to(device)
-    tokens, channels = backbone_output_shape(bb)
-    attrs = _job_attrs(cfg, backbone, bb)
     for p in leftover_files(cfg.output_path, 1):
         warnings.warn(f"{p} is left by an interrupted run with several processes: rerun with that many processes "
                       "to finish it, or delete it", stacklevel=2)
@@ -256,13 +272,8 @@ def _is_complete(path: Path) -> bool:
 def _extract_sharded(cfg: GeneratorConfig, info: DistInfo, group) -> Path:
     """This process's shard (resumed when a partial one is there), then the join on the main process."""
     device, rank, world = info.device, info.rank, info.world
+    records, backbone, bb, tokens, channels, attrs = prepare_job(cfg, device)
     precision = resolve_precision(cfg.precision, device)
-    records = load_records(cfg.captions_path, cfg.images_path)
-    check_images_present(records, cfg.max_unreadable, cfg.images_path)
-    backbone, bb = load_backbone(cfg)
-    backbone.to(device)
-    tokens, channels = backbone_output_shape(bb)
-    attrs = _job_attrs(cfg, backbone, bb)
     ids = [r.image_id for r in records]
     ranges = shard_ranges(len(records), world, cfg.batch_size)
     out = Path(cfg.output_path)
