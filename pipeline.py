@@ -72,7 +72,8 @@ def main(cfg: PipelineConfig) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(run_dir / "pipeline.json", cfg.preset)
     if cfg.preset == "quickstart":
-        print(f"== quickstart in {run_dir}: synthetic shapes dataset and a from-scratch tiny SwinV2", flush=True)
+        print(f"== quickstart in {run_dir}: the synthetic shapes dataset, a backbone pretrained on it (phase 0), then "
+              "the six phases", flush=True)
         recipe = quickstart_recipe(run_dir, cfg.num_train, cfg.num_val, cfg.num_test)
     else:
         recipe = coco_recipe(Path(cfg.images_path), Path(cfg.captions_path), Path(cfg.backbone),
@@ -88,17 +89,19 @@ def main(cfg: PipelineConfig) -> int:
         print("== evaluating the XE (phase 3) and final (phase 6) checkpoints on the test split", flush=True)
         results = quickstart_report(run_dir, recipe.captions_path, recipe.images_path, outputs[3], outputs[6],
                                     manifest.data)
+        g = results["grounded_final"]
         manifest.data["results"] = {"test_cider_xe": results["test_xe"]["metrics"]["CIDEr-D"],
                                     "test_cider_final": results["test_final"]["metrics"]["CIDEr-D"],
                                     "best_constant_cider": results["best_constant_cider"],
-                                    "colour_named": results["grounded_final"]["colour_named"],
-                                    "shape_accuracy": results["grounded_final"]["shape_accuracy"]}
+                                    **{k: g[k] for k in ("colour_named", "colour_accuracy", "shape_accuracy",
+                                                         "count_when_named", "count_accuracy")}}
         manifest.save()
         r = manifest.data["results"]
-        print(f"test CIDEr-D: {r['test_cider_xe']:.1f} after XE, {r['test_cider_final']:.1f} after SCST; best "
-              f"constant caption {r['best_constant_cider']:.1f}; colours named correctly for "
-              f"{100 * r['colour_named']:.0f}% of the shapes, shape words right for {100 * r['shape_accuracy']:.0f}%"
-              f"\nreport: {run_dir / 'report.md'}", flush=True)
+        print(f"test CIDEr-D: {r['test_cider_xe']:.1f} after XE, {r['test_cider_final']:.1f} after SCST (best "
+              f"constant caption {r['best_constant_cider']:.1f}); of the shape groups, colours named "
+              f"{100 * r['colour_named']:.0f}%, colour + shape word right {100 * r['colour_accuracy']:.0f}%, number "
+              f"right when the shape is named {100 * r['count_when_named']:.0f}%\nreport: {run_dir / 'report.md'}",
+              flush=True)
     print(f"== done in {time.perf_counter() - t0:.0f} s; manifest: {run_dir / 'pipeline.json'}", flush=True)
     return 0
 

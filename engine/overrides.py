@@ -14,6 +14,7 @@ from typing import Any
 
 from engine.features import GeneratorConfig
 from engine.pipeline import Phase, Recipe
+from engine.pretrain import PretrainConfig
 from engine.setup import TrainConfig
 from models.config import ModelConfig
 from utils.cli import int_list, str2bool
@@ -22,6 +23,7 @@ from utils.fields import described_fields
 SCRIPT_CONFIGS: dict[str, tuple[type, ...]] = {
     "train.py": (TrainConfig, ModelConfig),
     "data_generator.py": (GeneratorConfig,),
+    "backbone.py": (PretrainConfig,),
 }
 # set by the recipe itself (paths between phases, where each phase writes): an override would break the chain
 MANAGED = frozenset({"images_path", "captions_path", "features_path", "body_save_path", "backbone", "save_path",

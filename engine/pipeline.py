@@ -193,7 +193,8 @@ def run_phase(phase: Phase, command: list[str], run_dir: Path, record: dict[str,
 
 
 def phase_metrics(folder: Path) -> dict[str, Any]:
-    """The last training summary and the best validation CIDEr-D logged by a phase (empty otherwise)."""
+    """The last training summary, and the best validation CIDEr-D (train.py) or the last probe (phase 0) a phase
+    logged (empty otherwise)."""
     log = folder / "metrics.jsonl"
     if not log.exists():
         return {}
@@ -206,4 +207,7 @@ def phase_metrics(folder: Path) -> dict[str, Any]:
     if val:
         out["best_val_cider"] = max(r["cider"] for r in val)
         out["val_curve"] = [(r["it"], r["cider"]) for r in val]
+    probes = [r for r in rows if r["type"] == "probe"]
+    if probes:
+        out["probe"] = {k: v for k, v in probes[-1].items() if k not in ("type", "phase", "time", "epoch", "it")}
     return out

@@ -9,13 +9,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from data.synthetic import SyntheticConfig, generate_synthetic_dataset
-from engine.checkpoints import save_backbone_file
 from engine.pipeline import Recipe
-from models import tiny_swinv2
-from models.backbone import create_backbone
 from models.config import DROPOUTS
 
 PRESETS = ("quickstart", "coco", "coco-expansionnet-v2")
@@ -49,7 +44,9 @@ V2_RECIPE: dict[int, dict[str, Any]] = {
     6: {**SEED_RECIPE[6], "batch_size": 24},
 }
 
-# the quickstart: a small captioner and backbone, all six phases on 2 CPU cores in a few minutes
+# the quickstart: phase 0 pretrains a small backbone on the synthetic scenes (the stand-in for ImageNet weights), then
+# a small captioner goes through the six phases, all on 2 CPU cores in a few minutes
+QUICKSTART_PHASE0 = {"init": "quickstart", "labels": "auto", "epochs": 3, "batch_size": 16, "lr": 5e-3}
 QUICKSTART_MODEL = {"model": "optimizer_expansionnet", "N_enc": 2, "N_dec": 2, "model_dim": 96, "num_heads": 4,
                     "ff": 256, "num_exp_enc_list": (4, 8, 16), "num_exp_dec": 8, "memory_slots": 8}
 QUICKSTART_COMMON = {"seed": 775533, "optim_type": "radam", "sched_type": "custom_warmup_anneal",
@@ -58,6 +55,7 @@ QUICKSTART_COMMON = {"seed": 775533, "optim_type": "radam", "sched_type": "custo
                      "eval_max_len": 20}
 QUICKSTART_FEATURES = {"batch_size": 100, "num_workers": 1}
 QUICKSTART_RECIPE: dict[int, dict[str, Any]] = {
+    0: QUICKSTART_PHASE0,
     1: QUICKSTART_FEATURES,
     2: {"warmup": 20, "lr": 1e-3, "anneal_coeff": 0.8, "anneal_every_epoch": 1, **dropouts(0.1), "batch_size": 16,
         "grouped": True, "num_epochs": 3},
@@ -72,7 +70,8 @@ QUICKSTART_RECIPE: dict[int, dict[str, Any]] = {
 
 def phase_settings(model: Mapping[str, Any], common: Mapping[str, Any], phases: Mapping[int, Mapping[str, Any]]
                    ) -> dict[int, dict[str, Any]]:
-    """Every phase's settings: train phases get the model and the common settings, feature phases their own."""
+    """Every phase's settings: train phases get the model and the common settings, the others their own (phases 1
+    and 4 are always there; phase 0 only when the preset pretrains its backbone)."""
     out: dict[int, dict[str, Any]] = {1: {}, 4: {}}
     for number, own in phases.items():
         out[number] = {**model, **common, **own} if number in (2, 3, 5, 6) else dict(own)
@@ -81,17 +80,11 @@ def phase_settings(model: Mapping[str, Any], common: Mapping[str, Any], phases: 
 
 def quickstart_recipe(run_dir: Path, num_train: int = 4000, num_val: int = 500, num_test: int = 500,
                       seed: int = 0) -> Recipe:
-    """Generate the synthetic dataset and a from-scratch tiny SwinV2 backbone (once), with the quickstart settings."""
+    """Generate the synthetic dataset (once); phase 0 makes the backbone; the quickstart settings."""
     data_dir = run_dir / "data"
     captions = generate_synthetic_dataset(
         data_dir, SyntheticConfig(num_train=num_train, num_val=num_val, num_test=num_test, image_size=64, seed=seed))
-    backbone_file = run_dir / "backbone-init.pth"
-    if not backbone_file.exists():
-        torch.manual_seed(seed)
-        cfg = tiny_swinv2(img_size=64, embed_dim=32, depths=(1, 1), window_size=4)  # 8 x 8 tokens of 64 channels
-        save_backbone_file(backbone_file, create_backbone(cfg), cfg)
-    return Recipe(data_dir, captions, backbone_file,
-                  phase_settings(QUICKSTART_MODEL, QUICKSTART_COMMON, QUICKSTART_RECIPE))
+    return Recipe(data_dir, captions, None, phase_settings(QUICKSTART_MODEL, QUICKSTART_COMMON, QUICKSTART_RECIPE))
 
 
 def coco_recipe(images_path: Path, captions_path: Path, backbone: Path, expansionnet_v2: bool) -> Recipe:

@@ -12,7 +12,7 @@ import torch
 from data.captions import ImageRecord, load_records, split_records
 from data.images import open_image
 from data.loaders import ImageSource
-from data.synthetic import GROUND_TRUTH_NAME, load_ground_truth, shape_vocabulary
+from data.synthetic import GROUND_TRUTH_NAME, caption_from_ground_truth, load_ground_truth, shape_vocabulary
 from engine.checkpoints import restore_model
 from engine.evaluate import caption_records, evaluation_report
 from eval.cider import best_constant_caption
@@ -52,18 +52,34 @@ def quickstart_report(run_dir: Path, captions_path: Path, images_path: Path, xe_
     truth = load_ground_truth(Path(captions_path).parent / GROUND_TRUTH_NAME)
     words = GroundingWords.from_vocabulary(shape_vocabulary())
     grounded, xe_grounded = grounded_accuracy(preds, truth, words), grounded_accuracy(xe_preds, truth, words)
-    shown = test[:16]
-    grid = save_caption_grid([open_image(r.path) for r in shown], [preds[r.image_id] for r in shown],
-                             run_dir / "test_captions.png", thumb=128, columns=4, line_chars=24)
+    examples = caption_examples(test, preds, truth, words)
+    grid = save_caption_grid([open_image(r.path) for r in test[:len(examples)]],
+                             [f"{e['mark']} {e['caption']} | truth: {e['truth']}" for e in examples],
+                             run_dir / "test_captions.png", thumb=128, columns=4, line_chars=26)
     results = {"test_xe": xe_report, "test_final": report, "best_constant_caption": constant,
                "best_constant_cider": constant_cider, "grounded_final": grounded, "grounded_xe": xe_grounded,
-               "beam_size": beam_size, "xe_checkpoint": str(xe_checkpoint), "final_checkpoint": str(final_checkpoint)}
+               "phase0_probe": manifest.get("phases", {}).get("0", {}).get("metrics", {}).get("probe"),
+               "examples": examples, "beam_size": beam_size, "xe_checkpoint": str(xe_checkpoint),
+               "final_checkpoint": str(final_checkpoint)}
     (run_dir / "results.json").write_text(json.dumps(results, indent=1))
     (run_dir / "predictions_test.json").write_text(json.dumps(
         [{"image_id": i, "caption": c} for i, c in sorted(preds.items())], indent=1))
     _copy_curves(run_dir)
     (run_dir / "report.md").write_text(render_report(results, manifest, grid.name))
     return results
+
+
+def caption_examples(test: list[ImageRecord], preds: dict[int, str], truth: dict[int, dict[str, Any]],
+                     words: GroundingWords, count: int = 16) -> list[dict[str, Any]]:
+    """The first test images with their caption, the ground truth (canonical caption) and whether the caption names
+    every group with its colour, shape and number and nothing else (mark "ok", else "wrong")."""
+    out = []
+    for r in test[:count]:
+        one = grounded_accuracy({r.image_id: preds[r.image_id]}, truth, words)
+        out.append({"image_id": r.image_id, "caption": preds[r.image_id],
+                    "truth": caption_from_ground_truth(truth[r.image_id]),
+                    "mark": "ok" if one["scene_accuracy"] == 1.0 else "wrong"})
+    return out
 
 
 def _copy_curves(run_dir: Path) -> None:
@@ -92,22 +108,35 @@ def render_report(results: dict[str, Any], manifest: dict[str, Any], grid_name: 
     lines += ["", f"Best constant caption (the training caption scoring highest on every test image): "
                   f"\"{results['best_constant_caption']}\", CIDEr-D {results['best_constant_cider']:.1f}.", "",
               "## Grounded accuracies (test split)", "",
-              "Colour named: the share of shape groups whose colour the caption names; colour + shape: named together "
-              "with the right shape word; count: with the right number as well.", "",
-              "| model | colour named | colour + shape | shape | count | object recall | hallucination |",
-              "|---|---|---|---|---|---|---|"]
-    for label, key in (("after XE", "grounded_xe"), ("after SCST", "grounded_final")):
+              "Over the test images' shape groups: colour named (the caption names the group's colour), colour + "
+              "shape (names it together with the right shape word), shape (the right shape word), count (when the "
+              "shape is named, the number said is right), all three (colour, shape and number right together).",
+              "", *_probe_lines(results.get("phase0_probe")),
+              "| model | colour named | colour + shape | shape | count | all three | object recall | hallucination |",
+              "|---|---|---|---|---|---|---|---|"]
+    for label, key in (("after XE (phase 3)", "grounded_xe"), ("after SCST (phase 6)", "grounded_final")):
         g = results[key]
         lines.append(f"| {label} | {100 * g['colour_named']:.1f}% | {100 * g['colour_accuracy']:.1f}% | "
-                     f"{100 * g['shape_accuracy']:.1f}% | "
+                     f"{100 * g['shape_accuracy']:.1f}% | {100 * g['count_when_named']:.1f}% | "
                      f"{100 * g['count_accuracy']:.1f}% | {100 * g['object_recall']:.1f}% | "
                      f"{100 * g['hallucination_rate']:.1f}% |")
+    lines += ["", "## Test images, captions and the ground truth", "", "| image | caption (phase 6) | ground truth | |",
+              "|---|---|---|---|"]
+    lines += [f"| {e['image_id']} | {e['caption']} | {e['truth']} | {e['mark']} |" for e in results["examples"]]
     unavailable = results["test_final"].get("unavailable") or {}
     if unavailable:
         lines += ["", "Unavailable metrics: " + "; ".join(f"{k}: {v}" for k, v in unavailable.items())]
     lines += ["", "## Pictures", "", f"![test images with their captions]({grid_name})", ""]
     lines += [f"![{p}]({p})" for p in sorted(f"curves-{n}.png" for n in _phase_folders(manifest))]
     return "\n".join(lines) + "\n"
+
+
+def _probe_lines(probe: dict[str, float] | None) -> list[str]:
+    """The phase-0 probe: what the pretrained backbone's tokens tell apart before any captioning."""
+    if not probe:
+        return []
+    shown = ", ".join(f"{k.replace('_', ' ')} {100 * v:.1f}%" for k, v in probe.items())
+    return [f"After phase 0 (the pretrained backbone, linear heads on its tokens, val split): {shown}.", ""]
 
 
 def _phase_folders(manifest: dict[str, Any]) -> list[str]:

@@ -141,13 +141,14 @@ def model_config(name: str = "optimizer_expansionnet", **overrides: Any) -> Mode
     return ModelConfig(name=name, **{**MODEL_VARIANTS[name], **given})
 
 
-def backbone_preset(name: str, img_size: int = 384, drop_path_rate: float = 0.0) -> BackboneConfig:
-    """The full-size backbones of the two models: Swin-L/4 w12 (baseline) and SwinV2-B w12to24 (the seed's model)."""
-    if name in ("swin_l", SWIN_L_384):
-        return BackboneConfig(name=SWIN_L_384, img_size=img_size, drop_path_rate=drop_path_rate)
-    if name in ("swinv2_b", SWINV2_B_384):
-        return BackboneConfig(name=SWINV2_B_384, img_size=img_size, drop_path_rate=drop_path_rate)
-    raise ValueError(f"unknown backbone preset {name!r}: use swin_l or swinv2_b")
+def backbone_preset(name: str, img_size: int = 0, drop_path_rate: float = 0.0) -> BackboneConfig:
+    """A named backbone (BACKBONE_SIZES) at its own input side, or at img_size when given."""
+    aliases = {SWIN_L_384: "swin_l", SWINV2_B_384: "swinv2_b"}
+    key = aliases.get(name, name)
+    if key not in BACKBONE_SIZES:
+        raise ValueError(f"unknown backbone size {name!r}: use one of {sorted(BACKBONE_SIZES)}")
+    cfg = BACKBONE_SIZES[key]
+    return replace(cfg, img_size=img_size or cfg.img_size, drop_path_rate=drop_path_rate)
 
 
 def tiny_swinv2(img_size: int = 64, embed_dim: int = 32, depths: tuple[int, ...] = (1, 1, 1),
@@ -159,6 +160,18 @@ def tiny_swinv2(img_size: int = 64, embed_dim: int = 32, depths: tuple[int, ...]
         img_size=img_size,
         overrides={"embed_dim": embed_dim, "depths": tuple(depths), "num_heads": heads, "window_size": window_size},
     )
+
+
+# named backbones: the two full-size ones of the recipes, and the small one the quickstart pretrains in phase 0 (a slim
+# ResNet-10-T at stride 8: 64 px -> 8 x 8 tokens of 128 channels; a from-scratch SwinV2 of the quickstart's size does
+# not learn shapes within its CPU budget, README "The quickstart")
+BACKBONE_SIZES: dict[str, BackboneConfig] = {
+    "swin_l": BackboneConfig(name=SWIN_L_384, img_size=384),
+    "swinv2_b": BackboneConfig(name=SWINV2_B_384, img_size=384),
+    "quickstart": BackboneConfig(name="resnet10t", img_size=64,
+                                 overrides={"output_stride": 8, "channels": (32, 64, 128, 128), "stem_width": 16}),
+    "swinv2_tiny": tiny_swinv2(img_size=64, embed_dim=32, depths=(1, 1), window_size=4),
+}
 
 
 def expansionnet_v2_config(vocab_size: int = 10000, max_seq_len: int = 74, end_to_end: bool = True,
