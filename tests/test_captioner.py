@@ -212,3 +212,11 @@ def test_the_default_cpu_backend_is_onnx_runtime_with_pytorchs_captions_exported
     assert [c.score for c in got] == pytest.approx([c.score for c in want], abs=1e-5)
     assert fast.runtime.weights() == exact.runtime.weights()  # the export records which weights it holds
     assert load_captioner(tiny_checkpoint, precision="bf16").backend == "torch"  # autocast runs in PyTorch
+
+
+def test_weights_digest_covers_zero_dimensional_buffers():
+    from utils.checkpoint import state_dict_sha256
+
+    a = state_dict_sha256({"bn.num_batches_tracked": torch.tensor(3), "w": torch.zeros(2)})
+    b = state_dict_sha256({"bn.num_batches_tracked": torch.tensor(4), "w": torch.zeros(2)})
+    assert a != b and len(a) == 64

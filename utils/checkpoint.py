@@ -98,7 +98,7 @@ def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for k in sorted(state_dict):
         h.update(k.encode())
-        t = state_dict[k].detach().cpu().contiguous()
+        t = state_dict[k].detach().cpu().contiguous().reshape(-1)  # 0-d buffers (BatchNorm's counters) too
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
