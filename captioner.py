@@ -7,6 +7,7 @@
     load_captioner("model_dir/")                         # a model folder (save_pretrained) or an ONNX export
     load_captioner(["a.pth", "b.pth"])                   # an ensemble (one vocabulary)
     load_captioner("a.pth", backend="onnx")              # ONNX Runtime (exports to a temporary folder first)
+    load_captioner("a.pth", device="cuda", compile=True)  # torch.compile'd encoder and decoding step (PyTorch)
     captioner.save_pretrained("model_dir/")              # config.json, vocab.json, model.safetensors, README.md
 """
 
@@ -26,7 +27,7 @@ from deploy.loading import load_model, training_facts
 from deploy.runtime import CaptionRuntime, TorchRuntime
 from engine.checkpoints import require_end_to_end
 from models import ExpansionNet, ModelConfig
-from models.decoding import SearchOutput, beam_search, greedy_search, sample
+from models.decoding import Compile, SearchOutput, beam_search, greedy_search, sample
 from utils.runtime import resolve_device, resolve_precision
 
 
@@ -50,9 +51,10 @@ class Captioner:
     """
 
     def __init__(self, model: ExpansionNet, config: ModelConfig, vocab: Vocabulary, device: str | torch.device = "cpu",
-                 precision: str = "auto", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+                 precision: str = "auto", max_pixels: int | None = DEFAULT_MAX_PIXELS, compile: Compile = False
+                 ) -> None:
         dev = resolve_device(device)
-        runtime = TorchRuntime(model.eval().to(dev), config, dev, resolve_precision(precision, dev))
+        runtime = TorchRuntime(model.eval().to(dev), config, dev, resolve_precision(precision, dev), compile=compile)
         self._setup(runtime, vocab, max_pixels)
 
     @classmethod
@@ -218,7 +220,7 @@ class Captioner:
 def load_captioner(path: str | Path | Sequence[str | Path], device: str | torch.device = "cpu",
                    vocab: str | Path | None = None, precision: str = "auto",
                    max_pixels: int | None = DEFAULT_MAX_PIXELS, backend: str = "auto", threads: int | None = None,
-                   onnx_cache: str | Path | None = None) -> Captioner:
+                   onnx_cache: str | Path | None = None, compile: Compile = False) -> Captioner:
     """Load a captioner from a training checkpoint, an official checkpoint (vocab= its vocabulary pickle), a model
     folder (save_pretrained), an exported ONNX folder (export.py), or a list of any of those: an ensemble averaging
     the members' word probabilities (one vocabulary; backbones may differ).
@@ -227,9 +229,18 @@ def load_captioner(path: str | Path | Sequence[str | Path], device: str | torch.
     captions; PyTorch on a GPU or under bf16/fp16), torch, or onnx. ONNX Runtime on a PyTorch source exports it once
     into onnx_cache/<weights digest>-<precision>/ (default: deploy.loading.default_onnx_cache()). Use backend='torch'
     for the PyTorch model itself (captioner.model, save_pretrained). threads: ONNX Runtime's intra-op threads.
+    compile: torch.compile the PyTorch encoder and decoding step (True, or a torch.compile backend name; see
+    deploy.runtime.TorchRuntime); backend 'auto' then means PyTorch. Worth it on a GPU for many batches of one size.
     """
+    if compile and backend == "auto":
+        backend = "torch"
+    if compile and backend != "torch":
+        raise ValueError(f"compile applies to the PyTorch backend, not {backend!r}")
     loaded = load_model(path if isinstance(path, (str, Path)) else list(path), backend=backend, device=device,
                         precision=precision, vocab=vocab, threads=threads, onnx_cache=onnx_cache)
+    for runtime in getattr(loaded.runtime, "members", [loaded.runtime]):
+        if compile and isinstance(runtime, TorchRuntime):
+            runtime.compile = compile
     captioner = Captioner.from_runtime(loaded.runtime, loaded.vocab, max_pixels=max_pixels)
     captioner.sources = loaded.sources
     captioner.training = training_facts(loaded.checkpoint)

@@ -16,6 +16,7 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from models import ExpansionNet, ModelConfig
-from models.decoding import EnsembleStepper, Stepper, TorchStepper
+from models.decoding import Compile, EnsembleStepper, Stepper, TorchStepper, compiled
 from utils.checkpoint import state_dict_sha256
 from utils.runtime import autocast
 
@@ -93,15 +94,22 @@ class CaptionRuntime(ABC):
 
 
 class TorchRuntime(CaptionRuntime):
-    """An ExpansionNet in eval mode on one device, steps under one autocast precision."""
+    """An ExpansionNet in eval mode on one device, steps under one autocast precision.
+
+    compile: torch.compile the encoder (backbone included) and the cached decoding step (True: inductor, or a
+    backend name; see models.decoding.Compile). The step runs on fixed-size caches, so it compiles once per batch
+    shape, not at every position; the first batches of a new shape pay the compilation (tens of seconds on a GPU).
+    """
 
     kind = "torch"
 
-    def __init__(self, model: ExpansionNet, config: ModelConfig | None, device: torch.device, precision: str) -> None:
+    def __init__(self, model: ExpansionNet, config: ModelConfig | None, device: torch.device, precision: str,
+                 compile: Compile = False) -> None:
         self.model = model
         self.config = config  # None when only the module is known (engine.evaluate's callers)
         self.device = device
         self.precision = precision
+        self.compile = compile
 
     @property
     def max_seq_len(self) -> int:
@@ -116,17 +124,23 @@ class TorchRuntime(CaptionRuntime):
         return self.model.backbone is not None
 
     def encode(self, images: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
+        encode = partial(compiled("encode", self.compile), self.model) if self.compile else self.model.encode
         with autocast(self.device, self.precision):
-            return self.model.encode(images=images.to(self.device) if images is not None else None,
-                                     features=features.to(self.device) if features is not None else None)
+            return encode(images=images.to(self.device) if images is not None else None,
+                          features=features.to(self.device) if features is not None else None)
 
     def stepper(self, memory: torch.Tensor, key_mask: torch.Tensor | None, group: int, max_len: int) -> Stepper:
-        return TorchStepper(self.model, memory, key_mask, group, max_len, precision=self.precision)
+        return TorchStepper(self.model, memory, key_mask, group, max_len, precision=self.precision,
+                            compile=self.compile)
 
     def teacher_forced_logprobs(self, tokens: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         with autocast(self.device, self.precision):
             logits = self.model.decode(tokens.to(self.device), memory)
         return F.log_softmax(logits.float(), dim=-1)
+
+    def info(self) -> dict[str, Any]:
+        compile_info = self.compile if isinstance(self.compile, (bool, str)) else repr(self.compile)
+        return {**super().info(), **({"compile": compile_info} if self.compile else {})}
 
     def weights(self) -> dict[str, Any]:
         return {"parameters": sum(p.numel() for p in self.model.parameters()),

@@ -30,7 +30,7 @@ from eval.caption_stats import caption_stats
 from eval.cider import CiderD
 from losses import LabelSmoothingLoss, scst_loss, scst_rewards
 from models import ModelConfig
-from models.decoding import sample
+from models.decoding import compiled, sample
 from optims import ScheduleConfig, lr_at
 from utils.dist import DistInfo, all_reduce_sum
 from utils.plots import save_curves
@@ -94,6 +94,15 @@ def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+def is_compiled(model: nn.Module) -> bool:
+    """Whether torch.compile wraps the model (under a DDP wrapper or not)."""
+    while not hasattr(model, "_orig_mod"):
+        if not (hasattr(model, "module") and isinstance(model.module, nn.Module)):
+            return False
+        model = model.module
+    return True
+
+
 def scst_words(tokens: list[int], vocab: Vocabulary) -> str:
     """A sampled caption as the reward sees it: its words with EOS kept (as the token 'EOS'), SOS and PAD dropped."""
     out = []
@@ -130,6 +139,9 @@ class Trainer:
         self.cider: CiderD | None = None
         if settings.reinforce:
             self.cider = CiderD(df_refs=[[reward_reference(c) for c in r.captions] for r in train_records])
+        # under torch.compile (train.py --compile True) SCST's encoder, sampling steps and re-scoring pass run
+        # compiled too: the trainer calls them on the raw model, which the compiled wrapper would not reach
+        self.compiled = is_compiled(model)
         self.log_path = settings.run_dir / "metrics.jsonl"
         self.sampler_unit = "image" if settings.reinforce or settings.grouped else "caption"
         self.last_save = time.monotonic()
@@ -152,9 +164,9 @@ class Trainer:
         v, k = self.vocab, self.settings.scst_samples
         reuse = not self.dist.distributed  # under DDP the gradient pass must go through the wrapper's forward
         with autocast(self.device, self.settings.precision), torch.set_grad_enabled(reuse):
-            memory = self.raw.encode(features=batch.features, images=batch.images)
+            memory = self._raw_call("encode", features=batch.features, images=batch.images)
             out = sample(self.raw, memory.detach(), None, sos_idx=v.sos_idx, eos_idx=v.eos_idx, pad_idx=v.pad_idx,
-                         num_samples=k, max_len=self.settings.scst_max_len)
+                         num_samples=k, max_len=self.settings.scst_max_len, compile=self.compiled)
         tokens = out.tokens.flatten(0, 1)  # (B*k, L)
         lengths = out.lengths.flatten()
         rows = tokens.cpu().tolist()
@@ -165,7 +177,7 @@ class Trainer:
         image_index = torch.arange(len(batch), device=self.device).repeat_interleave(k)
         with autocast(self.device, self.settings.precision):
             if reuse:
-                logits = self.raw.decode(inputs, memory, caption_index=image_index)
+                logits = self._raw_call("decode", inputs, memory, caption_index=image_index)
             else:
                 logits = self.model(inputs, features=batch.features, images=batch.images, caption_index=image_index)
         logp = F.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
@@ -177,6 +189,12 @@ class Trainer:
         return {"reward_sum": rewards.sum().item(), "baseline_sum": baseline.sum().item(),
                 "length_sum": float(sum(len(t.split()) for t in texts)),
                 "dangling_sum": stats["dangling_share"] * len(texts)}
+
+    def _raw_call(self, method: str, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The raw model's encode or decode, compiled when the run compiles its model."""
+        if self.compiled:
+            return compiled(method, True)(self.raw, *args, **kwargs)
+        return getattr(self.raw, method)(*args, **kwargs)
 
     def _backward(self, loss: torch.Tensor, terms: dict[str, float]) -> None:
         if not torch.isfinite(loss):

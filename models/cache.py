@@ -42,6 +42,13 @@ class DynamicExpansionCache:
         buf[:, start:start + rows.shape[1]] = rows
         return buf[:, :start + rows.shape[1]]
 
+    def hide_unwritten(self, scores: torch.Tensor, rows_per_position: int) -> torch.Tensor:
+        """Scores (..., rows) against the buffer `append` returned, unchanged: every row of it is written."""
+        return scores
+
+    def advance(self) -> None:
+        self.length += 1
+
     def reorder(self, index: torch.Tensor) -> None:
         """Gather rows along the batch axis (beam re-ordering): the filled prefix, into the spare buffers."""
         for name in self.NAMES:
@@ -49,6 +56,42 @@ class DynamicExpansionCache:
             src, dst = self._buffers[name], self._spares[name]
             torch.index_select(src[:, :filled], 0, index, out=dst[:, :filled])
             self._buffers[name], self._spares[name] = dst, src
+
+
+class FixedExpansionCache(DynamicExpansionCache):
+    """The same state in buffers whose shapes never change, for a compiled decoding step (torch.compile).
+
+    `append` writes the newest position at `position` (a tensor, not a Python int) and returns the whole max_len
+    buffer; `hide_unwritten` zeroes the scores of the positions not written yet. A compiled step therefore sees the
+    same shapes and the same Python values at every position and compiles once, where the growing prefix of
+    DynamicExpansionCache gives it a new shape (and a recompilation) at every step. The rows beyond the written
+    positions are zeros (both twins start zeroed, and a re-ordering copies the written prefix only), so masked
+    scores meet finite values. Eager decoding keeps DynamicExpansionCache: reading the unwritten positions too costs
+    up to twice the expansion arithmetic.
+    """
+
+    def __init__(self, batch: int, max_len: int, num_exp: int, d_model: int, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        super().__init__(batch, max_len, num_exp, d_model, device, dtype)
+        self._spares = {name: torch.zeros_like(buf) for name, buf in self._buffers.items()}
+        self.position = torch.zeros(1, dtype=torch.long, device=device)  # (1,): dynamo would make a 0-d one an int
+
+    def append(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """Write rows (B, n, D) at `position`; return the whole buffer (B, max_len * n, D)."""
+        n = rows.shape[1]
+        buf = self._buffers[name]
+        index = self.position * n + torch.arange(n, device=buf.device)
+        buf.index_copy_(1, index, rows.to(buf.dtype))
+        return buf
+
+    def hide_unwritten(self, scores: torch.Tensor, rows_per_position: int) -> torch.Tensor:
+        """Scores (..., max_len * rows_per_position) with the rows of positions after `position` set to zero."""
+        rows = torch.arange(scores.shape[-1], device=scores.device)
+        return scores.masked_fill(rows >= (self.position + 1) * rows_per_position, 0.0)
+
+    def advance(self) -> None:
+        super().advance()
+        self.position.fill_(self.length)
 
 
 class ConcatExpansionCache:
@@ -70,6 +113,9 @@ class ConcatExpansionCache:
         self.present[name] = full
         return full
 
+    def hide_unwritten(self, scores: torch.Tensor, rows_per_position: int) -> torch.Tensor:
+        return scores
+
 
 @dataclass
 class CrossAttentionCache:
@@ -87,8 +133,8 @@ class DecoderCache:
     moves a hypothesis to another image), so only the dynamic-expansion caches are gathered on reorder.
     """
 
-    def __init__(self, cross: list[CrossAttentionCache], dyn: list[DynamicExpansionCache], group: int,
-                 max_len: int) -> None:
+    def __init__(self, cross: list[CrossAttentionCache], dyn: list[DynamicExpansionCache] | list[FixedExpansionCache],
+                 group: int, max_len: int) -> None:
         self.cross = cross
         self.dyn = dyn
         self.group = group
@@ -100,7 +146,7 @@ class DecoderCache:
 
     def advance(self) -> None:
         for c in self.dyn:
-            c.length += 1
+            c.advance()
 
     def reorder(self, index: torch.Tensor) -> None:
         """index (B*group,) of source rows, each within its own image's group."""

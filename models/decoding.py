@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -62,19 +62,46 @@ class StepModel(Protocol):
     def stepper(self, memory: Any, key_mask: torch.Tensor | None, group: int, max_len: int) -> Stepper: ...
 
 
+Compile = bool | str | Callable[..., Any]
+"""A compile option: False (eager), True (torch.compile's default backend, inductor), or a torch.compile backend
+(a name such as "aot_eager", or a backend function)."""
+
+_COMPILED: dict[tuple[str, Any], Callable[..., Any]] = {}
+
+
+def compiled(method: str, option: Compile) -> Callable[..., Any]:
+    """ExpansionNet.<method> (step, encode, decode) under torch.compile (option True: its default backend, else the
+    backend `option` names), called as fn(model, ...). Made once per process and option and shared by every model
+    and stepper: a compiled function per stepper would compile again for every batch."""
+    key = (method, option, torch.compile)  # torch.compile too: a test may substitute one with another backend
+    if key not in _COMPILED:
+        fn = getattr(ExpansionNet, method)
+        _COMPILED[key] = torch.compile(fn) if option is True else torch.compile(fn, backend=option)
+    return _COMPILED[key]
+
+
 class TorchStepper(Stepper):
     """An ExpansionNet in PyTorch: incremental (cached) steps, or the reference's recomputation of the whole prefix
-    (use_cache=False); `precision` is the autocast of the step (fp32: none)."""
+    (use_cache=False); `precision` is the autocast of the step (fp32: none).
+
+    compile: run the cached step compiled (see Compile), on fixed-size caches (models.cache.FixedExpansionCache) so
+    that it compiles once for a batch shape rather than at every position; the captions are the eager ones up to
+    the rounding of a differently ordered sum. Ignored with use_cache=False.
+    """
 
     def __init__(self, model: ExpansionNet, memory: torch.Tensor, key_mask: torch.Tensor | None, group: int,
-                 max_len: int, use_cache: bool = True, precision: str = "fp32") -> None:
+                 max_len: int, use_cache: bool = True, precision: str = "fp32", compile: Compile = False) -> None:
         self.model = model
         self.use_cache = use_cache
         self.batch, self.group, self.device = memory.shape[0], group, memory.device
         self.precision = precision
+        self.step: Callable[..., torch.Tensor] | None = None
         if use_cache:
+            if compile:
+                step = compiled("step", compile)
+                self.step = lambda *args: step(model, *args)
             with autocast(self.device, precision):  # the cross-attention projections run at the steps' precision
-                self.cache = model.init_cache(memory, key_mask, group, max_len)
+                self.cache = model.init_cache(memory, key_mask, group, max_len, fixed=self.step is not None)
         else:
             self.memory = memory.repeat_interleave(group, dim=0)
             self.key_mask = key_mask.repeat_interleave(group, dim=0) if key_mask is not None else None
@@ -82,7 +109,10 @@ class TorchStepper(Stepper):
     def logprobs(self, prefix: torch.Tensor) -> torch.Tensor:
         with autocast(self.device, self.precision):
             if self.use_cache:
-                logits = self.model.decode_step(prefix[:, -1], self.cache)
+                tokens = prefix[:, -1]  # a view of the prefix, whose stride grows with it: a compiled step would
+                if self.step is not None:  # take each step's view for a new input layout, so it gets a fresh copy
+                    tokens = tokens.clone()
+                logits = self.model.decode_step(tokens, self.cache, step=self.step)
             else:
                 logits = self.model.decode(prefix, self.memory, self.key_mask)[:, -1]
         return F.log_softmax(logits.float(), dim=-1)
@@ -120,10 +150,11 @@ class EnsembleStepper(Stepper):
 
 
 def make_stepper(model: ExpansionNet | StepModel, memory: Any, key_mask: torch.Tensor | None, group: int,
-                 max_len: int, use_cache: bool = True) -> Stepper:
-    """The Stepper of an ExpansionNet (PyTorch, under the caller's autocast) or of any StepModel."""
+                 max_len: int, use_cache: bool = True, compile: Compile = False) -> Stepper:
+    """The Stepper of an ExpansionNet (PyTorch, under the caller's autocast; compile: see TorchStepper) or of any
+    StepModel (which decides for itself, e.g. deploy.runtime.TorchRuntime's compile option)."""
     if isinstance(model, nn.Module):
-        return TorchStepper(model, memory, key_mask, group, max_len, use_cache)
+        return TorchStepper(model, memory, key_mask, group, max_len, use_cache, compile=compile)
     return model.stepper(memory, key_mask, group, max_len)
 
 
@@ -138,14 +169,14 @@ def _lengths(tokens: torch.Tensor, eos_idx: int) -> torch.Tensor:
 @torch.no_grad()
 def beam_search(model: ExpansionNet | StepModel, memory: Any, key_mask: torch.Tensor | None, *, sos_idx: int,
                 eos_idx: int, pad_idx: int, beam_size: int = 5, max_len: int = 20, num_outputs: int = 1,
-                use_cache: bool = True) -> SearchOutput:
+                use_cache: bool = True, compile: Compile = False) -> SearchOutput:
     """The reference's beam search: beam-many distinct first words, global top-beam by cumulative log-prob,
     finished hypotheses kept (they continue with log-prob 0) but can be pushed out, final ranking by cumulative
     log-prob divided by the number of tokens including SOS and EOS."""
     if not 1 <= num_outputs <= beam_size:
         raise ValueError(f"num_outputs must be between 1 and beam_size ({beam_size}), got {num_outputs}")
     k = beam_size
-    stepper = make_stepper(model, memory, key_mask, k, max_len, use_cache)
+    stepper = make_stepper(model, memory, key_mask, k, max_len, use_cache, compile)
     B, device = stepper.batch, stepper.device
     prefix = torch.full((B * k, 1), sos_idx, dtype=torch.long, device=device)
     cum = torch.full((B, k), float("-inf"), device=device)
@@ -183,9 +214,10 @@ def beam_search(model: ExpansionNet | StepModel, memory: Any, key_mask: torch.Te
 
 @torch.no_grad()
 def greedy_search(model: ExpansionNet | StepModel, memory: Any, key_mask: torch.Tensor | None, *, sos_idx: int,
-                  eos_idx: int, pad_idx: int, max_len: int = 20, use_cache: bool = True) -> SearchOutput:
+                  eos_idx: int, pad_idx: int, max_len: int = 20, use_cache: bool = True, compile: Compile = False
+                  ) -> SearchOutput:
     """Arg-max decoding; scored like beam search so beam_size=1 gives the same output."""
-    stepper = make_stepper(model, memory, key_mask, 1, max_len, use_cache)
+    stepper = make_stepper(model, memory, key_mask, 1, max_len, use_cache, compile)
     B, device = stepper.batch, stepper.device
     prefix = torch.full((B, 1), sos_idx, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -209,14 +241,14 @@ def greedy_search(model: ExpansionNet | StepModel, memory: Any, key_mask: torch.
 @torch.no_grad()
 def sample(model: ExpansionNet | StepModel, memory: Any, key_mask: torch.Tensor | None, *, sos_idx: int,
            eos_idx: int, pad_idx: int, num_samples: int = 5, max_len: int = 20, use_cache: bool = True,
-           generator: torch.Generator | None = None) -> SearchOutput:
+           generator: torch.Generator | None = None, compile: Compile = False) -> SearchOutput:
     """Ancestral sampling (temperature 1, full softmax) of num_samples captions per image, for SCST.
 
     Runs without gradient (the SCST loss re-scores the samples in one teacher-forced pass); dropout follows the
     model's mode. Returns tokens (B, num_samples, L).
     """
     k = num_samples
-    stepper = make_stepper(model, memory, key_mask, k, max_len, use_cache)
+    stepper = make_stepper(model, memory, key_mask, k, max_len, use_cache, compile)
     B, device = stepper.batch, stepper.device
     prefix = torch.full((B * k, 1), sos_idx, dtype=torch.long, device=device)
     finished = torch.zeros(B * k, dtype=torch.bool, device=device)

@@ -5,11 +5,19 @@ Parameter names match the official release's `model_state_dict`; the backbone (`
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from models.backbone import backbone_tokens
-from models.cache import ConcatExpansionCache, CrossAttentionCache, DecoderCache, DynamicExpansionCache
+from models.cache import (
+    ConcatExpansionCache,
+    CrossAttentionCache,
+    DecoderCache,
+    DynamicExpansionCache,
+    FixedExpansionCache,
+)
 from models.layers import (
     DynamicExpansionBlock,
     EmbeddingLayer,
@@ -17,6 +25,11 @@ from models.layers import (
     MultiHeadAttention,
     StaticExpansionBlock,
 )
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes in on this device type, or None when autocast is off."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
 
 
 class EncoderLayer(nn.Module):
@@ -192,26 +205,36 @@ class ExpansionNet(nn.Module):
         return self.decode(tokens, memory, key_mask, caption_index)
 
     def init_cache(self, memory: torch.Tensor, key_mask: torch.Tensor | None, group: int,
-                   max_len: int) -> DecoderCache:
-        """State for incremental decoding of `group` hypotheses per image, up to max_len positions (SOS included)."""
+                   max_len: int, fixed: bool = False) -> DecoderCache:
+        """State for incremental decoding of `group` hypotheses per image, up to max_len positions (SOS included).
+
+        fixed: buffers whose shapes never change (FixedExpansionCache), for a compiled step. Under autocast the
+        buffers take autocast's dtype, which the step's rows have (CUDA's autocast keeps the memory itself in fp32).
+        """
         if max_len > self.max_seq_len:
             raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {self.max_seq_len}")
         batch = memory.shape[0] * group
-        dyn = [DynamicExpansionCache(batch, max_len, self.num_exp_dec, self.d_model, memory.device, memory.dtype)
-               for _ in self.decoders]
+        kind = FixedExpansionCache if fixed else DynamicExpansionCache
+        dtype = _autocast_dtype(memory.device) or memory.dtype
+        dyn = [kind(batch, max_len, self.num_exp_dec, self.d_model, memory.device, dtype) for _ in self.decoders]
         return DecoderCache(self.cross_caches(memory, key_mask), dyn, group, max_len)
 
-    def decode_step(self, tokens: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
-        """Logits (B*group, V) for the next token after `tokens` (B*group,), the newest input position."""
+    def decode_step(self, tokens: torch.Tensor, cache: DecoderCache, step: Callable[..., torch.Tensor] | None = None
+                    ) -> torch.Tensor:
+        """Logits (B*group, V) for the next token after `tokens` (B*group,), the newest input position.
+
+        step: what computes it, with `self.step`'s arguments (default: self.step; a compiled one for instance)."""
         j = cache.length
         if j >= cache.max_len:
             raise ValueError(f"decoder cache is full ({cache.max_len} positions)")
-        logits = self.step(tokens, torch.full((1,), j, device=tokens.device, dtype=torch.long), cache.cross, cache.dyn)
+        position = torch.full((1,), j, device=tokens.device, dtype=torch.long)
+        logits = (step or self.step)(tokens, position, cache.cross, cache.dyn)
         cache.advance()
         return logits
 
     def step(self, tokens: torch.Tensor, position: torch.Tensor, cross: list[CrossAttentionCache],
-             dyn: list[DynamicExpansionCache] | list[ConcatExpansionCache]) -> torch.Tensor:
+             dyn: list[DynamicExpansionCache] | list[FixedExpansionCache] | list[ConcatExpansionCache]
+             ) -> torch.Tensor:
         """One decoding step: logits (B*group, V) for tokens (B*group,) at position (1,), appending to each layer's
         dynamic-expansion cache. decode_step runs it on preallocated buffers; an exported decoder-step graph runs it
         on ConcatExpansionCache (past caches in, present caches out)."""

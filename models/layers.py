@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.cache import ConcatExpansionCache, DynamicExpansionCache
+from models.cache import ConcatExpansionCache, DynamicExpansionCache, FixedExpansionCache
 
 EXP_EPS = 1e-9  # normalisation epsilon of the expansion blocks (the reference's value)
 
@@ -93,9 +93,9 @@ class MultiHeadAttention(nn.Module):
         """Keys, values (B, h, N[+m], d_k) and additive mask (B, 1, 1, N[+m]) for inputs kv (B, N, D)."""
         B, N, _ = kv.shape
         k, v = self.Wk(kv), self.Wv(kv)
-        if self.memory_slots > 0:
-            k = torch.cat([k, math.sqrt(self.d_k) * self.m_k.expand(B, -1, -1)], dim=1)
-            v = torch.cat([v, math.sqrt(self.memory_slots) * self.m_v.expand(B, -1, -1)], dim=1)
+        if self.memory_slots > 0:  # the slots in the projections' dtype (under autocast, cat would promote to fp32)
+            k = torch.cat([k, (math.sqrt(self.d_k) * self.m_k).to(k.dtype).expand(B, -1, -1)], dim=1)
+            v = torch.cat([v, (math.sqrt(self.memory_slots) * self.m_v).to(v.dtype).expand(B, -1, -1)], dim=1)
             if key_mask is not None:
                 key_mask = torch.cat([key_mask, key_mask.new_ones(B, self.memory_slots)], dim=1)
         k = k.view(B, -1, self.num_heads, self.d_k).transpose(1, 2)
@@ -229,13 +229,14 @@ class DynamicExpansionBlock(nn.Module):
         s = torch.sigmoid(self.selector_embed(x))
         return s * oa + (1 - s) * ob
 
-    def step(self, x: torch.Tensor, cache: DynamicExpansionCache | ConcatExpansionCache) -> torch.Tensor:
+    def step(self, x: torch.Tensor, cache: DynamicExpansionCache | ConcatExpansionCache | FixedExpansionCache
+             ) -> torch.Tensor:
         """One new position x (B, 1, D) after the cached ones; appends to the cache and returns (B, 1, D).
 
         Backward-step scores of the expanded rows (t, e) against the new key are K_j . cond_t + K_j . q_exp[e], and
         the biases b_exp[e] + cond_t enter the output through the weights' marginals, so neither expanded queries
-        nor biases are cached. Only `cache.append` touches the cache, so the in-place buffers of decoding and the
-        concatenated tensors of an exported graph run the same code.
+        nor biases are cached. Only `cache.append` and `cache.hide_unwritten` touch the cache, so the in-place buffers
+        of decoding (growing or fixed-size) and the concatenated tensors of an exported graph run the same code.
         """
         E = self.num_exp
         scale = math.sqrt(x.shape[-1])
@@ -245,12 +246,12 @@ class DynamicExpansionBlock(nn.Module):
         keys, conds = cache.append("k", k_j), cache.append("cond", cond)  # (B, T, D): positions 0..j
         vas, vbs = cache.append("va", va), cache.append("vb", vb)
         qe = self.query_exp_vectors.weight + cond  # (B, E, D): the expanded rows of position j
-        z = self.Z_dropout(torch.matmul(qe, keys.transpose(1, 2)) / scale)  # (B, E, T)
+        z = self.Z_dropout(cache.hide_unwritten(torch.matmul(qe, keys.transpose(1, 2)) / scale, 1))  # (B, E, T)
         ca = cache.append("ca", self.dropout_class_a_fw(torch.matmul(_normalise(F.relu(z)), vas)))  # (B, T*E, D)
         cb = cache.append("cb", self.dropout_class_b_fw(torch.matmul(_normalise(F.relu(-z)), vbs)))
         z_t = torch.matmul(k_j, conds.transpose(1, 2))  # (B, 1, T)
         z_e = torch.matmul(k_j, self.query_exp_vectors.weight.t())  # (B, 1, E)
-        zb = self.Z_dropout(((z_t[..., :, None] + z_e[..., None, :]) / scale).flatten(-2))  # (B, 1, T*E)
+        zb = self.Z_dropout(cache.hide_unwritten(((z_t[..., :, None] + z_e[..., None, :]) / scale).flatten(-2), E))
         outs = []
         for w, c, drop in ((_normalise(F.relu(zb)), ca, self.dropout_class_a_bw),
                            (_normalise(F.relu(-zb)), cb, self.dropout_class_b_bw)):
