@@ -212,27 +212,39 @@ def beam_search(model: ExpansionNet | StepModel, memory: Any, key_mask: torch.Te
                         lengths.gather(1, order))
 
 
-@torch.no_grad()
-def greedy_search(model: ExpansionNet | StepModel, memory: Any, key_mask: torch.Tensor | None, *, sos_idx: int,
-                  eos_idx: int, pad_idx: int, max_len: int = 20, use_cache: bool = True, compile: Compile = False
-                  ) -> SearchOutput:
-    """Arg-max decoding; scored like beam search so beam_size=1 gives the same output."""
-    stepper = make_stepper(model, memory, key_mask, 1, max_len, use_cache, compile)
-    B, device = stepper.batch, stepper.device
-    prefix = torch.full((B, 1), sos_idx, dtype=torch.long, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
+def _one_token_per_row(stepper: Stepper, choose: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], *,
+                       sos_idx: int, eos_idx: int, pad_idx: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decodes every row of the stepper (batch*group) on its own, `choose(logp)` -> (token, its log-prob) per row
+    from the log-probs (R, V); a row that has ended goes on with PAD at log-prob 0. Stops at max_len or when every
+    row has ended. Returns tokens (R, L) (no SOS) and their log-probs (R, L)."""
+    rows = stepper.batch * stepper.group
+    prefix = torch.full((rows, 1), sos_idx, dtype=torch.long, device=stepper.device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=stepper.device)
     lps = []
     for _ in range(max_len):
-        logp = stepper.logprobs(prefix)
-        lp, tok = logp.max(dim=-1)
+        tok, lp = choose(stepper.logprobs(prefix))
         tok = torch.where(finished, torch.full_like(tok, pad_idx), tok)
         lps.append(torch.where(finished, torch.zeros_like(lp), lp))
         prefix = torch.cat([prefix, tok[:, None]], dim=1)
         finished = finished | (tok == eos_idx)
         if bool(finished.all()):
             break
-    tokens = prefix[:, 1:]
-    tok_lps = torch.stack(lps, dim=1)
+    return prefix[:, 1:], torch.stack(lps, dim=1)
+
+
+def _arg_max(logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    lp, tok = logp.max(dim=-1)
+    return tok, lp
+
+
+@torch.no_grad()
+def greedy_search(model: ExpansionNet | StepModel, memory: Any, key_mask: torch.Tensor | None, *, sos_idx: int,
+                  eos_idx: int, pad_idx: int, max_len: int = 20, use_cache: bool = True, compile: Compile = False
+                  ) -> SearchOutput:
+    """Arg-max decoding; scored like beam search so beam_size=1 gives the same output."""
+    stepper = make_stepper(model, memory, key_mask, 1, max_len, use_cache, compile)
+    tokens, tok_lps = _one_token_per_row(stepper, _arg_max, sos_idx=sos_idx, eos_idx=eos_idx, pad_idx=pad_idx,
+                                         max_len=max_len)
     lengths = _lengths(tokens, eos_idx)
     scores = tok_lps.sum(-1) / (lengths + 1).float()
     return SearchOutput(tokens[:, None], tok_lps[:, None], scores[:, None], lengths[:, None])
@@ -249,21 +261,14 @@ def sample(model: ExpansionNet | StepModel, memory: Any, key_mask: torch.Tensor 
     """
     k = num_samples
     stepper = make_stepper(model, memory, key_mask, k, max_len, use_cache, compile)
-    B, device = stepper.batch, stepper.device
-    prefix = torch.full((B * k, 1), sos_idx, dtype=torch.long, device=device)
-    finished = torch.zeros(B * k, dtype=torch.bool, device=device)
-    lps = []
-    for _ in range(max_len):
-        logp = stepper.logprobs(prefix)
+
+    def draw(logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tok = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
-        lp = logp.gather(1, tok[:, None])[:, 0]
-        tok = torch.where(finished, torch.full_like(tok, pad_idx), tok)
-        lps.append(torch.where(finished, torch.zeros_like(lp), lp))
-        prefix = torch.cat([prefix, tok[:, None]], dim=1)
-        finished = finished | (tok == eos_idx)
-        if bool(finished.all()):
-            break
-    tokens = prefix[:, 1:].view(B, k, -1)
-    tok_lps = torch.stack(lps, dim=1).view(B, k, -1)
+        return tok, logp.gather(1, tok[:, None])[:, 0]
+
+    tokens, tok_lps = _one_token_per_row(stepper, draw, sos_idx=sos_idx, eos_idx=eos_idx, pad_idx=pad_idx,
+                                         max_len=max_len)
+    B = stepper.batch
+    tokens, tok_lps = tokens.view(B, k, -1), tok_lps.view(B, k, -1)
     lengths = _lengths(tokens, eos_idx)
     return SearchOutput(tokens, tok_lps, tok_lps.sum(-1), lengths)

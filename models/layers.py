@@ -120,17 +120,17 @@ class MultiHeadAttention(nn.Module):
         return self.attend(q, k, v, bias)
 
 
-class StaticExpansionBlock(nn.Module):
-    """Block static expansion: the N input tokens are expanded into sum(num_exp_list) rows and read back per block."""
+class _ExpansionBlock(nn.Module):
+    """What the static and dynamic expansions share: `rows` expansion queries and biases, a key projection, the two
+    classes' values (optionally gated), the selector that mixes the classes, and the dropouts of the scores and of each
+    class's forward and backward steps. Names (and registration order) are the official state dict's."""
 
-    def __init__(self, d_model: int, num_exp_list: tuple[int, ...], dropout: float, gated: bool = False) -> None:
-        super().__init__()
+    def _add_expansion(self, d_model: int, rows: int, key_name: str, dropout: float, gated: bool) -> None:
+        """Registers the shared parts; the key projection under `key_name` (the two official blocks name it apart)."""
         self.d_model = d_model
-        self.num_exp_list = tuple(num_exp_list)
-        total = sum(num_exp_list)
-        self.query_exp_vectors = nn.Embedding(total, d_model)
-        self.bias_exp_vectors = nn.Embedding(total, d_model)
-        self.key_embed = nn.Linear(d_model, d_model)
+        self.query_exp_vectors = nn.Embedding(rows, d_model)
+        self.bias_exp_vectors = nn.Embedding(rows, d_model)
+        setattr(self, key_name, nn.Linear(d_model, d_model))
         self.class_a_embed = nn.Linear(d_model, d_model)
         self.class_b_embed = nn.Linear(d_model, d_model)
         self.selector_embed = nn.Linear(d_model, d_model)
@@ -151,6 +151,22 @@ class StaticExpansionBlock(nn.Module):
             vb = vb * torch.sigmoid(self.class_b_gate(vb))
         return va, vb
 
+    def _select(self, x: torch.Tensor, oa: torch.Tensor, ob: torch.Tensor) -> torch.Tensor:
+        """The selector's per-feature mix of the two classes' outputs."""
+        s = torch.sigmoid(self.selector_embed(x))
+        return s * oa + (1 - s) * ob
+
+
+class StaticExpansionBlock(_ExpansionBlock):
+    """Block static expansion: the N input tokens are expanded into sum(num_exp_list) rows and read back per block."""
+
+    key_embed: nn.Linear
+
+    def __init__(self, d_model: int, num_exp_list: tuple[int, ...], dropout: float, gated: bool = False) -> None:
+        super().__init__()
+        self.num_exp_list = tuple(num_exp_list)
+        self._add_expansion(d_model, sum(num_exp_list), "key_embed", dropout, gated)
+
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, N, D) layer-normed tokens, key_mask (B, N) bool; returns (B, N, D)."""
         B, N, D = x.shape
@@ -170,39 +186,23 @@ class StaticExpansionBlock(nn.Module):
         num_blocks = len(self.num_exp_list)
         oa = self.dropout_class_a_bw(torch.matmul(wa, ca) / num_blocks)
         ob = self.dropout_class_b_bw(torch.matmul(wb, cb) / num_blocks)
-        s = torch.sigmoid(self.selector_embed(x))
-        return s * oa + (1 - s) * ob
+        return self._select(x, oa, ob)
 
     def _block_normalise(self, w: torch.Tensor) -> torch.Tensor:
         """Normalise each block of expanded rows on its own (a split, not an index_add: exportable to ONNX)."""
         return torch.cat([_normalise(block) for block in w.split(self.num_exp_list, dim=-1)], dim=-1)
 
 
-class DynamicExpansionBlock(nn.Module):
+class DynamicExpansionBlock(_ExpansionBlock):
     """Dynamic expansion over a causal token sequence; `step` processes one new position from a cache."""
+
+    key_linear: nn.Linear
 
     def __init__(self, d_model: int, num_exp: int, dropout: float, gated: bool = False) -> None:
         super().__init__()
-        self.d_model = d_model
         self.num_exp = num_exp
         self.cond_embed = nn.Linear(d_model, d_model)
-        self.query_exp_vectors = nn.Embedding(num_exp, d_model)
-        self.bias_exp_vectors = nn.Embedding(num_exp, d_model)
-        self.key_linear = nn.Linear(d_model, d_model)
-        self.class_a_embed = nn.Linear(d_model, d_model)
-        self.class_b_embed = nn.Linear(d_model, d_model)
-        self.selector_embed = nn.Linear(d_model, d_model)
-        if gated:
-            self.class_a_gate = nn.Linear(d_model, d_model)
-            self.class_b_gate = nn.Linear(d_model, d_model)
-        self.gated = gated
-        self.Z_dropout = nn.Dropout(dropout)
-        self.dropout_class_a_fw = nn.Dropout(dropout)
-        self.dropout_class_b_fw = nn.Dropout(dropout)
-        self.dropout_class_a_bw = nn.Dropout(dropout)
-        self.dropout_class_b_bw = nn.Dropout(dropout)
-
-    values = StaticExpansionBlock.values
+        self._add_expansion(d_model, num_exp, "key_linear", dropout, gated)
 
     def _expand(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Expanded queries and biases (B, T, E, D) of every position."""
@@ -226,8 +226,7 @@ class DynamicExpansionBlock(nn.Module):
         bw_mask = causal.repeat_interleave(E, dim=1).to(z.dtype)  # (T, TE): row t reads expanded rows of s <= t
         oa = self.dropout_class_a_bw(torch.matmul(_normalise(F.relu(zt) * bw_mask), ca + be))
         ob = self.dropout_class_b_bw(torch.matmul(_normalise(F.relu(-zt) * bw_mask), cb + be))
-        s = torch.sigmoid(self.selector_embed(x))
-        return s * oa + (1 - s) * ob
+        return self._select(x, oa, ob)
 
     def step(self, x: torch.Tensor, cache: DynamicExpansionCache | ConcatExpansionCache | FixedExpansionCache
              ) -> torch.Tensor:
@@ -258,5 +257,4 @@ class DynamicExpansionBlock(nn.Module):
             w4 = w.unflatten(-1, (-1, E))  # (B, 1, T, E)
             bias = torch.matmul(w4.sum(2), self.bias_exp_vectors.weight) + torch.matmul(w4.sum(3), conds)
             outs.append(drop(torch.matmul(w, c) + bias))
-        s = torch.sigmoid(self.selector_embed(x))
-        return s * outs[0] + (1 - s) * outs[1]
+        return self._select(x, *outs)
