@@ -81,30 +81,12 @@ class Captioner:
                                  "config or runtime")
         return self.runtime.model
 
-    @property
-    def config(self) -> ModelConfig:
-        return self.runtime.config
-
-    @property
-    def device(self) -> torch.device:
-        return self.runtime.device
-
-    @property
-    def precision(self) -> str:
-        return self.runtime.precision
-
-    @property
-    def backend(self) -> str:
-        """torch, onnx or ensemble."""
-        return self.runtime.kind
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.runtime.max_seq_len
-
-    @property
-    def end_to_end(self) -> bool:
-        return self.runtime.end_to_end
+    config = property(lambda self: self.runtime.config, doc="the ModelConfig (an ensemble's: its first member's)")
+    device = property(lambda self: self.runtime.device, doc="the torch.device decoding runs on")
+    precision = property(lambda self: self.runtime.precision, doc="the autocast precision (fp32, bf16 or fp16)")
+    backend = property(lambda self: self.runtime.kind, doc="torch, onnx or ensemble")
+    max_seq_len = property(lambda self: self.runtime.max_seq_len, doc="the longest caption the model decodes")
+    end_to_end = property(lambda self: self.runtime.end_to_end, doc="whether the model reads images (has a backbone)")
 
     def preprocess(self, images: Sequence[BatchItem]) -> torch.Tensor:
         """Paths, bytes, PIL images or preprocessed tensors -> (B, 3, H, W) normalised for this model's backbone

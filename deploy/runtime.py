@@ -55,21 +55,10 @@ class CaptionRuntime(ABC):
     device: torch.device
     precision: str
 
-    @property
-    def max_seq_len(self) -> int:
-        return self.config.max_seq_len
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
-
-    @property
-    def end_to_end(self) -> bool:
-        return self.config.backbone is not None
-
-    @property
-    def preprocessing(self) -> Preprocessing | None:
-        return preprocessing_of(self.config)
+    max_seq_len = property(lambda self: self.config.max_seq_len, doc="the longest caption the model decodes")
+    vocab_size = property(lambda self: self.config.vocab_size, doc="the number of the model's outputs")
+    end_to_end = property(lambda self: self.config.backbone is not None, doc="whether it reads images (a backbone)")
+    preprocessing = property(lambda self: preprocessing_of(self.config), doc="what the backbone wants (Preprocessing)")
 
     @abstractmethod
     def encode(self, images: torch.Tensor | None = None, features: torch.Tensor | None = None) -> Any:
@@ -111,17 +100,10 @@ class TorchRuntime(CaptionRuntime):
         self.precision = precision
         self.compile = compile
 
-    @property
-    def max_seq_len(self) -> int:
-        return self.model.max_seq_len
-
-    @property
-    def vocab_size(self) -> int:
-        return self.model.vocab_size
-
-    @property
-    def end_to_end(self) -> bool:
-        return self.model.backbone is not None
+    # from the module, not the config: engine.evaluate's callers give none
+    max_seq_len = property(lambda self: self.model.max_seq_len, doc=CaptionRuntime.max_seq_len.__doc__)
+    vocab_size = property(lambda self: self.model.vocab_size, doc=CaptionRuntime.vocab_size.__doc__)
+    end_to_end = property(lambda self: self.model.backbone is not None, doc=CaptionRuntime.end_to_end.__doc__)
 
     def encode(self, images: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
         encode = partial(compiled("encode", self.compile), self.model) if self.compile else self.model.encode
