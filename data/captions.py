@@ -1067,16 +1067,21 @@ def _did_you_mean(parser: argparse.ArgumentParser, command: str, message: str) -
     return ("; " + "; ".join(hints)) if hints else ""
 
 
+def _path_flag(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
+    """--NAME, also spelt --NAME_path (the reference's spelling)."""
+    parser.add_argument(f"--{name}", f"--{name}_path", dest=name, **kwargs)
+
+
 def _build_parser() -> _Parser:
     parser = _Parser(prog="python -m data.captions", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{to-manifest,check}")
     convert = commands.add_parser("to-manifest", help="write a JSON-lines manifest from a folder and a captions file",
                                   description=__doc__)
-    convert.add_argument("--images", "--images_path", dest="images", required=True,
-                         help="folder holding the images (the captions file's names are relative to it)")
-    convert.add_argument("--captions", "--captions_path", dest="captions", required=True,
-                         help="CSV image,caption or TSV image<TAB>caption (header optional), or JSON {image: [...]}")
-    convert.add_argument("--output", "--output_path", dest="output", required=True, help="manifest to write (.jsonl)")
+    _path_flag(convert, "images", required=True,
+               help="folder holding the images (the captions file's names are relative to it)")
+    _path_flag(convert, "captions", required=True,
+               help="CSV image,caption or TSV image<TAB>caption (header optional), or JSON {image: [...]}")
+    _path_flag(convert, "output", required=True, help="manifest to write (.jsonl)")
     splits = convert.add_mutually_exclusive_group()
     splits.add_argument("--split", choices=SPLITS, default=None, help="put every image in this split")
     splits.add_argument("--split-ratio", "--split_ratio", dest="split_ratio", default=None,
@@ -1087,10 +1092,10 @@ def _build_parser() -> _Parser:
     convert.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     check = commands.add_parser("check", help="validate a dataset and report every problem in one summary",
                                 description=__doc__)
-    check.add_argument("--captions", "--captions_path", dest="captions", required=True,
-                       help="manifest (.jsonl), Karpathy json or its folder; or a captions file (with --images)")
-    check.add_argument("--images", "--images_path", dest="images", default=None,
-                       help="image folder: looked up first for a manifest's relative paths; Karpathy's image root")
+    _path_flag(check, "captions", required=True,
+               help="manifest (.jsonl), Karpathy json or its folder; or a captions file (with --images)")
+    _path_flag(check, "images", default=None,
+               help="image folder: looked up first for a manifest's relative paths; Karpathy's image root")
     return parser
 
 
