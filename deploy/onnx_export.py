@@ -96,8 +96,6 @@ def export_onnx(model: ExpansionNet, config: ModelConfig, vocab: Vocabulary, out
     graphs with onnx.checker and (verify) run them once with ONNX Runtime against PyTorch on random inputs."""
     import onnx
 
-    from deploy.folder import write_model_card
-
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     t0 = time.perf_counter()
@@ -108,55 +106,86 @@ def export_onnx(model: ExpansionNet, config: ModelConfig, vocab: Vocabulary, out
     dtype = torch.float16 if precision == "fp16" else torch.float32
     graph_model = copy.deepcopy(model).to(dtype) if dtype != torch.float32 else model
     names = io_names(len(model.decoders))
-    end_to_end = config.backbone is not None
     gen = torch.Generator().manual_seed(0)
-    if end_to_end:
-        size = config.backbone.img_size
-        enc_in, x = "images", torch.randn(2, 3, size, size, generator=gen)
-    else:
-        enc_in, x = "features", torch.randn(2, 5, config.img_feature_dim, generator=gen)
-    x = x.to(dtype)
+    enc_in, x = _random_encoder_input(config, 2, 5, gen)
     enc_path, dec_path = out / ENCODER_FILE, out / DECODER_FILE
     with torch.no_grad():
-        encoder = _EncoderGraph(graph_model, end_to_end).eval()  # eval: the exporter restores this mode after
-        cross = encoder(x)
-        _export(encoder, (x,), enc_path, [enc_in], names["cross"],
-                {enc_in: {0: "batch"} if end_to_end else {0: "batch", 1: "tokens"},
-                 **{n: {0: "batch", 2: "keys"} for n in names["cross"]}}, opset)
-        # example step: 2 images x 3 hypotheses, 2 past positions (so no axis is traced as a constant)
-        group, past_len, E, D = 3, 2, model.num_exp_dec, config.d_model
-        rows = 2 * group
-        past = [torch.randn(rows, past_len * (E if name in ("ca", "cb") else 1), D, generator=gen).to(dtype)
-                for _ in model.decoders for name in PAST]
-        tokens = torch.randint(4, config.vocab_size, (rows,), generator=gen)
-        position, beam_index = torch.tensor([past_len]), torch.tensor([2, 0, 1, 5, 5, 3])
-        step_inputs = ["tokens", "position", "beam_index", *names["cross"], *names["past"]]
-        step_outputs = ["logprobs", *names["present"]]
-        axes = {"tokens": {0: "rows"}, "beam_index": {0: "rows"}, "logprobs": {0: "rows"},
-                **{n: {0: "batch", 2: "keys"} for n in names["cross"]}}
-        for p_name, q_name in zip(names["past"], names["present"]):
-            axes[p_name] = {0: "rows", 1: "past_" + p_name.rsplit(".", 1)[1]}
-            axes[q_name] = {0: "rows", 1: "present_" + q_name.rsplit(".", 1)[1]}
-        step = _StepGraph(graph_model).eval()
-        _export(step, (tokens, position, beam_index, *cross, *past), dec_path, step_inputs, step_outputs, axes, opset)
+        cross = _export_encoder(graph_model, enc_in, x.to(dtype), enc_path, names, opset)
+        _export_step(graph_model, config, cross, dec_path, names, gen, opset)
     for path in (enc_path, dec_path):
         onnx.checker.check_model(str(path), full_check=True)
+    _write_folder(out, model, config, vocab, enc_in, names, precision=precision, opset=opset, source=source,
+                  card_extra=card_extra, training=training)
+    diff = verify_export(out, model, config) if verify else float("nan")
+    model.train(was_training)
+    return ExportResult(out, enc_path, dec_path, diff, time.perf_counter() - t0)
+
+
+def _random_encoder_input(config: ModelConfig, batch: int, tokens: int, gen: torch.Generator
+                          ) -> tuple[str, torch.Tensor]:
+    """The encoder's input name and a random input: images (batch, 3, side, side), or features (batch, tokens, C)."""
+    if config.backbone is not None:
+        size = config.backbone.img_size
+        return "images", torch.randn(batch, 3, size, size, generator=gen)
+    return "features", torch.randn(batch, tokens, config.img_feature_dim, generator=gen)
+
+
+def _rows_per_position(past_name: str, num_exp: int) -> int:
+    """Rows a past cache gains per position: E for the expanded rows ca and cb, 1 for the others."""
+    return num_exp if past_name.rsplit(".", 1)[-1] in ("ca", "cb") else 1
+
+
+def _export_encoder(graph_model: ExpansionNet, enc_in: str, x: torch.Tensor, path: Path, names: dict[str, Any],
+                    opset: int) -> tuple[torch.Tensor, ...]:
+    """encoder.onnx (dynamic batch, and token count for features), traced on x; returns its outputs on x."""
+    encoder = _EncoderGraph(graph_model, enc_in == "images").eval()  # eval: the exporter restores this mode after
+    cross = encoder(x)
+    axes = {enc_in: {0: "batch"} if enc_in == "images" else {0: "batch", 1: "tokens"},
+            **{n: {0: "batch", 2: "keys"} for n in names["cross"]}}
+    _export(encoder, (x,), path, [enc_in], names["cross"], axes, opset)
+    return cross
+
+
+def _export_step(graph_model: ExpansionNet, config: ModelConfig, cross: tuple[torch.Tensor, ...], path: Path,
+                 names: dict[str, Any], gen: torch.Generator, opset: int) -> None:
+    """decoder_step.onnx, traced on 2 images x 3 hypotheses with 2 past positions (so no axis is traced as a
+    constant) over the encoder's example outputs `cross`."""
+    group, past_len = 3, 2
+    rows, dtype = 2 * group, cross[0].dtype
+    past = [torch.randn(rows, past_len * _rows_per_position(name, graph_model.num_exp_dec), config.d_model,
+                        generator=gen).to(dtype) for _ in graph_model.decoders for name in PAST]
+    tokens = torch.randint(4, config.vocab_size, (rows,), generator=gen)
+    position, beam_index = torch.tensor([past_len]), torch.tensor([2, 0, 1, 5, 5, 3])
+    step_inputs = ["tokens", "position", "beam_index", *names["cross"], *names["past"]]
+    step_outputs = ["logprobs", *names["present"]]
+    axes = {"tokens": {0: "rows"}, "beam_index": {0: "rows"}, "logprobs": {0: "rows"},
+            **{n: {0: "batch", 2: "keys"} for n in names["cross"]}}
+    for p_name, q_name in zip(names["past"], names["present"]):
+        axes[p_name] = {0: "rows", 1: "past_" + p_name.rsplit(".", 1)[1]}
+        axes[q_name] = {0: "rows", 1: "present_" + q_name.rsplit(".", 1)[1]}
+    step = _StepGraph(graph_model).eval()
+    _export(step, (tokens, position, beam_index, *cross, *past), path, step_inputs, step_outputs, axes, opset)
+
+
+def _write_folder(out: Path, model: ExpansionNet, config: ModelConfig, vocab: Vocabulary, enc_in: str,
+                  names: dict[str, Any], *, precision: str, opset: int, source: str,
+                  card_extra: dict[str, Any] | None, training: dict[str, Any] | None) -> None:
+    """vocab.json, README.md, then config.json (the manifest: written last, it marks a complete export)."""
+    from deploy.folder import write_model_card
+
     manifest = {
         "format": ONNX_FORMAT, "format_version": 1, "precision": precision, "opset": opset,
         "model_config": config.to_dict(), "source": source, "training": training or {},
         "parameters": count_parameters(model), "weights_sha256": state_dict_sha256(model.state_dict()),
         "torch_version": torch.__version__,
         "io": {"encoder_input": enc_in, **names,
-               "past_rows_per_position": [E if n.rsplit(".", 1)[1] in ("ca", "cb") else 1 for n in names["past"]]},
+               "past_rows_per_position": [_rows_per_position(n, model.num_exp_dec) for n in names["past"]]},
     }
     vocab.save(out / "vocab.json", overwrite=True)
     write_model_card(out, config, vocab, count_parameters(model), source=source, extra=card_extra,
                      files={ENCODER_FILE: "backbone + encoder graph", DECODER_FILE: "one decoder step with caches"},
                      onnx={"precision": precision, "opset": opset})
-    (out / "config.json").write_text(json.dumps(manifest, indent=1) + "\n")  # last: marks a complete export
-    diff = verify_export(out, model, config) if verify else float("nan")
-    model.train(was_training)
-    return ExportResult(out, enc_path, dec_path, diff, time.perf_counter() - t0)
+    (out / "config.json").write_text(json.dumps(manifest, indent=1) + "\n")
 
 
 def verify_export(folder: Path, model: ExpansionNet, config: ModelConfig, batch: int = 2, steps: int = 3) -> float:
@@ -167,12 +196,8 @@ def verify_export(folder: Path, model: ExpansionNet, config: ModelConfig, batch:
     from models.decoding import TorchStepper
 
     rt = OrtRuntime(folder, "cpu")
-    gen = torch.Generator().manual_seed(1)
-    if config.backbone is not None:
-        size = config.backbone.img_size
-        x = {"images": torch.randn(batch, 3, size, size, generator=gen)}
-    else:
-        x = {"features": torch.randn(batch, 7, config.img_feature_dim, generator=gen)}
+    name, value = _random_encoder_input(config, batch, 7, torch.Generator().manual_seed(1))
+    x = {name: value}
     memory = rt.encode(**x)
     with torch.no_grad():
         ref = TorchStepper(model, model.encode(**x), None, 2, steps + 1)
