@@ -36,10 +36,16 @@ def static_text(name: str) -> str:
 
 
 @cache
+def page_html(name: str) -> str:
+    """A page of serving/static with the lines every page's <head> starts with (head.html) in place of <!--head-->."""
+    return static_text(name).replace("<!--head-->", static_text("head.html").rstrip("\n"))
+
+
+@cache
 def shell_version(title: str) -> str:
     """A hash of everything the app shell caches: the service worker's cache name, so any change replaces the cache."""
     digest = hashlib.sha256(json.dumps(web_app_manifest(title), sort_keys=True).encode())
-    for name in ("index.html", "app.js", "app.css", "share.html", "sw.js"):
+    for name in ("index.html", "head.html", "app.js", "app.css", "share.html", "sw.js"):
         digest.update(static_text(name).encode())
     for size, maskable in ICONS.values():
         digest.update(icon_png(size, maskable))
@@ -64,7 +70,7 @@ def web_app_manifest(title: str) -> dict[str, Any]:
 
 @router.get("/")
 async def index() -> HTMLResponse:
-    return HTMLResponse(static_text("index.html"), headers={**SHELL_HEADERS, "Content-Security-Policy": PAGE_CSP})
+    return HTMLResponse(page_html("index.html"), headers={**SHELL_HEADERS, "Content-Security-Policy": PAGE_CSP})
 
 
 @router.get("/app.js")

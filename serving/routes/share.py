@@ -16,7 +16,7 @@ from PIL import Image
 from serving.context import Captions, ServingContext, serving_context
 from serving.errors import plain_text
 from serving.params import RawParams
-from serving.routes.page import SHARE_FIELD, static_text
+from serving.routes.page import SHARE_FIELD, page_html
 from serving.schemas import score_or_none
 from serving.uploads import read_files
 
@@ -83,6 +83,6 @@ def error_text(detail: Any) -> str:
 def share_page(title: str, content: str, state: str, status: int = 200,
                headers: Mapping[str, str] | None = None) -> HTMLResponse:
     """The share result page (self-contained but for app.css; no script)."""
-    page = Template(static_text("share.html")).substitute(title=html.escape(title), content=content, state=state)
+    page = Template(page_html("share.html")).substitute(title=html.escape(title), content=content, state=state)
     return HTMLResponse(page, status_code=status, headers={"Content-Security-Policy": SHARE_CSP,
                                                            "X-Content-Type-Options": "nosniff", **(headers or {})})
