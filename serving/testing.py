@@ -1,5 +1,5 @@
 """Helpers for tests and benchmarks: run a real uvicorn server (a subprocess, or a thread for an app built in the
-test) and make small test images."""
+test), talk to it with every answer checked, serve files over plain HTTP (images to fetch), make small test images."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -74,6 +75,15 @@ class RunningServer:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@contextmanager
+def checked_client(server: RunningServer, check: Callable[[httpx.Response], None], timeout: float = 60.0
+                   ) -> Iterator[httpx.Client]:
+    """A client of the server whose every answer goes through ``check``; on exit the server must still be healthy."""
+    with server.client(timeout=timeout, event_hooks={"response": [check]}) as client:
+        yield client
+        assert client.get("/health").json() == {"status": "ok"}
 
 
 @contextmanager
@@ -150,3 +160,51 @@ def _answers_ready(base_url: str) -> bool:
         return httpx.get(f"{base_url}/ready", timeout=2.0).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a file_server path answers: a status, a body and headers, after a delay."""
+
+    body: bytes = b""
+    status: int = 200
+    headers: Mapping[str, str] = field(default_factory=dict)
+    delay_s: float = 0.0
+
+
+@dataclass
+class FileServer:
+    """A running file_server: its port, and the Host header of every request it got, in order."""
+
+    port: int
+    hosts: list[str]
+
+
+@contextmanager
+def file_server(answers: Mapping[str, bytes | Answer]) -> Iterator[FileServer]:
+    """A plain HTTP server on a free 127.0.0.1 port, in threads: GET path answers ``answers[path]`` (bytes: 200 with
+    that body), any other path 404."""
+    hosts: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            hosts.append(self.headers.get("Host", ""))
+            answer = answers.get(self.path, Answer(b"no", 404))
+            answer = Answer(answer) if isinstance(answer, bytes) else answer
+            time.sleep(answer.delay_s)
+            self.send_response(answer.status)
+            for key, value in {"Content-Length": str(len(answer.body)), **answer.headers}.items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(answer.body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, name="test-file-server", daemon=True).start()
+    try:
+        yield FileServer(int(server.server_address[1]), hosts)
+    finally:
+        server.shutdown()
+        server.server_close()

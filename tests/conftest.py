@@ -53,15 +53,24 @@ def vocab() -> Vocabulary:
     return tiny_vocab()
 
 
-@pytest.fixture
-def tiny_checkpoint(tmp_path) -> Path:
-    """An end-to-end Optimizer-ExpansionNet checkpoint with random weights, saved in our format."""
+def save_tiny_checkpoint(path: Path) -> Path:
+    """An end-to-end Optimizer-ExpansionNet checkpoint with random weights (seed 0), saved in our format."""
     from engine.checkpoints import save_model_checkpoint
 
     torch.manual_seed(0)
     cfg = tiny_config()
-    model = build_model(cfg)
-    return save_model_checkpoint(tmp_path / "tiny.pth", model, cfg, tiny_vocab())
+    return save_model_checkpoint(path, build_model(cfg), cfg, tiny_vocab())
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path) -> Path:
+    return save_tiny_checkpoint(tmp_path / "tiny.pth")
+
+
+@pytest.fixture(scope="module")
+def module_checkpoint(tmp_path_factory) -> Path:
+    """tiny_checkpoint, saved once for a module (for servers that live as long as the module)."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth")
 
 
 def make_tiny_dataset(root: Path, num_train: int = 48) -> tuple[Path, Path]:

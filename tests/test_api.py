@@ -12,7 +12,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,6 @@ import api
 from serving import (
     CaptionParams,
     MicroBatcher,
-    QueueFullError,
     ServingSettings,
     SettingsError,
     UrlFetcher,
@@ -31,7 +29,7 @@ from serving import (
     create_app,
     load_settings,
 )
-from serving.testing import image_bytes
+from serving.testing import Answer, FileServer, file_server, image_bytes
 from serving.urlguard import host_allowed, is_public_address
 from utils.checkpoint import load_checkpoint_file, state_dict_sha256
 
@@ -289,46 +287,16 @@ def test_v1_caption_unsupported_content_type_415(client: TestClient) -> None:
 # ---------------------------------------------------------------- /captioned and the URL guard
 
 
-class _ImageHandler(BaseHTTPRequestHandler):
-    """A local image server: /cat.png, redirects, a large body and a slow answer."""
-
-    hosts: list[str] = []
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        _ImageHandler.hosts.append(self.headers.get("Host", ""))
-        if self.path == "/cat.png":
-            self._send(200, PNG)
-        elif self.path == "/same-origin-redirect":
-            self._send(302, b"", {"Location": "/cat.png"})
-        elif self.path == "/other-origin-redirect":
-            self._send(302, b"", {"Location": "http://169.254.169.254/latest/meta-data"})
-        elif self.path == "/big":
-            self._send(200, b"\0" * 200_000)
-        elif self.path == "/slow":
-            time.sleep(1.5)
-            self._send(200, PNG)
-        else:
-            self._send(404, b"no")
-
-    def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
-        self.send_response(status)
-        for key, value in {"Content-Length": str(len(body)), **(headers or {})}.items():
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
-def image_server() -> Iterator[int]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _ImageHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+def image_server() -> Iterator[FileServer]:
+    """A local image server: /cat.png, redirects, a large body and a slow answer."""
+    with file_server({"/cat.png": PNG,
+                      "/same-origin-redirect": Answer(status=302, headers={"Location": "/cat.png"}),
+                      "/other-origin-redirect": Answer(status=302,
+                                                       headers={"Location": "http://169.254.169.254/latest/meta-data"}),
+                      "/big": b"\0" * 200_000,
+                      "/slow": Answer(PNG, delay_s=1.5)}) as server:
+        yield server
 
 
 def pinned_fetcher(max_bytes: int = 100_000, timeout_s: float = 5.0) -> UrlFetcher:
@@ -347,17 +315,18 @@ def test_captioned_disabled_by_default_403(client: TestClient) -> None:
     assert answer.status_code == 403 and "CAPTION_URL_FETCH" in answer.json()["detail"]
 
 
-def test_captioned_fetches_allowlisted_url_through_pinned_address(tiny_checkpoint: Path, image_server: int) -> None:
+def test_captioned_fetches_allowlisted_url_through_pinned_address(tiny_checkpoint: Path,
+                                                                  image_server: FileServer) -> None:
     app = create_app(lambda: api.ExpansionNetBackend.load({"CHECKPOINT": str(tiny_checkpoint)}),
                      ServingSettings(max_wait_ms=1), title="t", url_fetcher=pinned_fetcher())
-    url = f"http://images.test:{image_server}/same-origin-redirect"
+    url = f"http://images.test:{image_server.port}/same-origin-redirect"
     with TestClient(app) as client:
         answer = client.post("/captioned?num_captions=2&beam_size=2", json={"imageUrl": url, "imageName": "cat"})
         reference = client.post("/predict?num_captions=2&beam_size=2", files={"file": png_file()}).json()
     assert answer.status_code == 200, answer.text
     body = answer.json()
     assert body["imageName"] == "cat" and body["imageUrl"] == url and body["captions"] == reference["captions"]
-    assert _ImageHandler.hosts[-1] == f"images.test:{image_server}"  # connected to 127.0.0.1, Host header kept
+    assert image_server.hosts[-1] == f"images.test:{image_server.port}"  # connected to 127.0.0.1, Host header kept
 
 
 @pytest.mark.parametrize(("url", "status", "words"), [
@@ -371,16 +340,17 @@ def test_captioned_fetches_allowlisted_url_through_pinned_address(tiny_checkpoin
     ("http://user:pw@images.test/cat.png", 422, "credentials"),
     ("http://a.example.com/cat.png", 422, "resolve"),
 ])
-def test_url_fetcher_refusals_carry_status(image_server: int, url: str, status: int, words: str) -> None:
+def test_url_fetcher_refusals_carry_status(image_server: FileServer, url: str, status: int, words: str) -> None:
     fetcher = pinned_fetcher(max_bytes=100_000, timeout_s=1.0)
     with pytest.raises(UrlFetchError) as info:
-        asyncio.run(fetcher.fetch(url.format(port=image_server)))
+        asyncio.run(fetcher.fetch(url.format(port=image_server.port)))
     assert info.value.status == status and words in info.value.detail
 
 
-def test_url_fetcher_refuses_allowlisted_host_resolving_to_loopback(image_server: int) -> None:
+def test_url_fetcher_refuses_allowlisted_host_resolving_to_loopback(image_server: FileServer) -> None:
     fetcher = UrlFetcher(["localhost", "127.0.0.1"], 100_000, 2.0)  # default address check
-    for url in (f"http://localhost:{image_server}/cat.png", f"http://127.0.0.1:{image_server}/cat.png"):
+    port = image_server.port
+    for url in (f"http://localhost:{port}/cat.png", f"http://127.0.0.1:{port}/cat.png"):
         with pytest.raises(UrlFetchError) as info:
             asyncio.run(fetcher.fetch(url))
         assert info.value.status == 403 and "non-public" in info.value.detail
@@ -558,32 +528,6 @@ def test_batcher_failure_reaches_only_the_bad_job() -> None:
 
     results = _run_batcher(scenario, run, max_batch_size=8, max_wait_ms=20)
     assert results[0] == [1] and results[2] == [2] and isinstance(results[1], ValueError)
-
-
-def test_batcher_queue_full_raises_at_once() -> None:
-    gate, started = threading.Event(), threading.Event()
-
-    def run(items: list[int], params: None) -> list[int]:
-        started.set()
-        gate.wait(5)
-        return items
-
-    async def scenario(batcher: MicroBatcher) -> tuple[list, bool]:
-        running = asyncio.ensure_future(batcher.submit([1], None))
-        while not started.is_set():  # taken by the model thread, which now blocks
-            await asyncio.sleep(0.005)
-        waiting = asyncio.ensure_future(batcher.submit([2, 3], None))
-        await asyncio.sleep(0)
-        try:
-            await batcher.submit([4], None)
-            refused = False
-        except QueueFullError:
-            refused = True
-        gate.set()
-        return [await running, await waiting], refused
-
-    results, refused = _run_batcher(scenario, run, max_batch_size=4, max_wait_ms=1, queue_size=2)
-    assert refused and results == [[1], [2, 3]]
 
 
 # ---------------------------------------------------------------- settings

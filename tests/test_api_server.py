@@ -9,12 +9,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
-from conftest import tiny_config, tiny_vocab
 
-from engine.checkpoints import save_model_checkpoint
-from models import build_model
-from serving.testing import RunningServer, image_bytes, sparse_png, uvicorn_server
+from serving.testing import RunningServer, checked_client, image_bytes, sparse_png, uvicorn_server
 
 pytestmark = pytest.mark.slow
 
@@ -29,23 +25,16 @@ def png_bomb() -> bytes:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    cfg = tiny_config()
-    return save_model_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth", build_model(cfg), cfg, tiny_vocab())
-
-
-@pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The server's working directory: it must still be empty at the end (uploads never reach the disk)."""
     return tmp_path_factory.mktemp("server-cwd") / "a" / "b"
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint: Path, workdir: Path) -> Iterator[RunningServer]:
+def server(module_checkpoint: Path, workdir: Path) -> Iterator[RunningServer]:
     """One uvicorn server for the module: small queue, small body limit, URL fetching on for loopback hosts."""
     workdir.mkdir(parents=True)
-    env = {"CAPTION_CHECKPOINT": str(checkpoint), "CAPTION_QUEUE_SIZE": "4", "CAPTION_MAX_BATCH_SIZE": "2",
+    env = {"CAPTION_CHECKPOINT": str(module_checkpoint), "CAPTION_QUEUE_SIZE": "4", "CAPTION_MAX_BATCH_SIZE": "2",
            "CAPTION_MAX_WAIT_MS": "2", "CAPTION_MAX_BODY_BYTES": str(BODY_LIMIT), "CAPTION_RETRY_AFTER_S": "2",
            "CAPTION_URL_FETCH": "1", "CAPTION_URL_ALLOWLIST": "127.0.0.1,localhost", "CAPTION_URL_TIMEOUT_S": "3"}
     with uvicorn_server("api:app", env, ROOT / "test-artifacts" / "api_server.log", cwd=workdir) as running:
@@ -57,9 +46,8 @@ def server(checkpoint: Path, workdir: Path) -> Iterator[RunningServer]:
 @pytest.fixture
 def http(server: RunningServer) -> Iterator[httpx.Client]:
     """A client whose every answer is checked: JSON errors, no 500, and still healthy afterwards."""
-    with server.client(timeout=60.0, event_hooks={"response": [_check_answer]}) as client:
+    with checked_client(server, _check_answer) as client:
         yield client
-        assert client.get("/health").json() == {"status": "ok"}
 
 
 def _check_answer(response: httpx.Response) -> None:
@@ -160,9 +148,9 @@ def test_server_burst_of_64_requests_gets_200_or_503(http: httpx.Client, server:
     assert http.post("/predict", files={"file": ("after.jpg", JPEG, "image/jpeg")}).status_code == 200
 
 
-def test_server_unix_socket_mode_with_two_workers(checkpoint: Path, tmp_path: Path) -> None:
+def test_server_unix_socket_mode_with_two_workers(module_checkpoint: Path, tmp_path: Path) -> None:
     socket_path = tmp_path / "api.sock"
-    env = {"CAPTION_CHECKPOINT": str(checkpoint)}
+    env = {"CAPTION_CHECKPOINT": str(module_checkpoint)}
     log = ROOT / "test-artifacts" / "api_uds.log"
     with uvicorn_server("api:app", env, log, uds=socket_path, workers=2) as running:
         with running.client(timeout=60.0) as client:

@@ -148,7 +148,8 @@ def test_error_response_renders_any_input() -> None:
 # ---------------------------------------------------------------- micro-batcher deadlines, the model thread
 
 
-def test_batcher_frees_the_place_of_a_request_whose_deadline_passed() -> None:
+def test_batcher_frees_the_place_of_a_request_whose_deadline_passed_and_refuses_at_once_when_full() -> None:
+    """queue_size counts waiting images: a 2-image job fills a queue of 2, and the next job is refused at once."""
     gate, started = threading.Event(), threading.Event()
 
     def run(items: list[int], params: None) -> list[int]:
@@ -156,8 +157,8 @@ def test_batcher_frees_the_place_of_a_request_whose_deadline_passed() -> None:
         gate.wait(30)
         return items
 
-    async def scenario() -> tuple[int, int, bool, list[int]]:
-        batcher = MicroBatcher(run, max_batch_size=1, max_wait_ms=0, queue_size=1)
+    async def scenario() -> tuple[int, int, bool, list[list[int]]]:
+        batcher = MicroBatcher(run, max_batch_size=2, max_wait_ms=0, queue_size=2)
         await batcher.start()
         try:
             running = asyncio.ensure_future(batcher.submit([1], None))
@@ -167,21 +168,21 @@ def test_batcher_frees_the_place_of_a_request_whose_deadline_passed() -> None:
                 await asyncio.wait_for(batcher.submit([2], None), 0.05)  # waits behind the stuck call, gives up
             waiting_after_timeout = batcher.waiting
             busy = batcher.busy_seconds()
-            later = asyncio.ensure_future(batcher.submit([3], None))  # fits: the abandoned job no longer counts
+            later = asyncio.ensure_future(batcher.submit([3, 4], None))  # fits: the abandoned job no longer counts
             await asyncio.sleep(0)
             try:
-                await batcher.submit([4], None)
+                await batcher.submit([5], None)
                 full = False
             except QueueFullError:
                 full = True
             gate.set()
-            return waiting_after_timeout, int(busy > 0), full, [*(await running), *(await later)]
+            return waiting_after_timeout, int(busy > 0), full, [await running, await later]
         finally:
             gate.set()
             await batcher.stop()
 
     waiting, busy, full, results = asyncio.run(scenario())
-    assert waiting == 0 and busy == 1 and full and results == [1, 3]
+    assert waiting == 0 and busy == 1 and full and results == [[1], [3, 4]]
 
 
 def test_model_thread_reports_how_long_it_has_been_busy() -> None:

@@ -17,23 +17,26 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import cache
 from http.client import HTTPConnection, HTTPResponse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
-import torch
-from conftest import tiny_config, tiny_vocab
 from PIL import Image
 from test_api import pinned_fetcher
 from test_blip_api import build_tiny_blip
 
-from engine.checkpoints import save_model_checkpoint
-from models import build_model
 from serving import CaptionParams, ServingSettings, create_app
-from serving.testing import RunningServer, image_bytes, server_in_thread, sparse_png, uvicorn_server
+from serving.testing import (
+    RunningServer,
+    checked_client,
+    file_server,
+    image_bytes,
+    server_in_thread,
+    sparse_png,
+    uvicorn_server,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -59,13 +62,6 @@ class App:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    cfg = tiny_config()
-    return save_model_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth", build_model(cfg), cfg, tiny_vocab())
-
-
-@pytest.fixture(scope="module")
 def blip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("blip") / "model"
     build_tiny_blip(directory)
@@ -88,12 +84,12 @@ def secrets_of(checkpoint: Path, blip_dir: Path) -> tuple[str, ...]:
 
 
 @pytest.fixture(scope="module", params=["api", "blip"])
-def app(request: pytest.FixtureRequest, checkpoint: Path, blip_dir: Path) -> Iterator[App]:
+def app(request: pytest.FixtureRequest, module_checkpoint: Path, blip_dir: Path) -> Iterator[App]:
     """Each app once for the module, with a short body timeout and otherwise the documented defaults."""
     settings = {"MAX_WAIT_MS": "1", "BODY_TIMEOUT_S": str(BODY_TIMEOUT_S)}
-    with start_app(request.param, checkpoint, blip_dir, settings, "hardening") as server:
+    with start_app(request.param, module_checkpoint, blip_dir, settings, "hardening") as server:
         yield App(request.param, server, "CAPTION" if request.param == "api" else "BLIP",
-                  secrets_of(checkpoint, blip_dir))
+                  secrets_of(module_checkpoint, blip_dir))
         log = server.log()
     assert "Traceback" not in log, log
 
@@ -111,10 +107,8 @@ def check_answer(response: httpx.Response, secrets: tuple[str, ...]) -> None:
 @pytest.fixture
 def http(app: App) -> Iterator[httpx.Client]:
     """A client whose every answer is checked, and a server still healthy afterwards."""
-    hook = lambda response: check_answer(response, app.secrets)  # noqa: E731
-    with app.server.client(timeout=60.0, event_hooks={"response": [hook]}) as client:
+    with checked_client(app.server, lambda response: check_answer(response, app.secrets)) as client:
         yield client
-        assert client.get("/health").json() == {"status": "ok"}
 
 
 # ---------------------------------------------------------------- strict JSON, short errors
@@ -343,10 +337,10 @@ def test_stalled_body_gets_408_and_the_connection_closes(app: App, path: str, co
     assert f"within {BODY_TIMEOUT_S} s" in detail and "1000 bytes" in detail
 
 
-def test_connection_limit_answers_503_and_recovers(checkpoint: Path, blip_dir: Path) -> None:
+def test_connection_limit_answers_503_and_recovers(module_checkpoint: Path, blip_dir: Path) -> None:
     """The documented production flags: --limit-concurrency bounds open connections (slowloris sockets count)."""
     args = ("--limit-concurrency", "4", "--timeout-keep-alive", "1")
-    with start_app("api", checkpoint, blip_dir, {}, "limits", extra_args=args) as server:
+    with start_app("api", module_checkpoint, blip_dir, {}, "limits", extra_args=args) as server:
         address = app_address(App("api", server, "CAPTION", ()))
         loris = [socket.create_connection(address, timeout=30) for _ in range(4)]
         for sock in loris:
@@ -379,11 +373,12 @@ def wait_for_status(client: httpx.Client, path: str, status: int, timeout_s: flo
 
 
 @pytest.mark.parametrize("name", ["api", "blip"])
-def test_request_past_its_deadline_gets_504(checkpoint: Path, blip_dir: Path, name: str) -> None:
+def test_request_past_its_deadline_gets_504(module_checkpoint: Path, blip_dir: Path, name: str) -> None:
     """A batch waits 5 s for company but a request's deadline is 0.3 s: it gets a JSON 504, the server goes on."""
     settings = {"MAX_WAIT_MS": "5000", "MODEL_TIMEOUT_S": "0.3"}
     prefix = "CAPTION" if name == "api" else "BLIP"
-    with start_app(name, checkpoint, blip_dir, settings, "deadline") as server, server.client(timeout=60) as client:
+    with (start_app(name, module_checkpoint, blip_dir, settings, "deadline") as server,
+          server.client(timeout=60) as client):
         late = client.post("/predict", files={"file": ("a.png", PNG, "image/png")})
         health = client.get("/health")
     assert late.status_code == 504 and f"{prefix}_MODEL_TIMEOUT_S" in late.json()["detail"]
@@ -436,28 +431,10 @@ def test_hung_model_gives_504_and_health_says_stuck_while_the_server_answers() -
 # ---------------------------------------------------------------- /captioned downloads get the same checks
 
 
-class _Images(BaseHTTPRequestHandler):
-    bodies: dict[str, bytes] = {}
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        body = self.bodies.get(self.path, b"")
-        self.send_response(200 if body else 404)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def image_server() -> Iterator[int]:
-    _Images.bodies = {"/photo.png": PNG, "/figure.eps": eps(), "/strip.png": strip_png()}
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Images)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    with file_server({"/photo.png": PNG, "/figure.eps": eps(), "/strip.png": strip_png()}) as server:
+        yield server.port
 
 
 def test_captioned_downloads_get_the_format_and_side_checks(image_server: int) -> None:
