@@ -17,7 +17,17 @@ if TYPE_CHECKING:
 
 ENV_PREFIX = "CAPTION"
 MODEL_KEYS: dict[str, str | None] = {"CHECKPOINT": None, "VOCAB": None, "DEVICE": "cpu", "PRECISION": "auto",
-                                     "BACKEND": "auto", "ONNX_CACHE": None}
+                                     "BACKEND": "auto", "ONNX_CACHE": None, "COMPILE": "false"}
+
+
+def _env_bool(value: str | bool | None, key: str) -> bool:
+    """A true/false model setting (CAPTION_<key>), with an error naming the variable."""
+    from utils.cli import str2bool
+
+    try:
+        return str2bool(value if value is not None else False)
+    except Exception as e:  # argparse.ArgumentTypeError
+        raise RuntimeError(f"{ENV_PREFIX}_{key}: {e}") from None
 
 
 class ExpansionNetBackend:
@@ -35,7 +45,7 @@ class ExpansionNetBackend:
     @classmethod
     def load(cls, model: Mapping[str, str | None], max_pixels: int | None = None) -> ExpansionNetBackend:
         """Load CAPTION_CHECKPOINT (several, comma-separated: an ensemble; + CAPTION_VOCAB for official checkpoints)
-        on CAPTION_DEVICE with CAPTION_BACKEND."""
+        on CAPTION_DEVICE with CAPTION_BACKEND (CAPTION_COMPILE=true: torch.compile'd PyTorch)."""
         from captioner import load_captioner
 
         paths = [p.strip() for p in (model.get("CHECKPOINT") or "").split(",") if p.strip()]
@@ -44,7 +54,8 @@ class ExpansionNetBackend:
                                f"{ENV_PREFIX}_API_CONFIG JSON file) to a checkpoint file, model folder or ONNX folder")
         captioner = load_captioner(paths, device=model.get("DEVICE") or "cpu", vocab=model.get("VOCAB"),
                                    precision=model.get("PRECISION") or "auto", max_pixels=max_pixels,
-                                   backend=model.get("BACKEND") or "auto", onnx_cache=model.get("ONNX_CACHE"))
+                                   backend=model.get("BACKEND") or "auto", onnx_cache=model.get("ONNX_CACHE"),
+                                   compile=_env_bool(model.get("COMPILE"), "COMPILE"))
         return cls(captioner, paths[0])
 
     def info(self) -> dict[str, Any]:

@@ -214,15 +214,8 @@ def load_captioner(path: str | Path | Sequence[str | Path], device: str | torch.
     compile: torch.compile the PyTorch encoder and decoding step (True, or a torch.compile backend name; see
     deploy.runtime.TorchRuntime); backend 'auto' then means PyTorch. Worth it on a GPU for many batches of one size.
     """
-    if compile and backend == "auto":
-        backend = "torch"
-    if compile and backend != "torch":
-        raise ValueError(f"compile applies to the PyTorch backend, not {backend!r}")
     loaded = load_model(path if isinstance(path, (str, Path)) else list(path), backend=backend, device=device,
-                        precision=precision, vocab=vocab, threads=threads, onnx_cache=onnx_cache)
-    for runtime in getattr(loaded.runtime, "members", [loaded.runtime]):
-        if compile and isinstance(runtime, TorchRuntime):
-            runtime.compile = compile
+                        precision=precision, vocab=vocab, threads=threads, onnx_cache=onnx_cache, compile=compile)
     captioner = Captioner.from_runtime(loaded.runtime, loaded.vocab, max_pixels=max_pixels)
     captioner.sources = loaded.sources
     captioner.training = training_facts(loaded.checkpoint)

@@ -50,7 +50,8 @@ def expand_paths(paths: tuple[str, ...]) -> list[Path]:
 
 def main(cfg: DemoConfig) -> int:
     captioner = load_captioner(list(cfg.checkpoint), device=cfg.device, vocab=cfg.vocab or None,
-                               precision=cfg.precision, backend=cfg.backend, onnx_cache=cfg.onnx_cache or None)
+                               precision=cfg.precision, backend=cfg.backend, onnx_cache=cfg.onnx_cache or None,
+                               compile=cfg.compile)
     require_end_to_end(captioner.config, cfg.checkpoint[0])
     max_len = resolve_max_len(cfg, captioner.max_seq_len - 1)
     images, names, failures = [], [], 0

@@ -154,7 +154,7 @@ def evaluate(cfg: TestConfig, dist: DistInfo) -> list[dict]:
     """Caption the split at every beam size; on the main process write predictions and metrics and print a table."""
     loaded = load_model(list(cfg.checkpoint), backend=cfg.backend, device=dist.device, precision=cfg.precision,
                         vocab=cfg.vocab or None, features_only=bool(cfg.features_path),
-                        onnx_cache=cfg.onnx_cache or None)
+                        onnx_cache=cfg.onnx_cache or None, compile=cfg.compile)
     records = load_split(cfg, loaded.checkpoint)
     source = image_source(cfg, loaded)
     max_len = resolve_max_len(cfg, loaded.runtime.max_seq_len - 1)

@@ -18,6 +18,7 @@ from data.vocab import Vocabulary
 from deploy.folder import FOLDER_FORMAT, is_model_folder, load_pretrained
 from deploy.runtime import DECODER_FILE, CaptionRuntime, EnsembleRuntime, OrtRuntime, TorchRuntime, read_onnx_manifest
 from models import ExpansionNet, ModelConfig
+from models.decoding import Compile
 from utils.runtime import resolve_device, resolve_precision
 
 BACKENDS = ("auto", "torch", "onnx")
@@ -90,13 +91,18 @@ def resolve_backend(backend: str, kind: str, device: torch.device, precision: st
 
 def load_one(path: Source, *, backend: str = "auto", device: str | torch.device = "cpu", precision: str = "auto",
              vocab: Source | None = None, features_only: bool = False, threads: int | None = None,
-             onnx_cache: Source | None = None) -> LoadedModel:
+             onnx_cache: Source | None = None, compile: Compile = False) -> LoadedModel:
     """One model source on one backend (see resolve_backend for 'auto'). ONNX Runtime on a PyTorch source exports
     it first (fp32, or fp16 when precision is fp16) into onnx_cache/<weights digest>-<precision>/ (default:
-    default_onnx_cache()), reused by later loads of the same weights."""
+    default_onnx_cache()), reused by later loads of the same weights. compile: torch.compile the PyTorch encoder
+    and decoding step (see TorchRuntime); backend 'auto' then means PyTorch."""
     path = Path(path)
     kind = source_kind(path)
     dev = resolve_device(device)
+    if compile:
+        if backend not in ("auto", "torch"):
+            raise ValueError(f"compile applies to the PyTorch backend, not {backend!r}")
+        backend = "torch"
     backend = resolve_backend(backend, kind, dev, precision)
     if kind == "onnx":
         if backend == "torch":
@@ -123,7 +129,7 @@ def load_one(path: Source, *, backend: str = "auto", device: str | torch.device 
             _export_atomically(model, config, vocab_obj, target, onnx_precision, str(path))
         runtime = OrtRuntime(target, dev, threads=threads)
         return LoadedModel(runtime, vocab_obj, [path], ckpt, official)
-    runtime = TorchRuntime(model.eval().to(dev), config, dev, resolve_precision(precision, dev))
+    runtime = TorchRuntime(model.eval().to(dev), config, dev, resolve_precision(precision, dev), compile=compile)
     return LoadedModel(runtime, vocab_obj, [path], ckpt, official, model=runtime.model)
 
 

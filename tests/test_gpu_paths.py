@@ -560,3 +560,25 @@ def test_module_compiled_functions_are_shared_per_backend():
     a = decoding_module.compiled("step", "aot_eager")
     assert decoding_module.compiled("step", "aot_eager") is a
     assert decoding_module.compiled("encode", "aot_eager") is not a
+
+
+def test_compile_option_reaches_the_pytorch_runtime_from_scripts_and_api(tiny_checkpoint, tmp_path):
+    """--compile True in test.py and demo.py, CAPTION_COMPILE in the API: a compiled PyTorch runtime (backend auto
+    means PyTorch then); ONNX Runtime with compile, or a CAPTION_COMPILE that is not a boolean, is a clear error."""
+    import api
+    import demo
+    import test as test_script
+    from deploy.loading import load_model
+
+    assert demo.parse_config(["--checkpoint", str(tiny_checkpoint), "--image_paths", str(tmp_path), "--compile",
+                              "True"]).compile
+    assert test_script.parse_config(["--checkpoint", str(tiny_checkpoint), "--images_path", str(tmp_path),
+                                   "--compile", "True"]).compile
+    loaded = load_model(tiny_checkpoint, compile="aot_eager")
+    assert loaded.runtime.kind == "torch" and loaded.runtime.info()["compile"] == "aot_eager"
+    assert load_model(tiny_checkpoint).runtime.kind == "onnx"  # the CPU fp32 default stays ONNX Runtime
+    with pytest.raises(ValueError, match="PyTorch backend"):
+        load_model(tiny_checkpoint, backend="onnx", compile=True)
+    with pytest.raises(RuntimeError, match="CAPTION_COMPILE"):
+        api._env_bool("maybe", "COMPILE")
+    assert api._env_bool("true", "COMPILE") and not api._env_bool(None, "COMPILE")

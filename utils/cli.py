@@ -179,6 +179,8 @@ class CheckpointOptions:
                           "onnx", choices=("auto", "torch", "onnx"), group="runtime")
     onnx_cache: str = option("", "folder of the ONNX exports ONNX Runtime runs, made once per weights (default: "
                              "$XDG_CACHE_HOME or ~/.cache, /expansionnet/onnx)", group="runtime")
+    compile: bool = option(False, "torch.compile the encoder and the decoding step (PyTorch backend): compiles once "
+                           "per batch shape, worth it on a GPU for many batches", group="runtime")
 
 
 @dataclass(frozen=True)
