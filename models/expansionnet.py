@@ -96,12 +96,12 @@ class ExpansionNet(nn.Module):
 
     Inputs are either images (B, 3, H, W) (needs a backbone) or features (B, N, img_feature_dim). `forward` returns
     raw logits (B, T, V); decoding algorithms live in models/decoding.py and use encode / init_cache / decode_step.
+    Build it from a ModelConfig with models.build_model: the config holds every default (models/config.py).
     """
 
-    def __init__(self, *, vocab_size: int, max_seq_len: int, d_model: int = 512, N_enc: int = 3, N_dec: int = 3,
-                 num_heads: int = 8, ff: int = 2048, num_exp_enc_list: tuple[int, ...] = (32, 64, 128, 256, 512),
-                 num_exp_dec: int = 16, img_feature_dim: int = 1536, memory_slots: int = 0,
-                 mult_residual: bool = False, memory_init: str = "xavier", enc_drop: float = 0.0, dec_drop: float = 0.0,
+    def __init__(self, *, vocab_size: int, max_seq_len: int, d_model: int, N_enc: int, N_dec: int, num_heads: int,
+                 ff: int, num_exp_enc_list: tuple[int, ...], num_exp_dec: int, img_feature_dim: int, memory_slots: int,
+                 mult_residual: bool, memory_init: str, enc_drop: float = 0.0, dec_drop: float = 0.0,
                  enc_input_drop: float = 0.0, dec_input_drop: float = 0.0, drop_other: float = 0.0,
                  backbone: nn.Module | None = None) -> None:
         super().__init__()
