@@ -5,11 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 
@@ -82,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import common  # noqa: F401  (puts the repository root on sys.path)
     import numpy as np
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.cider.cider_scorer import precook

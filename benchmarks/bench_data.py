@@ -2,6 +2,8 @@
 
     python benchmarks/bench_data.py                 # CPU: SwinV2-B features at 384px, reads of batches of 48
     python benchmarks/bench_data.py --device cuda --gen_batch 64 --precision bf16
+    python benchmarks/bench_data.py --device cuda --gen_batch 64 --gen_batches 10 --precision bf16 --reads 0 \
+        --json data.json                            # feature generation only, as JSON too
 
 The reference stores one fp32 dataset per image ("<id>_features") and reads them one by one; ours is one fp16
 (N, tokens, C) dataset chunked by image, read with one sorted call per batch.
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,27 +20,28 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
+from common import JsonFigures  # first: puts the repository root on sys.path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.features import FeatureReader, FeatureWriter  # noqa: E402
-from models.backbone import backbone_tokens, create_backbone  # noqa: E402
-from models.config import backbone_preset  # noqa: E402
-from utils.runtime import autocast  # noqa: E402
+from data.features import FeatureReader, FeatureWriter
+from models.backbone import backbone_tokens, create_backbone
+from models.config import backbone_preset
+from utils.runtime import autocast
 
 
-def bench_generation(device: torch.device, batch: int, batches: int, precision: str) -> float:
-    """Images/s of the SwinV2-B forward that data_generator.py runs (inference mode, autocast)."""
+def bench_generation(device: torch.device, batch: int, batches: int, precision: str, backbone: str = "swinv2_b",
+                     img_size: int = 384) -> float:
+    """Images/s of the backbone forward (SwinV2-B) that data_generator.py runs (inference mode, autocast), the
+    features copied to the host as it does."""
     torch.manual_seed(0)
-    backbone = create_backbone(backbone_preset("swinv2_b")).eval().to(device)
-    images = torch.randn(batch, 3, 384, 384, device=device)
+    model = create_backbone(backbone_preset(backbone, img_size=img_size)).eval().to(device)
+    images = torch.randn(batch, 3, img_size, img_size, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.inference_mode(), autocast(device, precision):
-        backbone_tokens(backbone, images)
+        backbone_tokens(model, images)
         sync()
         t0 = time.perf_counter()
         for _ in range(batches):
-            backbone_tokens(backbone, images).float().cpu()
+            backbone_tokens(model, images).float().cpu()
         sync()
     return batch * batches / (time.perf_counter() - t0)
 
@@ -79,20 +81,36 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--gen_batch", type=int, default=4)
-    p.add_argument("--gen_batches", type=int, default=2)
+    p.add_argument("--gen_batches", type=int, default=2, help="timed batches of feature generation (0 skips it)")
+    p.add_argument("--img_size", type=int, default=384, help="image side of feature generation")
+    p.add_argument("--backbone", default="swinv2_b",
+                   help="named backbone size of feature generation (models.config.BACKBONE_SIZES; swinv2_tiny for a "
+                        "quick dry run)")
     p.add_argument("--num_images", type=int, default=2000, help="images in the read benchmark's files")
     p.add_argument("--read_batch", type=int, default=48)
-    p.add_argument("--reads", type=int, default=30)
+    p.add_argument("--reads", type=int, default=30, help="timed random batches of the read benchmark (0 skips it)")
+    p.add_argument("--json", default="", help="also write the figures (with device, versions, settings) to this file")
     a = p.parse_args()
     device = torch.device(a.device)
+    figures = JsonFigures(a.json, "bench_data", device, vars(a))
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads")
-    ref, ours = bench_reads(a.num_images, a.read_batch, a.reads, 144, 1024)
-    print(f"HDF5 random batches of {a.read_batch} x (144, 1024) from {a.num_images} images: reference layout "
-          f"{ref:.1f} batches/s, ours {ours:.1f} batches/s ({ours / ref:.1f}x; {ours * a.read_batch:.0f} img/s)")
+    if a.reads:
+        ref, ours = bench_reads(a.num_images, a.read_batch, a.reads, 144, 1024)
+        print(f"HDF5 random batches of {a.read_batch} x (144, 1024) from {a.num_images} images: reference layout "
+              f"{ref:.1f} batches/s, ours {ours:.1f} batches/s ({ours / ref:.1f}x; {ours * a.read_batch:.0f} img/s)",
+              flush=True)
+        figures.add("reads", values={"reference_batches_s": ref, "ours_batches_s": ours, "ratio": ours / ref,
+                                     "ours_img_s": ours * a.read_batch, "batch": a.read_batch,
+                                     "num_images": a.num_images})
     if a.gen_batches:
-        rate = bench_generation(device, a.gen_batch, a.gen_batches, a.precision)
-        print(f"feature generation, SwinV2-B 384px, batch {a.gen_batch}, {a.precision}: {rate:.2f} img/s")
+        rate = bench_generation(device, a.gen_batch, a.gen_batches, a.precision, a.backbone, a.img_size)
+        label = "SwinV2-B" if a.backbone == "swinv2_b" else a.backbone
+        print(f"feature generation, {label} {a.img_size}px, batch {a.gen_batch}, {a.precision}: {rate:.2f} img/s",
+              flush=True)
+        figures.add("generation", values={"img_s": rate, "batch": a.gen_batch, "batches": a.gen_batches,
+                                          "precision": a.precision, "img_size": a.img_size, "backbone": a.backbone})
+    figures.finish()
 
 
 if __name__ == "__main__":

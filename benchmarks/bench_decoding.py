@@ -3,6 +3,8 @@
     python benchmarks/bench_decoding.py                      # CPU: beam 5, batch 8, 20 tokens, both models
                                                              # (encoder timed with the decoding; + ONNX Runtime)
     python benchmarks/bench_decoding.py --device cuda --e2e_batch 64 --precision bf16 --compile
+    python benchmarks/bench_decoding.py --device cuda --batch 0 --e2e_batch 64 --precision bf16 --compile \
+        --models optimizer_expansionnet --json decoding.json        # the end-to-end figure only, as JSON too
 
 Random weights make every caption run to the maximum length: worst-case decoding cost, as in the reference figures.
 """
@@ -15,18 +17,15 @@ import tempfile
 from pathlib import Path
 
 import torch
+from common import JsonFigures, end_to_end_config, median_seconds  # first: puts the repository root on sys.path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common import median_seconds  # noqa: E402
-
-from data.vocab import Vocabulary  # noqa: E402
-from deploy.onnx_export import export_onnx  # noqa: E402
-from deploy.runtime import OrtRuntime  # noqa: E402
-from models import build_model, expansionnet_v2_config, optimizer_expansionnet_config  # noqa: E402
-from models.backbone import backbone_tokens  # noqa: E402
-from models.decoding import beam_search  # noqa: E402
-from utils.runtime import autocast  # noqa: E402
+from data.vocab import Vocabulary
+from deploy.onnx_export import export_onnx
+from deploy.runtime import OrtRuntime
+from models import build_model, expansionnet_v2_config, optimizer_expansionnet_config
+from models.backbone import backbone_tokens
+from models.decoding import beam_search
+from utils.runtime import autocast
 
 IDS = {"sos_idx": 79, "eos_idx": 77, "pad_idx": 78}
 
@@ -133,22 +132,24 @@ def bench_cached_vs_full(name: str, device: torch.device, batch: int, beam: int,
 
 
 def bench_end_to_end(name: str, device: torch.device, batch: int, beam: int, max_len: int, precision: str,
-                     repeats: int, compile_backbone: bool, sync) -> dict:
-    """Captioning images -> captions (backbone + encoder + cached beam search) against the backbone alone."""
-    cfg_fn = optimizer_expansionnet_config if name == "optimizer_expansionnet" else expansionnet_v2_config
+                     repeats: int, compile: bool | str, sync, img_size: int = 384, backbone: str = "") -> dict:
+    """Captioning images -> captions (backbone + encoder + cached beam search) against the backbone alone.
+    compile (True: inductor, or a backend name): torch.compile the backbone and run the cached decoding step
+    compiled (fixed-size caches: one graph for the batch shape), as load_captioner(compile=...) does."""
     torch.manual_seed(0)
-    model = build_model(cfg_fn()).to(device).eval()
-    if compile_backbone:
-        model.swin_transf = torch.compile(model.swin_transf)
+    model = build_model(end_to_end_config(name, backbone, img_size)).to(device).eval()
+    if compile:
+        model.swin_transf = torch.compile(model.swin_transf) if compile is True else \
+            torch.compile(model.swin_transf, backend=compile)
     with torch.no_grad():
         model.vocab_linear.bias[IDS["eos_idx"]] = -1e4
-    images = torch.randn(batch, 3, 384, 384, device=device)
+    images = torch.randn(batch, 3, img_size, img_size, device=device)
 
     @torch.inference_mode()
     def caption():
         with autocast(device, precision):
             memory = model.encode(images=images)
-            return beam_search(model, memory, None, beam_size=beam, max_len=max_len, **IDS)
+            return beam_search(model, memory, None, beam_size=beam, max_len=max_len, compile=compile, **IDS)
 
     @torch.inference_mode()
     def backbone_only():
@@ -166,24 +167,32 @@ def bench_end_to_end(name: str, device: torch.device, batch: int, beam: int, max
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--batch", type=int, default=8, help="images for the cached-vs-full comparison")
+    p.add_argument("--batch", type=int, default=8, help="images for the cached-vs-full comparison (0 skips it)")
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--max_len", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--e2e_batch", type=int, default=2, help="images for end-to-end captioning (0 skips it)")
+    p.add_argument("--img_size", type=int, default=384, help="image side of the end-to-end figure")
+    p.add_argument("--backbone", default="",
+                   help="another named backbone size for the end-to-end figure (models.config.BACKBONE_SIZES, e.g. "
+                        "swinv2_tiny for a quick dry run; default: each model's own)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
-    p.add_argument("--compile", action="store_true", help="torch.compile the backbone for the end-to-end figure")
+    p.add_argument("--compile", nargs="?", const=True, default=False, metavar="BACKEND",
+                   help="end-to-end figure: torch.compile the backbone and the cached decoding step (inductor, or "
+                        "the torch.compile backend named)")
     p.add_argument("--models", nargs="+", default=["optimizer_expansionnet", "expansionnet_v2"])
     p.add_argument("--no_onnx", action="store_true", help="skip the ONNX Runtime figure (CPU only)")
     p.add_argument("--reference_dir", default="",
                    help="a checkout of the reference code (jchenghu/ExpansionNet_v2): also time its beam search on the "
                         "same weights and features (ExpansionNet v2 only, CPU)")
+    p.add_argument("--json", default="", help="also write the figures (with device, versions, settings) to this file")
     a = p.parse_args()
     device = torch.device(a.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    figures = JsonFigures(a.json, "bench_decoding", device, vars(a))
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads")
-    for name in a.models:
+    for name in a.models if a.batch else []:
         r = bench_cached_vs_full(name, device, a.batch, a.beam, a.max_len, a.repeats, sync, not a.no_onnx,
                                  a.reference_dir if name == "expansionnet_v2" else "")
         line = (f"{name}: beam {a.beam}, batch {a.batch}, {a.max_len} tokens, cached features, encoder included: "
@@ -195,13 +204,19 @@ def main() -> None:
             line += (f"; reference code {r['ref_img_s']:.2f} img/s: ours {r['vs_ref_torch']:.1f}x (PyTorch), "
                      f"{r['vs_ref_fastest']:.1f}x (fastest exact), same captions: {r['same_as_ref']}")
         print(line, flush=True)
+        figures.add("cached_vs_full", name, values={**r, "batch": a.batch, "beam": a.beam, "max_len": a.max_len})
     if a.e2e_batch:
         for name in a.models:
             r = bench_end_to_end(name, device, a.e2e_batch, a.beam, a.max_len, a.precision, a.repeats, a.compile,
-                                 sync)
-            print(f"{name}: end-to-end captioning 384px, batch {a.e2e_batch}, beam {a.beam}, {a.precision}: "
+                                 sync, a.img_size, a.backbone)
+            print(f"{name}: end-to-end captioning {a.img_size}px, batch {a.e2e_batch}, beam {a.beam}, {a.precision}: "
                   f"{r['caption_img_s']:.2f} img/s; backbone alone {r['backbone_img_s']:.2f} img/s "
-                  f"(captioning reaches {100 * r['share_of_ceiling']:.0f}% of the backbone ceiling)")
+                  f"(captioning reaches {100 * r['share_of_ceiling']:.0f}% of the backbone ceiling)", flush=True)
+            figures.add("end_to_end", name, values={
+                **r, "batch": a.e2e_batch, "beam": a.beam, "max_len": a.max_len, "precision": a.precision,
+                "img_size": a.img_size, "compile": a.compile,
+                "backbone": a.backbone or ("swinv2_b" if name == "optimizer_expansionnet" else "swin_l")})
+    figures.finish()
 
 
 if __name__ == "__main__":

@@ -12,21 +12,17 @@ fp32 PyTorch one (with random weights the top words are nearly tied, so this is 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from common import median_seconds  # first: puts the repository root on sys.path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common import median_seconds  # noqa: E402
-
-from data.vocab import Vocabulary  # noqa: E402
-from deploy.onnx_export import export_onnx  # noqa: E402
-from deploy.runtime import OrtRuntime, TorchRuntime  # noqa: E402
-from models import build_model, optimizer_expansionnet_config  # noqa: E402
-from models.decoding import beam_search  # noqa: E402
+from data.vocab import Vocabulary
+from deploy.onnx_export import export_onnx
+from deploy.runtime import OrtRuntime, TorchRuntime
+from models import build_model, optimizer_expansionnet_config
+from models.decoding import beam_search
 
 IDS = {"sos_idx": 1, "eos_idx": 2, "pad_idx": 0}
 

@@ -1,4 +1,5 @@
-"""Serving throughput on CPU: a real uvicorn server, one client at a time vs 16 concurrent clients (micro-batching).
+"""Serving throughput: a real uvicorn server, one client at a time vs 16 concurrent clients (micro-batching), its model
+on the CPU or (--device cuda) on a GPU.
 
 With --baseline_root, the same model is also served from another checkout (e.g. the commit before a change) and the
 two servers are measured in alternation, round after round, so that both see the same machine load."""
@@ -12,19 +13,16 @@ import json
 import math
 import os
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from common import ROOT, environment  # puts the repository root on sys.path
+
 if TYPE_CHECKING:
     from serving.testing import RunningServer
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 @dataclass(frozen=True)
@@ -40,6 +38,8 @@ class BenchConfig:
     rounds: int
     baseline_root: str | None
     output: str | None
+    device: str = "cpu"
+    precision: str = "auto"
 
 
 def parse_config(argv: list[str] | None = None) -> BenchConfig:
@@ -55,10 +55,14 @@ def parse_config(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--rounds", type=int, default=1, help="repeat both phases; medians are reported")
     p.add_argument("--baseline_root", default=None,
                    help="also serve api.py from this checkout and measure it in alternation with this one")
-    p.add_argument("--output", default=None, help="also write the results as JSON to this file")
+    p.add_argument("--output", "--json", dest="output", default=None,
+                   help="also write the results (with device and versions) as JSON to this file")
+    p.add_argument("--device", default="cpu", help="CAPTION_DEVICE of the server (cpu, cuda)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="CAPTION_PRECISION of the server (auto: fp32 on the CPU, bf16 on a GPU)")
     a = p.parse_args(argv)
     return BenchConfig(a.requests, a.concurrency, a.img_size, a.beam_size, a.max_len, a.max_batch_size,
-                       a.max_wait_ms, a.threads, a.rounds, a.baseline_root, a.output)
+                       a.max_wait_ms, a.threads, a.rounds, a.baseline_root, a.output, a.device, a.precision)
 
 
 def make_checkpoint(directory: Path, img_size: int) -> Path:
@@ -149,7 +153,7 @@ def serve_and_measure(cfg: BenchConfig) -> dict[str, list[dict[str, dict[str, fl
         checkpoint = make_checkpoint(Path(tmp), cfg.img_size)
         env = {"CAPTION_CHECKPOINT": str(checkpoint), "CAPTION_MAX_BATCH_SIZE": str(cfg.max_batch_size),
                "CAPTION_MAX_WAIT_MS": str(cfg.max_wait_ms), "CAPTION_QUEUE_SIZE": str(4 * cfg.concurrency),
-               "CAPTION_THREADS": str(cfg.threads)}
+               "CAPTION_THREADS": str(cfg.threads), "CAPTION_DEVICE": cfg.device, "CAPTION_PRECISION": cfg.precision}
         roots = {"this checkout": ROOT}
         if cfg.baseline_root:
             roots["baseline"] = Path(cfg.baseline_root).resolve()
@@ -167,10 +171,11 @@ def serve_and_measure(cfg: BenchConfig) -> dict[str, list[dict[str, dict[str, fl
 
 def main(cfg: BenchConfig) -> dict[str, object]:
     rounds = serve_and_measure(cfg)
-    results: dict[str, object] = {"config": vars(cfg), "rounds": rounds}
+    results: dict[str, object] = {"config": vars(cfg), "environment": environment(cfg.device), "rounds": rounds}
     print(f"model: {cfg.img_size} px end-to-end Optimizer-ExpansionNet (random weights), beam {cfg.beam_size}, "
           f"max_len {cfg.max_len}, server max batch {cfg.max_batch_size}, max wait {cfg.max_wait_ms:g} ms; "
-          f"medians of {cfg.rounds} round(s)")
+          f"medians of {cfg.rounds} round(s)" + (f"; server on {cfg.device}, precision {cfg.precision}"
+                                                  if cfg.device != "cpu" or cfg.precision != "auto" else ""))
     for server, measured in rounds.items():
         summary = summarise(measured)
         results[server] = summary

@@ -1,7 +1,10 @@
 """Training-step speed: XE and SCST on cached features, and end-to-end XE, each against a same-run baseline.
 
     python benchmarks/bench_train_step.py                       # CPU, full-size Optimizer-ExpansionNet
-    python benchmarks/bench_train_step.py --device cuda --amp bf16 --xe_batch 48 --scst_batch 24 --e2e_batch 16
+    python benchmarks/bench_train_step.py --device cuda --amp bf16 --compile --xe_batch 48 --scst_batch 24 \
+        --e2e_batch 16
+    python benchmarks/bench_train_step.py --device cuda --amp bf16 --xe_batch 0 --scst_batch 0 --e2e_batch 16 \
+        --json e2e.json                                          # one figure only (a batch of 0 skips a step)
 
 Baselines, measured in the same run with the same weights:
   XE:   the reference's step (fp32, per-parameter optimizer loop) against ours (foreach RAdam, optional AMP/compile);
@@ -13,21 +16,18 @@ Baselines, measured in the same run with the same weights:
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
+from functools import partial
 
 import torch
 import torch.nn.functional as F
+from common import JsonFigures, end_to_end_config, median_seconds  # first: puts the repository root on sys.path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common import median_seconds  # noqa: E402
-
-from eval.cider import CiderD  # noqa: E402
-from losses import LabelSmoothingLoss, scst_loss, scst_rewards  # noqa: E402
-from models import build_model, optimizer_expansionnet_config  # noqa: E402
-from models.decoding import sample  # noqa: E402
-from utils.runtime import autocast  # noqa: E402
+from eval.cider import CiderD
+from losses import LabelSmoothingLoss, scst_loss, scst_rewards
+from models import build_model, optimizer_expansionnet_config
+from models.config import DROPOUTS
+from models.decoding import compiled, sample
+from utils.runtime import autocast
 
 V, SOS, EOS, PAD = 10000, 79, 77, 78
 
@@ -39,9 +39,10 @@ def random_captions(n: int, length: int, device) -> torch.Tensor:
     return toks
 
 
-def bench_xe(device, batch: int, precision: str, repeats: int, sync, compile_model: bool) -> tuple[float, float]:
+def bench_xe(device, batch: int, precision: str, repeats: int, sync, compile_model: bool | str, warmup: int = 1
+             ) -> tuple[float, float]:
     torch.manual_seed(0)
-    model = build_model(optimizer_expansionnet_config(end_to_end=False).with_dropouts(.3, .3, .3, .3, .3)).to(device)
+    model = build_model(optimizer_expansionnet_config(end_to_end=False, **dict.fromkeys(DROPOUTS, 0.3))).to(device)
     loss_fn = LabelSmoothingLoss(V, PAD)
     feats = torch.randn(batch, 144, 1024, device=device)
     toks = random_captions(batch, 16, device)
@@ -57,17 +58,20 @@ def bench_xe(device, batch: int, precision: str, repeats: int, sync, compile_mod
         return step
 
     ref_opt = torch.optim.RAdam(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-9, foreach=False)
-    t_ref = median_seconds(make_step(ref_opt, model, "fp32"), repeats, sync, warmup=1)
-    fast = torch.compile(model) if compile_model else model
+    t_ref = median_seconds(make_step(ref_opt, model, "fp32"), repeats, sync, warmup=warmup)
+    fast = model if not compile_model else torch.compile(model) if compile_model is True else \
+        torch.compile(model, backend=compile_model)
     opt = torch.optim.RAdam(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-9, foreach=True)
-    t_ours = median_seconds(make_step(opt, fast, precision), repeats, sync, warmup=1)
+    t_ours = median_seconds(make_step(opt, fast, precision), repeats, sync, warmup=warmup)
     return batch / t_ref, batch / t_ours
 
 
-def bench_scst(device, batch: int, precision: str, repeats: int, sync, k: int = 5, max_len: int = 20
-               ) -> tuple[float, float, float]:
+def bench_scst(device, batch: int, precision: str, repeats: int, sync, k: int = 5, max_len: int = 20,
+               compile_model: bool | str = False, warmup: int = 1) -> tuple[float, float, float]:
+    """Ours as the trainer's SCST step: under compile (train.py --compile) the encoder, the sampling steps and the
+    re-scoring pass run compiled."""
     torch.manual_seed(0)
-    model = build_model(optimizer_expansionnet_config(end_to_end=False).with_dropouts(.1, .1, .1, .1, .1)).to(device)
+    model = build_model(optimizer_expansionnet_config(end_to_end=False, **dict.fromkeys(DROPOUTS, 0.1))).to(device)
     model.train()
     opt = torch.optim.RAdam(model.parameters(), lr=1e-6, betas=(0.9, 0.98), eps=1e-9, foreach=True)
     feats = torch.randn(batch, 144, 1024, device=device)
@@ -80,15 +84,18 @@ def bench_scst(device, batch: int, precision: str, repeats: int, sync, k: int = 
         hyps = [" ".join(f"w{t % 500}" for t in r[:n]) for r, n in zip(rows, lengths.tolist())]
         return scst_rewards(scorer, hyps, [r for r in refs for _ in range(k)], k)
 
+    encode = partial(compiled("encode", compile_model), model) if compile_model else model.encode
+    decode = partial(compiled("decode", compile_model), model) if compile_model else model.decode
+
     def ours():
         with autocast(device, precision):
-            memory = model.encode(features=feats)
+            memory = encode(features=feats)
             with torch.no_grad():
                 out = sample(model, memory.detach(), None, sos_idx=SOS, eos_idx=EOS, pad_idx=PAD, num_samples=k,
-                             max_len=max_len)
+                             max_len=max_len, compile=compile_model)
             tokens, lengths = out.tokens.flatten(0, 1), out.lengths.flatten()
             inputs = torch.cat([torch.full_like(tokens[:, :1], SOS), tokens[:, :-1]], 1)
-            logits = model.decode(inputs, memory, caption_index=torch.arange(batch, device=device).repeat_interleave(k))
+            logits = decode(inputs, memory, caption_index=torch.arange(batch, device=device).repeat_interleave(k))
         logp = F.log_softmax(logits.float(), -1).gather(-1, tokens[..., None])[..., 0]
         mask = (torch.arange(tokens.shape[1], device=device)[None] < lengths[:, None]).float()
         r, b = reward(tokens, lengths)
@@ -117,18 +124,17 @@ def bench_scst(device, batch: int, precision: str, repeats: int, sync, k: int = 
 
     t_reward = median_seconds(lambda: reward(random_captions(batch * k, max_len, device),
                                     torch.full((batch * k,), max_len)), repeats, sync, warmup=1)
-    t_ref = median_seconds(reference, max(1, repeats // 2), sync, warmup=1)
-    t_ours = median_seconds(ours, repeats, sync, warmup=1)
+    t_ref = median_seconds(reference, max(1, repeats // 2), sync, warmup=warmup)
+    t_ours = median_seconds(ours, repeats, sync, warmup=warmup)
     return batch / t_ref, batch / t_ours, t_reward * 1000
 
 
-def bench_e2e(device, batch: int, img_size: int, precision: str, repeats: int, sync) -> tuple[float, float, float]:
-    """Images/s of one XE step with 5 captions per image: caption-wise (backbone x5) vs grouped (backbone x1)."""
+def bench_e2e(device, batch: int, img_size: int, precision: str, repeats: int, sync, backbone: str = "",
+              warmup: int = 1) -> tuple[float, float, float, float]:
+    """Caption-pairs/s of one XE step with 5 captions per image: caption-wise (backbone x5) vs grouped (backbone x1),
+    and the peak GPU memory (GiB) of each (nan on the CPU)."""
     torch.manual_seed(0)
-    cfg = optimizer_expansionnet_config()
-    cfg = cfg.__class__(**{**cfg.__dict__, "backbone": cfg.backbone.__class__(
-        **{**cfg.backbone.__dict__, "img_size": img_size})})
-    model = build_model(cfg).to(device)
+    model = build_model(end_to_end_config("optimizer_expansionnet", backbone, img_size)).to(device)
     opt = torch.optim.RAdam(model.parameters(), lr=1e-6, betas=(0.9, 0.98), eps=1e-9, foreach=True)
     loss_fn = LabelSmoothingLoss(V, PAD)
     images = torch.randn(batch, 3, img_size, img_size, device=device)
@@ -147,41 +153,73 @@ def bench_e2e(device, batch: int, img_size: int, precision: str, repeats: int, s
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t_caption = median_seconds(lambda: step(False), repeats, sync, warmup=1)
-    t_grouped = median_seconds(lambda: step(True), repeats, sync, warmup=1)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    def peak_gib(fn) -> tuple[float, float]:
+        """(median seconds, peak GiB) of fn's steps."""
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t = median_seconds(fn, repeats, sync, warmup=warmup)
+        return t, torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+
+    t_caption, peak_caption = peak_gib(lambda: step(False))
+    t_grouped, peak_grouped = peak_gib(lambda: step(True))
     # caption-wise processes `batch` caption pairs per step; grouped processes 5 x batch
-    return batch / t_caption, 5 * batch / t_grouped, peak
+    return batch / t_caption, 5 * batch / t_grouped, peak_caption, peak_grouped
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--amp", default="fp32", choices=("fp32", "bf16", "fp16"))
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--xe_batch", type=int, default=48)
-    p.add_argument("--scst_batch", type=int, default=24)
+    p.add_argument("--amp", "--precision", dest="amp", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--compile", nargs="?", const=True, default=False, metavar="BACKEND",
+                   help="torch.compile our XE step and SCST's pieces (inductor, or the torch.compile backend named)")
+    p.add_argument("--xe_batch", type=int, default=48, help="0 skips the XE step on features")
+    p.add_argument("--scst_batch", type=int, default=24, help="0 skips the SCST step on features")
     p.add_argument("--e2e_batch", type=int, default=2, help="0 skips the end-to-end step")
     p.add_argument("--e2e_img_size", type=int, default=384)
+    p.add_argument("--backbone", default="",
+                   help="another named backbone size for the end-to-end step (models.config.BACKBONE_SIZES, e.g. "
+                        "swinv2_tiny for a quick dry run; default: SwinV2-B)")
+    p.add_argument("--scst_max_len", type=int, default=20, help="tokens sampled per SCST caption")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed steps before the timed ones (compilation happens there; 0 only for a quick dry run)")
+    p.add_argument("--json", default="", help="also write the figures (with device, versions, settings) to this file")
     a = p.parse_args()
     device = torch.device(a.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    figures = JsonFigures(a.json, "bench_train_step", device, vars(a))
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, {a.amp}")
-    ref, ours = bench_xe(device, a.xe_batch, a.amp, a.repeats, sync, a.compile)
-    print(f"XE step on cached features, batch {a.xe_batch}: reference-style {ref:.1f} img/s, ours {ours:.1f} img/s "
-          f"({ours / ref:.2f}x)")
-    ref, ours, reward_ms = bench_scst(device, a.scst_batch, a.amp, a.repeats, sync)
-    print(f"SCST step on cached features, batch {a.scst_batch} x 5 samples, reward included: reference formulation "
-          f"{ref:.2f} img/s, ours {ours:.2f} img/s ({ours / ref:.1f}x); the CIDEr-D reward alone {reward_ms:.1f} ms")
+    if a.xe_batch:
+        ref, ours = bench_xe(device, a.xe_batch, a.amp, a.repeats, sync, a.compile, a.warmup)
+        print(f"XE step on cached features, batch {a.xe_batch}: reference-style {ref:.1f} img/s, ours {ours:.1f} "
+              f"img/s ({ours / ref:.2f}x)", flush=True)
+        figures.add("xe", values={"reference_style_img_s": ref, "ours_img_s": ours, "ratio": ours / ref,
+                                  "batch": a.xe_batch, "precision": a.amp, "compile": a.compile})
+    if a.scst_batch:
+        ref, ours, reward_ms = bench_scst(device, a.scst_batch, a.amp, a.repeats, sync, max_len=a.scst_max_len,
+                                          compile_model=a.compile, warmup=a.warmup)
+        print(f"SCST step on cached features, batch {a.scst_batch} x 5 samples, reward included: reference "
+              f"formulation {ref:.2f} img/s, ours {ours:.2f} img/s ({ours / ref:.1f}x); the CIDEr-D reward alone "
+              f"{reward_ms:.1f} ms", flush=True)
+        figures.add("scst", values={"reference_formulation_img_s": ref, "ours_img_s": ours, "ratio": ours / ref,
+                                    "reward_ms": reward_ms, "batch": a.scst_batch, "samples": 5,
+                                    "max_len": a.scst_max_len,
+                                    "precision": a.amp, "compile": a.compile})
     if a.e2e_batch:
-        cap, grouped, peak = bench_e2e(device, a.e2e_batch, a.e2e_img_size, a.amp, a.repeats, sync)
-        print(f"end-to-end XE step, SwinV2-B at {a.e2e_img_size}px, batch {a.e2e_batch}: caption-wise {cap:.2f} "
-              f"caption-pairs/s, grouped by image {grouped:.2f} caption-pairs/s ({grouped / cap:.1f}x)"
-              + (f", peak memory {peak:.1f} GiB" if device.type == "cuda" else ""))
+        cap, grouped, peak_cap, peak_grouped = bench_e2e(device, a.e2e_batch, a.e2e_img_size, a.amp, a.repeats,
+                                                         sync, a.backbone, a.warmup)
+        peak = max(peak_cap, peak_grouped)
+        print(f"end-to-end XE step, {a.backbone or 'SwinV2-B'} at {a.e2e_img_size}px, batch {a.e2e_batch}: "
+              f"caption-wise {cap:.2f} caption-pairs/s, grouped by image {grouped:.2f} caption-pairs/s "
+              f"({grouped / cap:.1f}x)"
+              + (f", peak memory {peak:.1f} GiB" if device.type == "cuda" else ""), flush=True)
+        figures.add("e2e_xe", values={
+            "caption_wise_pairs_s": cap, "grouped_pairs_s": grouped, "grouped_img_s": grouped / 5,
+            "ratio": grouped / cap, "peak_gib_caption_wise": peak_cap, "peak_gib_grouped": peak_grouped,
+            "peak_gib": peak, "batch": a.e2e_batch, "captions_per_image": 5, "img_size": a.e2e_img_size,
+            "backbone": a.backbone or "swinv2_b", "precision": a.amp})
+    figures.finish()
 
 
 if __name__ == "__main__":
