@@ -1,19 +1,35 @@
-"""The recipes' settings, written once: the seed's COCO recipe, the reference's ExpansionNet v2 recipe, and the
-quickstart on the embedded synthetic dataset. Each is {phase: {flag: value}}; README's six commands are checked
-against SEED_RECIPE by a test (tests/test_pipeline.py).
+"""The recipes' settings, written once: the seed's COCO recipe, the reference's ExpansionNet v2 recipe, the
+quickstart on the embedded synthetic dataset, and the small recipe for your own photos. Each is {phase: {flag:
+value}}; README's six commands are checked against SEED_RECIPE by a test (tests/test_pipeline.py).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from data.captions import (
+    CAPTION_FILE_KINDS,
+    DEFAULT_SPLIT_RATIO,
+    DatasetError,
+    ImageRecord,
+    ManifestPlan,
+    captions_kind,
+    check_dataset,
+    describe_kind,
+    load_records,
+    plan_manifest,
+    split_records,
+)
 from data.synthetic import SyntheticConfig, generate_synthetic_dataset
 from engine.pipeline import Recipe
+from engine.pretrain import MIN_WORD_IMAGES, word_list
 from models.config import DROPOUTS
 
-PRESETS = ("quickstart", "coco", "coco-expansionnet-v2")
+PRESETS = ("quickstart", "small", "coco", "coco-expansionnet-v2")
 
 
 def dropouts(p: float) -> dict[str, float]:
@@ -91,3 +107,113 @@ def coco_recipe(images_path: Path, captions_path: Path, backbone: Path, expansio
     """The full recipes: the seed's Optimizer-ExpansionNet (2 + 2 layers, SwinV2-B) or the reference's v2."""
     model, phases = (V2_MODEL, V2_RECIPE) if expansionnet_v2 else (SEED_MODEL, SEED_RECIPE)
     return Recipe(images_path, captions_path, backbone, phase_settings(model, SEED_COMMON, phases))
+
+
+# --preset small: your own photos and captions (a few hundred images). The quickstart's model and backbone; phase 0
+# learns the captions' words (the only labels own data has) at the quickstart's 64 px; each phase sees its few hundred
+# images for more epochs than the quickstart's 4,000, with fewer iterations in total, a short warm-up, and validation
+# at each epoch's end (as every train.py run does). Images load in the training process (num_workers 0): with a few
+# batches per epoch, starting a loader process each epoch and each validation costs more than it saves.
+SMALL_PHASE0 = {**QUICKSTART_PHASE0, "labels": "words", "epochs": 20, "lr": 5e-3}
+SMALL_COMMON = {**QUICKSTART_COMMON, "print_every_iter": 20, "num_workers": 0}
+SMALL_FEATURES = {**QUICKSTART_FEATURES, "num_workers": 0}
+SMALL_RECIPE: dict[int, dict[str, Any]] = {
+    0: SMALL_PHASE0,
+    1: SMALL_FEATURES,
+    2: {**QUICKSTART_RECIPE[2], "warmup": 10, "lr": 1e-3, **dropouts(0.2), "anneal_coeff": 0.8,
+        "anneal_every_epoch": 3, "num_epochs": 15},
+    # on 300 images, lr 3e-4 end to end and 2e-4 in SCST on features lowered val CIDEr-D (82.7 -> 76, -> 68)
+    3: {**QUICKSTART_RECIPE[3], "lr": 1e-4, **dropouts(0.2), "anneal_coeff": 0.7, "num_epochs": 3},
+    4: SMALL_FEATURES,
+    5: {**QUICKSTART_RECIPE[5], "lr": 1e-4, "anneal_every_epoch": 2, "num_epochs": 6},
+    6: {**QUICKSTART_RECIPE[6], "lr": 2e-5, "num_epochs": 2},
+}
+SMALL_MANIFEST = "manifest.jsonl"
+
+
+@dataclass(frozen=True)
+class OwnData:
+    """Where the small preset's data is: the images folder and captions file the scripts get (a converted captions
+    file's manifest, written in the run's data/ folder, or the manifest or Karpathy json given), and the summary."""
+
+    images_path: Path
+    captions_path: Path
+    summary: str
+    converted: bool
+
+
+def prepare_own_data(images_path: Path, captions_path: Path, data_dir: Path, skip_missing: bool = False,
+                     split_ratio: str = "", seed: int = 0) -> OwnData:
+    """Validate the data in one pass (the summary is printed) and make a manifest of a captions file (CSV, TSV,
+    JSON) in data_dir, splits drawn at random (split_ratio, default 0.9,0.05,0.05); a manifest or Karpathy json is
+    used as is. Problems that would stop a phase (missing images unless skip_missing, images without captions, no
+    training images, too few for phase 0's words) raise DatasetError before anything runs."""
+    kind = captions_kind(captions_path)
+    if kind in CAPTION_FILE_KINDS:
+        ratio = split_ratio or ",".join(f"{share:g}" for share in DEFAULT_SPLIT_RATIO)
+        if not split_ratio:
+            print(f"{captions_path.name} assigns no splits, so the images are drawn at random into train, val and test "
+                  f"{ratio} (seed {seed}; --split_ratio chooses other shares)", flush=True)
+        plan = plan_manifest(images_path, captions_path, split_ratio=ratio, seed=seed, skip_missing=skip_missing)
+        print(plan.report.text(), flush=True)
+        if plan.blocking:
+            raise DatasetError(f"{captions_path}: {plan.blocking.replace('nothing written', 'nothing run')}")
+        _require_trainable([ImageRecord(i, images_path / name, captions, split)
+                            for i, (name, captions, split) in enumerate(plan.entries)], captions_path)
+        manifest = _write_manifest(plan, data_dir / SMALL_MANIFEST)
+        return OwnData(data_dir, manifest, plan.report.text(), converted=True)
+    if kind in ("manifest", "karpathy", "karpathy-folder"):
+        if split_ratio:
+            raise DatasetError(f"--split_ratio: {captions_path} is {describe_kind(kind)} with its own splits; "
+                               "split_ratio applies to captions files (CSV, TSV, JSON)")
+        report = check_dataset(captions_path, images_path)
+        print(report.text(), flush=True)
+        if report.severe:
+            raise DatasetError(f"{captions_path}: {', '.join(report.title(k) for k in report.severe)}; fix these "
+                               "(the summary above says where), then run again")
+        _require_trainable(load_records(captions_path, images_path), captions_path)
+        return OwnData(images_path, captions_path, report.text(), converted=False)
+    raise DatasetError(f"{captions_path}: this is {describe_kind(kind)}; --captions_path takes a captions CSV "
+                       "(image,caption), TSV, JSON {\"file.jpg\": [captions]}, a manifest (.jsonl) or Karpathy's json")
+
+
+def _write_manifest(plan: ManifestPlan, target: Path) -> Path:
+    """Write the plan's manifest. An earlier run's different manifest is replaced while no phase has started in the
+    run folder (target's grandparent), else refused: the phases there used it."""
+    fresh = plan.write(target.with_name(target.name + ".new"), overwrite=True)
+    if target.exists() and target.read_bytes() != fresh.read_bytes():
+        started = sorted(p.name for p in target.parent.parent.glob("phase*") if p.is_dir())
+        if started:
+            fresh.unlink()
+            raise DatasetError(f"{target} (written by an earlier run in this folder) differs from what the images and "
+                               f"captions give now, and {started[0]} used it; use another --run_dir")
+        print(f"replacing {target}: the images or captions changed since an earlier run, which started no phase",
+              flush=True)
+    os.replace(fresh, target)
+    print(f"wrote {_count(len(plan.entries), 'image')} to {target}", flush=True)
+    return target
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _require_trainable(records: list[ImageRecord], source: Path) -> None:
+    """Training images, and words for phase 0 (each naming at least MIN_WORD_IMAGES of them)."""
+    train = split_records(records)["train"]
+    if not train:
+        raise DatasetError(f"{source}: no training images, nothing to train on")
+    if not word_list(train):
+        raise DatasetError(f"{source}: no caption word names at least {MIN_WORD_IMAGES} of the "
+                           f"{len(train)} training images (and not all of them), so phase 0 has nothing to learn; "
+                           "add images or captions")
+
+
+def small_recipe(images_path: Path, captions_path: Path, run_dir: Path, skip_missing: bool = False,
+                 split_ratio: str = "", seed: int = 0) -> Recipe:
+    """Your own photos: the data prepared in run_dir/data (prepare_own_data), then phase 0 (the quickstart's backbone
+    learning the captions' words) and the six phases with the quickstart's model, schedules for a few hundred images."""
+    data = prepare_own_data(Path(images_path), Path(captions_path), Path(run_dir) / "data", skip_missing, split_ratio,
+                            seed)
+    return Recipe(data.images_path, data.captions_path, None, phase_settings(QUICKSTART_MODEL, SMALL_COMMON,
+                                                                           SMALL_RECIPE))

@@ -1,4 +1,5 @@
-"""After the phases: test-split metrics of the XE and SCST checkpoints, baselines, grounded accuracies, report.md."""
+"""After the phases: test-split metrics of the XE and SCST checkpoints, baselines, grounded accuracies (the
+quickstart) or your own data's captioned images, report.md."""
 
 from __future__ import annotations
 
@@ -41,14 +42,33 @@ def constant_caption_baseline(train: list[ImageRecord], test: list[ImageRecord])
     return caption, 100.0 * score
 
 
+def test_results(splits: dict[str, list[ImageRecord]], xe_checkpoint: Path, final_checkpoint: Path,
+                 beam_size: int) -> tuple[dict[int, str], dict[int, str], dict[str, Any]]:
+    """The XE and final checkpoints' test-split captions and metrics, and the best constant caption: (XE captions,
+    final captions, results)."""
+    test = splits["test"]
+    xe_preds, xe_report = evaluate_checkpoint(xe_checkpoint, test, beam_size)
+    preds, report = evaluate_checkpoint(final_checkpoint, test, beam_size)
+    constant, constant_cider = constant_caption_baseline(splits["train"], test)
+    return xe_preds, preds, {"test_xe": xe_report, "test_final": report, "best_constant_caption": constant,
+                             "best_constant_cider": constant_cider}
+
+
+def write_report(run_dir: Path, results: dict[str, Any], preds: dict[int, str], text: str) -> None:
+    """results.json, predictions_test.json, the phases' curves and report.md in run_dir."""
+    (run_dir / "results.json").write_text(json.dumps(results, indent=1))
+    (run_dir / "predictions_test.json").write_text(json.dumps(
+        [{"image_id": i, "caption": c} for i, c in sorted(preds.items())], indent=1))
+    _copy_curves(run_dir)
+    (run_dir / "report.md").write_text(text)
+
+
 def quickstart_report(run_dir: Path, captions_path: Path, images_path: Path, xe_checkpoint: Path,
                       final_checkpoint: Path, manifest: dict[str, Any], beam_size: int = 3) -> dict[str, Any]:
     """Evaluate, compare with the baselines, and write report.md, results.json and a captioned test grid PNG."""
     splits = split_records(load_records(captions_path, images_path))
     test = splits["test"]
-    xe_preds, xe_report = evaluate_checkpoint(xe_checkpoint, test, beam_size)
-    preds, report = evaluate_checkpoint(final_checkpoint, test, beam_size)
-    constant, constant_cider = constant_caption_baseline(splits["train"], test)
+    xe_preds, preds, scores = test_results(splits, xe_checkpoint, final_checkpoint, beam_size)
     truth = load_ground_truth(Path(captions_path).parent / GROUND_TRUTH_NAME)
     words = GroundingWords.from_vocabulary(shape_vocabulary())
     grounded, xe_grounded = grounded_accuracy(preds, truth, words), grounded_accuracy(xe_preds, truth, words)
@@ -56,16 +76,41 @@ def quickstart_report(run_dir: Path, captions_path: Path, images_path: Path, xe_
     grid = save_caption_grid([open_image(r.path) for r in test[:len(examples)]],
                              [f"{e['mark']} {e['caption']} | truth: {e['truth']}" for e in examples],
                              run_dir / "test_captions.png", thumb=128, columns=4, line_chars=26)
-    results = {"test_xe": xe_report, "test_final": report, "best_constant_caption": constant,
-               "best_constant_cider": constant_cider, "grounded_final": grounded, "grounded_xe": xe_grounded,
+    results = {**scores, "grounded_final": grounded, "grounded_xe": xe_grounded,
                "phase0_probe": manifest.get("phases", {}).get("0", {}).get("metrics", {}).get("probe"),
                "examples": examples, "beam_size": beam_size, "xe_checkpoint": str(xe_checkpoint),
                "final_checkpoint": str(final_checkpoint)}
-    (run_dir / "results.json").write_text(json.dumps(results, indent=1))
-    (run_dir / "predictions_test.json").write_text(json.dumps(
-        [{"image_id": i, "caption": c} for i, c in sorted(preds.items())], indent=1))
-    _copy_curves(run_dir)
-    (run_dir / "report.md").write_text(render_report(results, manifest, grid.name))
+    write_report(run_dir, results, preds, render_report(results, manifest, grid.name))
+    return results
+
+
+def own_data_report(run_dir: Path, captions_path: Path, images_path: Path, xe_checkpoint: Path,
+                    final_checkpoint: Path, manifest: dict[str, Any], beam_size: int = 3,
+                    count: int = 16) -> dict[str, Any]:
+    """The quickstart's report for your own data, without grounded accuracies (they need the synthetic scenes'
+    ground truth): test metrics after XE and SCST and the best constant caption when there is a test split, a grid
+    of test images (val images when there is no test split) with the final checkpoint's captions, phase durations."""
+    splits = split_records(load_records(captions_path, images_path))
+    shown_split = "test" if splits["test"] else "val"
+    results: dict[str, Any] = {"beam_size": beam_size, "xe_checkpoint": str(xe_checkpoint),
+                               "final_checkpoint": str(final_checkpoint), "shown_split": shown_split,
+                               "phase0_probe": manifest.get("phases", {}).get("0", {}).get("metrics", {}).get("probe")}
+    preds: dict[int, str] = {}
+    if splits["test"]:
+        _, preds, scores = test_results(splits, xe_checkpoint, final_checkpoint, beam_size)
+        results.update(scores)
+    elif splits["val"]:
+        preds, _ = evaluate_checkpoint(final_checkpoint, splits["val"][:count], beam_size)
+    shown = [r for r in splits[shown_split][:count] if r.image_id in preds]
+    results["examples"] = [{"image_id": r.image_id, "image": r.path.name, "caption": preds[r.image_id],
+                            "reference": r.captions[0]} for r in shown]
+    grid_name = ""
+    if shown:
+        grid_name = save_caption_grid([open_image(r.path) for r in shown], [preds[r.image_id] for r in shown],
+                                      run_dir / f"{shown_split}_captions.png", thumb=128, columns=4,
+                                      line_chars=26).name
+    write_report(run_dir, results, preds if splits["test"] else {},
+                 render_own_data_report(results, manifest, grid_name, captions_path))
     return results
 
 
@@ -91,29 +136,14 @@ def _copy_curves(run_dir: Path) -> None:
 
 def render_report(results: dict[str, Any], manifest: dict[str, Any], grid_name: str) -> str:
     """Markdown: phases with durations, test metrics against the baseline, grounded accuracies, pictures."""
-    lines = ["# Quickstart report", "", "## Phases", "", "| phase | what | duration (s) | best val CIDEr-D |",
-             "|---|---|---|---|"]
-    total = 0.0
-    for number, rec in sorted(manifest.get("phases", {}).items(), key=lambda kv: int(kv[0])):
-        total += rec.get("duration_s", 0.0)
-        best = rec.get("metrics", {}).get("best_val_cider")
-        lines.append(f"| {number} | {rec.get('title', '')} | {rec.get('duration_s', 0):.0f} | "
-                     f"{'' if best is None else f'{best:.1f}'} |")
-    lines += [f"| | total | {total:.0f} | |", "", f"## Test split (beam {results['beam_size']})", ""]
-    names = list(results["test_final"]["metrics"])
-    lines += ["| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for label, key in (("after XE (phase 3)", "test_xe"), ("after SCST (phase 6)", "test_final")):
-        m = results[key]["metrics"]
-        lines.append(f"| {label} | " + " | ".join(f"{m[n]:.1f}" for n in names) + " |")
-    lines += ["", f"Best constant caption (the training caption scoring highest on every test image): "
-                  f"\"{results['best_constant_caption']}\", CIDEr-D {results['best_constant_cider']:.1f}.", "",
-              "## Grounded accuracies (test split)", "",
-              "Over the test images' shape groups: colour named (the caption names the group's colour), colour + "
-              "shape (names it together with the right shape word), shape (the right shape word), count (when the "
-              "shape is named, the number said is right), all three (colour, shape and number right together).",
-              "", *_probe_lines(results.get("phase0_probe")),
-              "| model | colour named | colour + shape | shape | count | all three | object recall | hallucination |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines = ["# Quickstart report", "", *_phase_lines(manifest), "", *_test_lines(results), "",
+             "## Grounded accuracies (test split)", "",
+             "Over the test images' shape groups: colour named (the caption names the group's colour), colour + "
+             "shape (names it together with the right shape word), shape (the right shape word), count (when the "
+             "shape is named, the number said is right), all three (colour, shape and number right together).",
+             "", *_probe_lines(results.get("phase0_probe")),
+             "| model | colour named | colour + shape | shape | count | all three | object recall | hallucination |",
+             "|---|---|---|---|---|---|---|---|"]
     for label, key in (("after XE (phase 3)", "grounded_xe"), ("after SCST (phase 6)", "grounded_final")):
         g = results[key]
         lines.append(f"| {label} | {100 * g['colour_named']:.1f}% | {100 * g['colour_accuracy']:.1f}% | "
@@ -123,12 +153,66 @@ def render_report(results: dict[str, Any], manifest: dict[str, Any], grid_name: 
     lines += ["", "## Test images, captions and the ground truth", "", "| image | caption (phase 6) | ground truth | |",
               "|---|---|---|---|"]
     lines += [f"| {e['image_id']} | {e['caption']} | {e['truth']} | {e['mark']} |" for e in results["examples"]]
+    lines += _unavailable_lines(results)
+    return "\n".join(lines + _picture_lines(manifest, grid_name)) + "\n"
+
+
+def render_own_data_report(results: dict[str, Any], manifest: dict[str, Any], grid_name: str,
+                           captions_path: Path) -> str:
+    """Markdown: phases with durations, test metrics against the baseline (when there is a test split), the shown
+    images' captions beside a reference, pictures."""
+    lines = [f"# Report: {Path(captions_path).name}", "", *_phase_lines(manifest), ""]
+    if "test_final" in results:
+        lines += [*_test_lines(results), ""]
+    else:
+        lines += ["## Test split", "", "The data has no test split, so nothing is scored here; the captions below are "
+                  "of val images (which chose best.pth). Assign a test split to score the model.", ""]
+    lines += _probe_lines(results.get("phase0_probe"))
+    split = results["shown_split"]
+    if results["examples"]:
+        lines += [f"## {split.capitalize()} images, their captions and a reference", "",
+                  "| image | file | caption (phase 6) | a reference caption |", "|---|---|---|---|"]
+        lines += [f"| {e['image_id']} | {e['image']} | {e['caption']} | {e['reference']} |"
+                  for e in results["examples"]]
+    if "test_final" in results:
+        lines += _unavailable_lines(results)
+    return "\n".join(lines + _picture_lines(manifest, grid_name, split)) + "\n"
+
+
+def _phase_lines(manifest: dict[str, Any]) -> list[str]:
+    """The phases table: what each did, its duration and best validation CIDEr-D, and the total."""
+    lines = ["## Phases", "", "| phase | what | duration (s) | best val CIDEr-D |", "|---|---|---|---|"]
+    total = 0.0
+    for number, rec in sorted(manifest.get("phases", {}).items(), key=lambda kv: int(kv[0])):
+        total += rec.get("duration_s", 0.0)
+        best = rec.get("metrics", {}).get("best_val_cider")
+        lines.append(f"| {number} | {rec.get('title', '')} | {rec.get('duration_s', 0):.0f} | "
+                     f"{'' if best is None else f'{best:.1f}'} |")
+    return [*lines, f"| | total | {total:.0f} | |"]
+
+
+def _test_lines(results: dict[str, Any]) -> list[str]:
+    """The test metrics after XE and after SCST, and the best constant caption."""
+    lines = [f"## Test split (beam {results['beam_size']})", ""]
+    names = list(results["test_final"]["metrics"])
+    lines += ["| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for label, key in (("after XE (phase 3)", "test_xe"), ("after SCST (phase 6)", "test_final")):
+        m = results[key]["metrics"]
+        lines.append(f"| {label} | " + " | ".join(f"{m[n]:.1f}" for n in names) + " |")
+    return [*lines, "", f"Best constant caption (the training caption scoring highest on every test image): "
+                        f"\"{results['best_constant_caption']}\", CIDEr-D {results['best_constant_cider']:.1f}."]
+
+
+def _unavailable_lines(results: dict[str, Any]) -> list[str]:
     unavailable = results["test_final"].get("unavailable") or {}
-    if unavailable:
-        lines += ["", "Unavailable metrics: " + "; ".join(f"{k}: {v}" for k, v in unavailable.items())]
-    lines += ["", "## Pictures", "", f"![test images with their captions]({grid_name})", ""]
-    lines += [f"![{p}]({p})" for p in sorted(f"curves-{n}.png" for n in _phase_folders(manifest))]
-    return "\n".join(lines) + "\n"
+    return ["", "Unavailable metrics: " + "; ".join(f"{k}: {v}" for k, v in unavailable.items())] if unavailable else []
+
+
+def _picture_lines(manifest: dict[str, Any], grid_name: str, split: str = "test") -> list[str]:
+    lines = ["", "## Pictures", ""]
+    if grid_name:
+        lines += [f"![{split} images with their captions]({grid_name})", ""]
+    return lines + [f"![{p}]({p})" for p in sorted(f"curves-{n}.png" for n in _phase_folders(manifest))]
 
 
 def _probe_lines(probe: dict[str, float] | None) -> list[str]:
