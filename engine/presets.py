@@ -61,8 +61,10 @@ V2_RECIPE: dict[int, dict[str, Any]] = {
 }
 
 # the quickstart: phase 0 pretrains a small backbone on the synthetic scenes (the stand-in for ImageNet weights), then
-# a small captioner goes through the six phases, all on 2 CPU cores in a few minutes
-QUICKSTART_PHASE0 = {"init": "quickstart", "labels": "auto", "epochs": 3, "batch_size": 16, "lr": 5e-3}
+# a small captioner goes through the six phases, all on 2 CPU cores in a few minutes. No dropout in the XE phases: in
+# 4 epochs of 4,000 images the captioner underfits rather than overfits (val CIDEr-D 234 instead of 227 after phase 2),
+# and on the CPU drawing the dropout masks is 40% of a step.
+QUICKSTART_PHASE0 = {"init": "quickstart", "labels": "auto", "epochs": 4, "batch_size": 16, "lr": 5e-3}
 QUICKSTART_MODEL = {"model": "optimizer_expansionnet", "N_enc": 2, "N_dec": 2, "model_dim": 96, "num_heads": 4,
                     "ff": 256, "num_exp_enc_list": (4, 8, 16), "num_exp_dec": 8, "memory_slots": 8}
 QUICKSTART_COMMON = {"seed": 775533, "optim_type": "radam", "sched_type": "custom_warmup_anneal",
@@ -73,12 +75,12 @@ QUICKSTART_FEATURES = {"batch_size": 100, "num_workers": 1}
 QUICKSTART_RECIPE: dict[int, dict[str, Any]] = {
     0: QUICKSTART_PHASE0,
     1: QUICKSTART_FEATURES,
-    2: {"warmup": 20, "lr": 1e-3, "anneal_coeff": 0.8, "anneal_every_epoch": 1, **dropouts(0.1), "batch_size": 16,
-        "grouped": True, "num_epochs": 3},
-    3: {"warmup": 1, "lr": 3e-4, "anneal_coeff": 0.55, "anneal_every_epoch": 1, **dropouts(0.1), "batch_size": 16,
+    2: {"warmup": 20, "lr": 1e-3, "anneal_coeff": 0.8, "anneal_every_epoch": 1, **dropouts(0.0), "batch_size": 16,
+        "grouped": True, "num_epochs": 4},
+    3: {"warmup": 1, "lr": 1e-4, "anneal_coeff": 0.55, "anneal_every_epoch": 1, **dropouts(0.0), "batch_size": 16,
         "grouped": True, "num_epochs": 1},
     4: QUICKSTART_FEATURES,
-    5: {"warmup": 1, "lr": 2e-4, "anneal_coeff": 0.8, "anneal_every_epoch": 1, **dropouts(0.0), "batch_size": 16,
+    5: {"warmup": 1, "lr": 1e-4, "anneal_coeff": 0.8, "anneal_every_epoch": 1, **dropouts(0.0), "batch_size": 16,
         "num_epochs": 2},
     6: {"warmup": 1, "lr": 2e-5, "anneal_coeff": 1.0, **dropouts(0.0), "batch_size": 16, "num_epochs": 1},
 }
