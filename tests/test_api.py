@@ -541,7 +541,7 @@ def test_settings_from_file_and_environment(tmp_path: Path) -> None:
     settings, model = load_settings("CAPTION", api.MODEL_KEYS, path_keys=("CHECKPOINT",), environ=env)
     assert settings.max_batch_size == 8 and settings.url_fetch and settings.url_allowlist == ("images.example.org",)
     assert model == {"CHECKPOINT": str(tmp_path / "ckpt/best.pth"), "VOCAB": None, "DEVICE": "cuda:1",
-                     "PRECISION": "auto", "BACKEND": "auto", "ONNX_CACHE": None}
+                     "PRECISION": "auto", "BACKEND": "auto", "ONNX_CACHE": None, "COMPILE": "false"}
     defaults, _ = load_settings("CAPTION", api.MODEL_KEYS, environ={})
     assert defaults == ServingSettings() and not defaults.url_fetch
 
