@@ -20,7 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-from common import JsonFigures  # first: puts the repository root on sys.path
+from common import add_backbone_flags, start_run  # first: puts the repository root on sys.path
 
 from data.features import FeatureReader, FeatureWriter
 from models.backbone import backbone_tokens, create_backbone
@@ -82,19 +82,13 @@ def main() -> None:
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--gen_batch", type=int, default=4)
     p.add_argument("--gen_batches", type=int, default=2, help="timed batches of feature generation (0 skips it)")
-    p.add_argument("--img_size", type=int, default=384, help="image side of feature generation")
-    p.add_argument("--backbone", default="swinv2_b",
-                   help="named backbone size of feature generation (models.config.BACKBONE_SIZES; swinv2_tiny for a "
-                        "quick dry run)")
+    add_backbone_flags(p, "feature generation", default="swinv2_b")
     p.add_argument("--num_images", type=int, default=2000, help="images in the read benchmark's files")
     p.add_argument("--read_batch", type=int, default=48)
     p.add_argument("--reads", type=int, default=30, help="timed random batches of the read benchmark (0 skips it)")
     p.add_argument("--json", default="", help="also write the figures (with device, versions, settings) to this file")
     a = p.parse_args()
-    device = torch.device(a.device)
-    figures = JsonFigures(a.json, "bench_data", device, vars(a))
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads")
+    device, _, figures = start_run(a, "bench_data")
     if a.reads:
         ref, ours = bench_reads(a.num_images, a.read_batch, a.reads, 144, 1024)
         print(f"HDF5 random batches of {a.read_batch} x (144, 1024) from {a.num_images} images: reference layout "

@@ -17,7 +17,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import JsonFigures, end_to_end_config, median_seconds  # first: puts the repository root on sys.path
+from common import (  # first: puts the repository root on sys.path
+    add_backbone_flags,
+    end_to_end_config,
+    median_seconds,
+    start_run,
+)
 
 from data.vocab import Vocabulary
 from deploy.onnx_export import export_onnx
@@ -172,10 +177,7 @@ def main() -> None:
     p.add_argument("--max_len", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--e2e_batch", type=int, default=2, help="images for end-to-end captioning (0 skips it)")
-    p.add_argument("--img_size", type=int, default=384, help="image side of the end-to-end figure")
-    p.add_argument("--backbone", default="",
-                   help="another named backbone size for the end-to-end figure (models.config.BACKBONE_SIZES, e.g. "
-                        "swinv2_tiny for a quick dry run; default: each model's own)")
+    add_backbone_flags(p, "the end-to-end figure")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--compile", nargs="?", const=True, default=False, metavar="BACKEND",
                    help="end-to-end figure: torch.compile the backbone and the cached decoding step (inductor, or "
@@ -187,11 +189,7 @@ def main() -> None:
                         "same weights and features (ExpansionNet v2 only, CPU)")
     p.add_argument("--json", default="", help="also write the figures (with device, versions, settings) to this file")
     a = p.parse_args()
-    device = torch.device(a.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    figures = JsonFigures(a.json, "bench_decoding", device, vars(a))
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads")
+    device, sync, figures = start_run(a, "bench_decoding")
     for name in a.models if a.batch else []:
         r = bench_cached_vs_full(name, device, a.batch, a.beam, a.max_len, a.repeats, sync, not a.no_onnx,
                                  a.reference_dir if name == "expansionnet_v2" else "")

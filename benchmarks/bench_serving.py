@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import math
 import os
 import statistics
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common import ROOT, environment  # puts the repository root on sys.path
+from common import ROOT, environment, write_results  # puts the repository root on sys.path
 
 if TYPE_CHECKING:
     from serving.testing import RunningServer
@@ -197,9 +196,7 @@ def main(cfg: BenchConfig) -> dict[str, object]:
         results["concurrent_cpu_vs_baseline"] = statistics.median(cpu)
         print(f"server CPU per request at {cfg.concurrency} clients, this checkout / baseline, median of paired "
               f"rounds: {statistics.median(cpu):.2f}x (rounds: {', '.join(f'{c:.2f}' for c in cpu)})")
-    if cfg.output:
-        Path(cfg.output).write_text(json.dumps(results, indent=2))
-    return results
+    return write_results(cfg.output, results)
 
 
 if __name__ == "__main__":

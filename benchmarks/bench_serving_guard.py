@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import json
 import statistics
 import tempfile
 import time
@@ -14,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import common  # noqa: F401  (puts the repository root on sys.path)
+from common import write_results  # puts the repository root on sys.path
 
 
 @dataclass(frozen=True)
@@ -145,9 +144,7 @@ def main(cfg: BenchConfig) -> dict[str, object]:
         print(f"one /predicts of {cfg.burst_files} strips on {cfg.server_root}: answered {burst['status']} in "
               f"{burst['answered_in_s']:.2f} s; /health meanwhile p50 {burst['health_p50_ms']:.1f} ms, "
               f"max {burst['health_max_ms']:.1f} ms")
-    if cfg.output:
-        Path(cfg.output).write_text(json.dumps(results, indent=2))
-    return results
+    return write_results(cfg.output, results)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from common import JsonFigures, end_to_end_config, median_seconds  # first: puts the repository root on sys.path
+from common import end_to_end_config, median_seconds, start_run  # first: puts the repository root on sys.path
 
 from eval.cider import CiderD
 from losses import LabelSmoothingLoss, scst_loss, scst_rewards
@@ -185,11 +185,7 @@ def main() -> None:
                    help="untimed steps before the timed ones (compilation happens there; 0 only for a quick dry run)")
     p.add_argument("--json", default="", help="also write the figures (with device, versions, settings) to this file")
     a = p.parse_args()
-    device = torch.device(a.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    figures = JsonFigures(a.json, "bench_train_step", device, vars(a))
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads, {a.amp}")
+    device, sync, figures = start_run(a, "bench_train_step", f", {a.amp}")
     if a.xe_batch:
         ref, ours = bench_xe(device, a.xe_batch, a.amp, a.repeats, sync, a.compile, a.warmup)
         print(f"XE step on cached features, batch {a.xe_batch}: reference-style {ref:.1f} img/s, ours {ours:.1f} "

@@ -118,3 +118,31 @@ class JsonFigures:
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps(self.record, indent=2, default=str) + "\n")
         tmp.replace(self.path)
+
+
+def start_run(args: Any, script: str, note: str = "") -> tuple[Any, Callable[[], None], JsonFigures]:
+    """What every benchmark does first: its device (args.device), the synchronisation its timings bracket calls with,
+    its JSON record (args.json), and the header line naming device, torch and threads (+ note)."""
+    import torch
+
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    figures = JsonFigures(args.json, script, device, vars(args))
+    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads{note}")
+    return device, sync, figures
+
+
+def write_results(path: str | None, results: dict[str, Any]) -> dict[str, Any]:
+    """The results dict, also written as JSON to path when one is given (the serving benchmarks' --output)."""
+    if path:
+        Path(path).write_text(json.dumps(results, indent=2))
+    return results
+
+
+def add_backbone_flags(parser: Any, what: str, default: str = "") -> None:
+    """--img_size and --backbone (a named size of models.config.BACKBONE_SIZES) for `what` a benchmark times."""
+    parser.add_argument("--img_size", type=int, default=384, help=f"image side of {what}")
+    parser.add_argument("--backbone", default=default,
+                        help=f"named backbone size of {what} (models.config.BACKBONE_SIZES; swinv2_tiny for a quick "
+                             "dry run" + ("" if default else "; default: each model's own") + ")")

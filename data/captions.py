@@ -1067,21 +1067,22 @@ def _did_you_mean(parser: argparse.ArgumentParser, command: str, message: str) -
     return ("; " + "; ".join(hints)) if hints else ""
 
 
-def _path_flag(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
-    """--NAME, also spelt --NAME_path (the reference's spelling)."""
-    parser.add_argument(f"--{name}", f"--{name}_path", dest=name, **kwargs)
+def _command(commands: Any, name: str, help: str, paths: list[tuple[str, bool, str]]) -> argparse.ArgumentParser:
+    """A sub-command with its path flags: (NAME, required, help) -> --NAME, also spelt --NAME_path (the
+    reference's spelling)."""
+    command = commands.add_parser(name, help=help, description=__doc__)
+    for flag, required, text in paths:
+        command.add_argument(f"--{flag}", f"--{flag}_path", dest=flag, required=required, default=None, help=text)
+    return command
 
 
 def _build_parser() -> _Parser:
     parser = _Parser(prog="python -m data.captions", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{to-manifest,check}")
-    convert = commands.add_parser("to-manifest", help="write a JSON-lines manifest from a folder and a captions file",
-                                  description=__doc__)
-    _path_flag(convert, "images", required=True,
-               help="folder holding the images (the captions file's names are relative to it)")
-    _path_flag(convert, "captions", required=True,
-               help="CSV image,caption or TSV image<TAB>caption (header optional), or JSON {image: [...]}")
-    _path_flag(convert, "output", required=True, help="manifest to write (.jsonl)")
+    convert = _command(commands, "to-manifest", "write a JSON-lines manifest from a folder and a captions file", [
+        ("images", True, "folder holding the images (the captions file's names are relative to it)"),
+        ("captions", True, "CSV image,caption or TSV image<TAB>caption (header optional), or JSON {image: [...]}"),
+        ("output", True, "manifest to write (.jsonl)")])
     splits = convert.add_mutually_exclusive_group()
     splits.add_argument("--split", choices=SPLITS, default=None, help="put every image in this split")
     splits.add_argument("--split-ratio", "--split_ratio", dest="split_ratio", default=None,
@@ -1090,12 +1091,9 @@ def _build_parser() -> _Parser:
     convert.add_argument("--skip-missing", "--skip_missing", dest="skip_missing", action="store_true",
                          help="leave out caption rows whose image is not in --images (default: write nothing)")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    check = commands.add_parser("check", help="validate a dataset and report every problem in one summary",
-                                description=__doc__)
-    _path_flag(check, "captions", required=True,
-               help="manifest (.jsonl), Karpathy json or its folder; or a captions file (with --images)")
-    _path_flag(check, "images", default=None,
-               help="image folder: looked up first for a manifest's relative paths; Karpathy's image root")
+    _command(commands, "check", "validate a dataset and report every problem in one summary", [
+        ("captions", True, "manifest (.jsonl), Karpathy json or its folder; or a captions file (with --images)"),
+        ("images", False, "image folder: looked up first for a manifest's relative paths; Karpathy's image root")])
     return parser
 
 

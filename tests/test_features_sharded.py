@@ -16,16 +16,14 @@ import torch
 from conftest import ROOT, make_tiny_dataset
 
 import data_generator
+from data import features as feature_files
 from data.features import (
     FeatureFileError,
     FeatureReader,
     FeatureWriter,
     check_disk_space_for_shards,
     join_feature_shards,
-    join_partial_path,
-    leftover_files,
     partial_path,
-    required_bytes,
     shard_path,
 )
 from engine.features import GeneratorConfig, _prepare_shards, shard_ranges
@@ -81,7 +79,7 @@ def test_joined_shards_are_the_one_process_file_and_keep_raw_chunk_reads(tmp_pat
     ranges = shard_ranges(n, world, batch)
     shards = [_write(shard_path(out, r, world), feats[lo:hi], valid[lo:hi], ids[lo:hi], batch)
               for r, (lo, hi) in enumerate(ranges)]
-    join_partial_path(out).write_bytes(b"a join killed half-way")  # redone, not trusted
+    feature_files.join_partial_path(out).write_bytes(b"a join killed half-way")  # redone, not trusted
     join_feature_shards(out, shards, ids)
     _assert_same_file(one, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.hdf5", "one.hdf5"]
@@ -118,7 +116,7 @@ def test_join_refuses_shards_of_another_job_out_of_order_or_incomplete(tmp_path)
 def test_disk_check_counts_every_shard_and_the_joined_file(tmp_path, monkeypatch):
     out, rows = tmp_path / "f.hdf5", [28, 28]
     shards = [shard_path(out, r, 2) for r in range(2)]
-    size = required_bytes(56, 16, 32, "fp16")
+    size = feature_files.required_bytes(56, 16, 32, "fp16")
     free = {"bytes": 2 * size - 1}
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 0, free["bytes"]))
     with pytest.raises(OSError, match=r"not enough disk space for .*f\.hdf5 written by 2 processes: needs"):
@@ -134,7 +132,7 @@ def test_leftovers_of_a_run_with_another_number_of_processes_are_found(tmp_path)
     for name in ("f.hdf5.rank0-of-2", "f.hdf5.rank1-of-2.partial", "f.hdf5.rank3-of-4.partial", "f.hdf5.partial",
                  "g.hdf5.rank0-of-3", "f.hdf5.rank0-of-2.partial.bak"):
         (tmp_path / name).write_bytes(b"")
-    names = lambda world: [p.name for p in leftover_files(out, world)]  # noqa: E731
+    names = lambda world: [p.name for p in feature_files.leftover_files(out, world)]  # noqa: E731
     assert names(2) == ["f.hdf5.partial", "f.hdf5.rank3-of-4.partial"]
     assert names(4) == ["f.hdf5.partial", "f.hdf5.rank0-of-2", "f.hdf5.rank1-of-2.partial"]
     assert names(1) == ["f.hdf5.rank0-of-2", "f.hdf5.rank1-of-2.partial", "f.hdf5.rank3-of-4.partial"]
@@ -151,7 +149,7 @@ def test_main_process_checks_before_any_shard_is_written(tmp_path, monkeypatch):
 
     done = _write(shard_path(out, 0, 2), feats[:6], valid[:6], ids[:6])  # a complete shard of this job: kept
     partial_path(shard_path(out, 1, 2)).write_bytes(b"killed while its header was written")  # unreadable: removed
-    join_partial_path(out).write_bytes(b"half a join")  # redone
+    feature_files.join_partial_path(out).write_bytes(b"half a join")  # redone
     prepare()
     assert sorted(p.name for p in tmp_path.iterdir()) == [done.name]
 
@@ -217,7 +215,7 @@ def test_two_gloo_processes_write_the_one_process_file_when_shards_and_file_fit(
     g = generated
     out = tmp_path / "f.hdf5"
     args = _gen_args(g["captions"], g["backbone"], out)
-    size = required_bytes(56, 16, 32, "fp16")
+    size = feature_files.required_bytes(56, 16, 32, "fp16")
     too_small = ("import shutil\n_usage = shutil.disk_usage\n"
                  f"shutil.disk_usage = lambda p: _usage(p)._replace(free={2 * size - 1})\n")
     refused = _torchrun(tmp_path, args, too_small)
