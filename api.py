@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from PIL import Image
 
 from serving import Backend, CaptionParams, ServingSettings, create_app, load_settings
+from serving.settings import convert_setting
 
 if TYPE_CHECKING:
     import torch
@@ -18,16 +19,6 @@ if TYPE_CHECKING:
 ENV_PREFIX = "CAPTION"
 MODEL_KEYS: dict[str, str | None] = {"CHECKPOINT": None, "VOCAB": None, "DEVICE": "cpu", "PRECISION": "auto",
                                      "BACKEND": "auto", "ONNX_CACHE": None, "COMPILE": "false"}
-
-
-def _env_bool(value: str | bool | None, key: str) -> bool:
-    """A true/false model setting (CAPTION_<key>), with an error naming the variable."""
-    from utils.cli import str2bool
-
-    try:
-        return str2bool(value if value is not None else False)
-    except Exception as e:  # argparse.ArgumentTypeError
-        raise RuntimeError(f"{ENV_PREFIX}_{key}: {e}") from None
 
 
 class ExpansionNetBackend:
@@ -52,10 +43,11 @@ class ExpansionNetBackend:
         if not paths:
             raise RuntimeError(f"{ENV_PREFIX}_CHECKPOINT is not set: point it (or the key in the "
                                f"{ENV_PREFIX}_API_CONFIG JSON file) to a checkpoint file, model folder or ONNX folder")
+        compile_model = convert_setting(f"{ENV_PREFIX}_COMPILE", model.get("COMPILE") or False, False)
         captioner = load_captioner(paths, device=model.get("DEVICE") or "cpu", vocab=model.get("VOCAB"),
                                    precision=model.get("PRECISION") or "auto", max_pixels=max_pixels,
                                    backend=model.get("BACKEND") or "auto", onnx_cache=model.get("ONNX_CACHE"),
-                                   compile=_env_bool(model.get("COMPILE"), "COMPILE"))
+                                   compile=compile_model)
         return cls(captioner, paths[0])
 
     def info(self) -> dict[str, Any]:

@@ -64,7 +64,7 @@ class ServingSettings:
             raise SettingsError(f"default max_len {self.max_len} is above max_len_limit {self.max_len_limit}")
 
 
-def _convert(name: str, raw: Any, default: Any) -> Any:
+def convert_setting(name: str, raw: Any, default: Any) -> Any:
     """Parse an environment string (or a JSON value) into the type of the default."""
     try:
         if isinstance(default, bool):
@@ -113,7 +113,7 @@ def load_settings(prefix: str, model_keys: Mapping[str, str | None], path_keys: 
             values[name] = raw
         elif name.startswith(f"{prefix}_") and name != f"{prefix}_API_CONFIG":
             logger.warning("ignoring unknown setting %s (known: %s)", name, ", ".join(sorted(known)))
-    kwargs = {key.lower(): _convert(f"{prefix}_{key}", values[f"{prefix}_{key}"], default)
+    kwargs = {key.lower(): convert_setting(f"{prefix}_{key}", values[f"{prefix}_{key}"], default)
               for key, default in shared.items() if f"{prefix}_{key}" in values}
     try:
         settings = ServingSettings(**kwargs)

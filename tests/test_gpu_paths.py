@@ -569,6 +569,7 @@ def test_compile_option_reaches_the_pytorch_runtime_from_scripts_and_api(tiny_ch
     import demo
     import test as test_script
     from deploy.loading import load_model
+    from serving.settings import SettingsError
 
     assert demo.parse_config(["--checkpoint", str(tiny_checkpoint), "--image_paths", str(tmp_path), "--compile",
                               "True"]).compile
@@ -579,6 +580,5 @@ def test_compile_option_reaches_the_pytorch_runtime_from_scripts_and_api(tiny_ch
     assert load_model(tiny_checkpoint).runtime.kind == "onnx"  # the CPU fp32 default stays ONNX Runtime
     with pytest.raises(ValueError, match="PyTorch backend"):
         load_model(tiny_checkpoint, backend="onnx", compile=True)
-    with pytest.raises(RuntimeError, match="CAPTION_COMPILE"):
-        api._env_bool("maybe", "COMPILE")
-    assert api._env_bool("true", "COMPILE") and not api._env_bool(None, "COMPILE")
+    with pytest.raises(SettingsError, match="CAPTION_COMPILE"):
+        api.ExpansionNetBackend.load({"CHECKPOINT": str(tiny_checkpoint), "COMPILE": "maybe"})
