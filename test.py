@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.captions import DatasetError, ImageRecord, load_records, split_records
+from data.captions import CAPTIONS_PATH_HELP, DatasetError, ImageRecord, load_records, split_records
 from data.features import FeatureFileError, FeatureReader
 from data.images import list_images
 from data.loaders import ImageSource
@@ -33,7 +33,7 @@ class TestConfig(CheckpointOptions, LengthOptions, RuntimeOptions):
 
     images_path: str = option("", "image folder (or, with --predictions_only, a plain folder of images)", group="data")
     features_path: str = option("", "evaluate on cached features instead of images", group="data")
-    captions_path: str = option("", "Karpathy json or manifest (default: the one recorded in the checkpoint)",
+    captions_path: str = option("", f"{CAPTIONS_PATH_HELP} (default: the one recorded in the checkpoint)",
                                 group="data")
     split: str = option("test", "which split to evaluate", choices=("val", "test"), group="data")
     beam_sizes: tuple[int, ...] = option((5,), "beam width(s), e.g. 5 or [3,5]", flag="beam_size",

@@ -45,6 +45,8 @@ from typing import Any
 from utils.cli import ArgumentParser, plain_warnings
 from utils.files import atomic_write_text
 
+# what every script's --captions_path reads (load_records), said once for their --help
+CAPTIONS_PATH_HELP = "Karpathy json (or its folder) or a JSON-lines manifest"
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 # Karpathy's "restval" images are training images (the reference trains on train + restval).
 _SPLIT_ALIASES: dict[str, str] = {"train": "train", "restval": "train", "val": "val", "test": "test"}

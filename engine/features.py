@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from data.captions import DatasetError, ImageRecord, load_records, missing_image_message
+from data.captions import CAPTIONS_PATH_HELP, DatasetError, ImageRecord, load_records, missing_image_message
 from data.features import (
     FeatureFileError,
     FeatureWriter,
@@ -60,7 +60,7 @@ class GeneratorConfig(RuntimeOptions):
     output_path: str = option("", "HDF5 file to write", required=True, group="data")
     images_path: str = option("", "image folder (Karpathy filepath/filename live under it)", required=True,
                               group="data")
-    captions_path: str = option("", "Karpathy json (or its folder) or a JSON-lines manifest", required=True,
+    captions_path: str = option("", CAPTIONS_PATH_HELP, required=True,
                                 group="data")
     dtype: str = option("fp16", "stored precision (fp16 halves the size)", choices=("fp16", "fp32"), group="data")
     overwrite: bool = option(False, "replace an existing complete file", group="data")

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from data.captions import DatasetError, ImageRecord, load_records
+from data.captions import CAPTIONS_PATH_HELP, DatasetError, ImageRecord, load_records
 from data.features import FeatureReader
 from data.vocab import Vocabulary, build_vocabulary, max_caption_length
 from engine.checkpoints import CheckpointError, RestoredModel, latest_checkpoint, read_backbone_file, restore_model
@@ -41,8 +41,8 @@ class TrainConfig(RuntimeOptions):
     features_path: str = option("", "HDF5 feature file from data_generator.py (feature phases)", group="data")
     images_path: str = option("", "image folder (end-to-end phases); a manifest's relative paths are looked up here "
                               "first, then beside the manifest", group="data")
-    captions_path: str = option("", "Karpathy json (or its folder) or a JSON-lines manifest (default: the one "
-                                "recorded in the feature file or in the body checkpoint)", group="data")
+    captions_path: str = option("", f"{CAPTIONS_PATH_HELP} (default: the one recorded in the feature file or "
+                                "in the body checkpoint)", group="data")
     vocab_path: str = option("", "vocabulary JSON to use (default: built once from the training captions)",
                              flag="vocab", aliases=("--vocab_path",), group="data")
     grouped: bool = option(False, "XE: put all captions of an image in one batch, so the backbone runs once per image "
