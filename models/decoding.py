@@ -10,6 +10,7 @@ tensor operations; the only host-device sync per step is the "all finished?" che
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -66,18 +67,17 @@ Compile = bool | str | Callable[..., Any]
 """A compile option: False (eager), True (torch.compile's default backend, inductor), or a torch.compile backend
 (a name such as "aot_eager", or a backend function)."""
 
-_COMPILED: dict[tuple[str, Any], Callable[..., Any]] = {}
-
-
 def compiled(method: str, option: Compile) -> Callable[..., Any]:
     """ExpansionNet.<method> (step, encode, decode) under torch.compile (option True: its default backend, else the
     backend `option` names), called as fn(model, ...). Made once per process and option and shared by every model
     and stepper: a compiled function per stepper would compile again for every batch."""
-    key = (method, option, torch.compile)  # torch.compile too: a test may substitute one with another backend
-    if key not in _COMPILED:
-        fn = getattr(ExpansionNet, method)
-        _COMPILED[key] = torch.compile(fn) if option is True else torch.compile(fn, backend=option)
-    return _COMPILED[key]
+    return _compiled(method, option, torch.compile)  # torch.compile too: a test may substitute another one
+
+
+@functools.cache
+def _compiled(method: str, option: Compile, compile_fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = getattr(ExpansionNet, method)
+    return compile_fn(fn) if option is True else compile_fn(fn, backend=option)
 
 
 class TorchStepper(Stepper):
