@@ -89,8 +89,9 @@ def missing_image_message(record: ImageRecord) -> str:
     return f"{record.path}: image file not found"
 
 
-def _plural(count: int, singular: str, plural: str | None = None) -> str:
-    return f"{count} {singular if count == 1 else (plural or singular + 's')}"
+def plural(count: int, singular: str, many: str | None = None) -> str:
+    """"3 images", "1 image": a count with its noun."""
+    return f"{count} {singular if count == 1 else (many or singular + 's')}"
 
 
 def _listed(items: Sequence[str]) -> str:
@@ -199,7 +200,7 @@ class DataReport:
         head = [self.header, *self.facts]
         if not self.found:
             return [*head, "no problems found"]
-        return [*head, f"{_plural(len(self.found), 'problem')}:", *self.problem_lines()]
+        return [*head, f"{plural(len(self.found), 'problem')}:", *self.problem_lines()]
 
     def text(self) -> str:
         return "\n".join(self.lines())
@@ -687,7 +688,7 @@ def check_dataset(
     records = load_records(path, images_path, report)
     captions = [len(r.captions) for r in records]
     if records:
-        report.header += (f"; {_plural(len(records), 'image')}, {_plural(sum(captions), 'caption')} "
+        report.header += (f"; {plural(len(records), 'image')}, {plural(sum(captions), 'caption')} "
                           f"({min(captions)} to {max(captions)} per image)")
     if kind == "manifest" and images_path not in (None, ""):
         report.facts.append(_where_found(records, images_path))
@@ -996,14 +997,14 @@ def plan_manifest(
         raise _not_found(images, "images folder") if not images.exists() else DatasetError(
             f"{images}: not a folder; --images takes the folder holding the images")
     rows, form = read_caption_rows(source, lambda name: _has_image_suffix(name) or (images / name.strip()).is_file())
-    report = DataReport(f"{source}: {form}, {_plural(len(rows), 'caption row')}; images in {images}",
+    report = DataReport(f"{source}: {form}, {plural(len(rows), 'caption row')}; images in {images}",
                         context={"images": str(images)})
     by_image = _group_rows(rows, images, report, skip_missing)
     _report_unlisted(images, by_image, report)
     kept = [(name, tuple(captions)) for name, captions in by_image.items() if captions]
     splits = _choose_splits(len(kept), split, split_ratio, seed, report)
     entries = [(name, captions, image_split) for (name, captions), image_split in zip(kept, splits)]
-    report.header += f" -> {_plural(len(entries), 'image')} with captions"
+    report.header += f" -> {plural(len(entries), 'image')} with captions"
     return ManifestPlan(images, entries, report)
 
 
@@ -1107,7 +1108,7 @@ def _run_to_manifest(args: argparse.Namespace) -> int:
         print(f"error: {plan.blocking}", file=sys.stderr)
         return 2
     plan.write(args.output, args.overwrite)
-    print(f"wrote {_plural(len(plan.entries), 'image')} to {args.output}")
+    print(f"wrote {plural(len(plan.entries), 'image')} to {args.output}")
     return 0
 
 

@@ -22,6 +22,7 @@ from data.captions import (
     describe_kind,
     load_records,
     plan_manifest,
+    plural,
     split_records,
 )
 from data.synthetic import SyntheticConfig, generate_synthetic_dataset
@@ -192,12 +193,8 @@ def _write_manifest(plan: ManifestPlan, target: Path) -> Path:
         print(f"replacing {target}: the images or captions changed since an earlier run, which started no phase",
               flush=True)
     os.replace(fresh, target)
-    print(f"wrote {_count(len(plan.entries), 'image')} to {target}", flush=True)
+    print(f"wrote {plural(len(plan.entries), 'image')} to {target}", flush=True)
     return target
-
-
-def _count(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def _require_trainable(records: list[ImageRecord], source: Path) -> None:
