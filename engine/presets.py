@@ -83,7 +83,7 @@ QUICKSTART_RECIPE: dict[int, dict[str, Any]] = {
     4: QUICKSTART_FEATURES,
     5: {"warmup": 1, "lr": 1e-4, "anneal_coeff": 0.8, "anneal_every_epoch": 1, **dropouts(0.0), "batch_size": 16,
         "num_epochs": 2},
-    6: {"warmup": 1, "lr": 2e-5, "anneal_coeff": 1.0, **dropouts(0.0), "batch_size": 16, "num_epochs": 1},
+    6: {"warmup": 1, "lr": 1e-4, "anneal_coeff": 1.0, **dropouts(0.0), "batch_size": 16, "num_epochs": 1},
 }
 
 

@@ -171,7 +171,8 @@ class Trainer:
         lengths = out.lengths.flatten()
         rows = tokens.cpu().tolist()
         hyps = [scst_words(t, v) for t in rows]
-        refs = [[reward_reference(c) for c in caps] for caps in batch.refs for _ in range(k)]
+        per_image = [[reward_reference(c) for c in caps] for caps in batch.refs]
+        refs = [r for r in per_image for _ in range(k)]
         rewards, baseline = scst_rewards(self.cider, hyps, refs, k)
         inputs = torch.cat([torch.full_like(tokens[:, :1], v.sos_idx), tokens[:, :-1]], dim=1)
         image_index = torch.arange(len(batch), device=self.device).repeat_interleave(k)

@@ -485,20 +485,20 @@ def _candidate_side(
 ) -> tuple[torch.Tensor, torch.Tensor, dict[tuple[int, int], tuple[list[int], list[int]]]]:
     """Candidates' norms (C, n) and lengths (C,), and per (order, k) the (candidate, n-gram id) cells with tf >= k."""
     counts = [_ngram_counts(c, n) for c in part]
-    h_norm = torch.zeros(len(part), n, dtype=torch.float64)
+    squares = [[0.0] * n for _ in part]  # plain lists: item-wise adds to a tensor were half of the whole search
     entries: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
     for ci, cnt in enumerate(counts):
         for g, tf in cnt.items():
             j = ref.gram_id.get(g)
-            w = tf * (ref.idf[j] if j is not None else ref.log_n)
-            h_norm[ci, len(g) - 1] += w * w
+            w = tf * (float(ref.idf[j]) if j is not None else ref.log_n)
+            squares[ci][len(g) - 1] += w * w
             if j is None:
                 continue
             for k in range(1, min(tf, ref.max_tf) + 1):
                 rows, cols = entries.setdefault((len(g), k), ([], []))
                 rows.append(ci)
                 cols.append(j)
-    return h_norm.sqrt(), _bigram_lengths(counts), entries
+    return torch.tensor(squares, dtype=torch.float64).sqrt(), _bigram_lengths(counts), entries
 
 
 def _cosine_sums(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 
-import timm
 import torch
 from torch import nn
 
@@ -21,6 +20,9 @@ def create_backbone(cfg: BackboneConfig) -> nn.Module:
 
     Transformers are built for cfg.img_size; convolutional families take any input size and no img_size argument.
     """
+    import timm  # here, not at the top: timm and the torchvision behind it take 2 s to import, which the feature
+    # phases and every --help would pay without building a backbone
+
     kwargs = {"pretrained": False, "num_classes": 0, "drop_path_rate": cfg.drop_path_rate, **cfg.overrides}
     try:
         return timm.create_model(cfg.name, img_size=cfg.img_size, **kwargs)
