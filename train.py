@@ -95,7 +95,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> None:
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
     settings = LoopSettings(
-        reinforce=cfg.reinforce, num_epochs=cfg.num_epochs, num_accum=cfg.num_accum,
+        reinforce=cfg.reinforce, num_epochs=cfg.num_epochs, max_steps=cfg.max_steps, num_accum=cfg.num_accum,
         schedule=ScheduleConfig(cfg.sched_type, cfg.lr, cfg.warmup, cfg.anneal_coeff, cfg.anneal_every_epoch,
                                 iters_per_epoch=len(sampler), min_lr=cfg.min_lr),
         precision=resolve_precision(cfg.precision, dist.device), eval_beam_sizes=cfg.eval_beam_sizes,

@@ -13,7 +13,7 @@ from data.vocab import Vocabulary
 from deploy.runtime import CaptionRuntime, TorchRuntime
 from eval.caption_stats import caption_stats
 from eval.cider import CiderD
-from eval.metrics import python_tokenize, score_captions
+from eval.metrics import MeteorSession, python_tokenize, score_captions
 from models.decoding import beam_search
 from models.expansionnet import ExpansionNet
 from utils.dist import all_gather_objects
@@ -125,11 +125,12 @@ def quick_cider(predictions: dict[int, str], records: Sequence[ImageRecord]) -> 
 
 
 def evaluation_report(predictions: dict[int, str], records: Sequence[ImageRecord], metrics: Sequence[str],
-                      spice_dir: str | None = None) -> dict:
-    """COCO metrics (x100, PTB-tokenised when Java works) plus caption statistics, as one JSON-able dict."""
+                      spice_dir: str | None = None, meteor: MeteorSession | None = None) -> dict:
+    """COCO metrics (x100, PTB-tokenised when Java works) plus caption statistics, as one JSON-able dict;
+    meteor: a METEOR session shared with other reports (eval.metrics.shared_meteor)."""
     gts = {r.image_id: list(r.captions) for r in records if r.image_id in predictions}
     res = {i: predictions[i] for i in gts}
-    report = score_captions(gts, res, metrics=metrics, spice_dir=spice_dir)
+    report = score_captions(gts, res, metrics=metrics, spice_dir=spice_dir, meteor=meteor)
     return {"metrics": {k: 100.0 * v for k, v in report.scores.items()}, "unavailable": report.unavailable,
             "tokenizer": report.tokenizer, "official": report.official, "num_images": len(res),
             "caption_stats": caption_stats(list(res.values()))}

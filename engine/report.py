@@ -18,20 +18,22 @@ from engine.checkpoints import restore_model
 from engine.evaluate import caption_records, evaluation_report
 from eval.cider import best_constant_caption
 from eval.grounded import GroundingWords, grounded_accuracy
-from eval.metrics import python_tokenize
+from eval.metrics import MeteorSession, python_tokenize, shared_meteor
 from utils.plots import save_caption_grid
 
 
 def evaluate_checkpoint(path: Path, records: list[ImageRecord], beam_size: int, max_len: int = 20,
-                        batch_size: int = 100, device: str = "cpu") -> tuple[dict[int, str], dict[str, Any]]:
-    """Caption a split end-to-end with a checkpoint and score it with the COCO metrics (x100)."""
+                        batch_size: int = 100, device: str = "cpu", meteor: MeteorSession | None = None
+                        ) -> tuple[dict[int, str], dict[str, Any]]:
+    """Caption a split end-to-end with a checkpoint and score it with the COCO metrics (x100); meteor: a METEOR
+    session shared with other evaluations."""
     restored = restore_model(path)
     bb = restored.config.backbone
     source = ImageSource(backbone=bb)
     dev = torch.device(device)
     preds, _ = caption_records(restored.model.to(dev), records, restored.vocab, source, beam_size=beam_size,
                                max_len=max_len, batch_size=batch_size, device=dev, progress=False)
-    return preds, evaluation_report(preds, records, ("BLEU", "METEOR", "ROUGE_L", "CIDEr"))
+    return preds, evaluation_report(preds, records, ("BLEU", "METEOR", "ROUGE_L", "CIDEr"), meteor=meteor)
 
 
 def constant_caption_baseline(train: list[ImageRecord], test: list[ImageRecord]) -> tuple[str, float]:
@@ -47,8 +49,9 @@ def test_results(splits: dict[str, list[ImageRecord]], xe_checkpoint: Path, fina
     """The XE and final checkpoints' test-split captions and metrics, and the best constant caption: (XE captions,
     final captions, results)."""
     test = splits["test"]
-    xe_preds, xe_report = evaluate_checkpoint(xe_checkpoint, test, beam_size)
-    preds, report = evaluate_checkpoint(final_checkpoint, test, beam_size)
+    with shared_meteor() as meteor:  # one METEOR JVM for both: its start is most of its time
+        xe_preds, xe_report = evaluate_checkpoint(xe_checkpoint, test, beam_size, meteor=meteor)
+        preds, report = evaluate_checkpoint(final_checkpoint, test, beam_size, meteor=meteor)
     constant, constant_cider = constant_caption_baseline(splits["train"], test)
     return xe_preds, preds, {"test_xe": xe_report, "test_final": report, "best_constant_caption": constant,
                              "best_constant_cider": constant_cider}

@@ -77,6 +77,8 @@ class TrainConfig(RuntimeOptions):
     num_accum: int = option(1, "micro-batches per optimizer step (their sum equals one big batch)",
                             group="optimisation")
     num_epochs: int = option(8, "epochs of this phase", group="optimisation")
+    max_steps: int = option(0, "stop after this many optimizer steps, validating and saving there, even inside an "
+                            "epoch (0: run every epoch), as Hugging Face's max_steps", group="optimisation")
     reinforce: bool = option(False, "self-critical CIDEr-D optimisation (True) or cross-entropy (False)",
                              group="optimisation")
     scst_samples: int = option(5, "captions sampled per image in SCST", group="optimisation")
@@ -125,6 +127,8 @@ def config_problems(cfg: TrainConfig) -> list[str]:
     for name in ("batch_size", "num_accum", "num_epochs", "num_gpus", "scst_samples", "print_every_iter"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name} must be at least 1")
+    if cfg.max_steps < 0:
+        problems.append("--max_steps must be 0 (every epoch) or positive")
     if cfg.reinforce and cfg.scst_samples < 2:
         problems.append("--scst_samples must be at least 2 (the baseline is the mean of the other samples)")
     unknown = set(cfg.model_overrides) - set(HYPERPARAMETERS)

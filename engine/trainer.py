@@ -61,6 +61,9 @@ class LoopSettings:
     num_workers: int = 0
     eval_at_start: bool = False
     grouped: bool = False
+    max_steps: int = 0  # 0: every epoch; else stop after this many optimizer steps
+
+
 
 
 @dataclass
@@ -223,10 +226,11 @@ class Trainer:
         self._announce()
         if s.eval_at_start and state.it == 0:  # the starting point counts: best.pth never scores below it
             self.evaluate()
-        while state.epoch < s.num_epochs:
+        while state.epoch < s.num_epochs and not self._out_of_steps():
             self._run_epoch()
-            state.epoch += 1
-            state.batch_in_epoch = 0
+            if state.batch_in_epoch >= len(self.sampler):
+                state.epoch += 1
+                state.batch_in_epoch = 0
             self.evaluate()
             self.save()
         state.finished = True
@@ -235,6 +239,9 @@ class Trainer:
         self.plot()
         return state
 
+    def _out_of_steps(self) -> bool:
+        return 0 < self.settings.max_steps <= self.state.step
+
     def _announce(self) -> None:
         if self.dist.is_main:
             s = self.settings
@@ -242,7 +249,9 @@ class Trainer:
             unit = "captions" if self.sampler_unit == "caption" else "images"
             print(f"[{s.phase}] {len(self.train_records)} train images, {len(self.sampler)} batches/epoch, "
                   f"effective batch {eff} {unit}, "
-                  f"lr {s.schedule.lr:g} ({s.schedule.sched_type}), {s.num_epochs} epochs, run folder {s.run_dir}",
+                  f"lr {s.schedule.lr:g} ({s.schedule.sched_type}), {s.num_epochs} epochs"
+                  + (f" or {s.max_steps} steps, whichever comes first" if s.max_steps else "")
+                  + f", run folder {s.run_dir}",
                   flush=True)
             if not self.val_records:
                 print(f"[{s.phase}] no validation images: best.pth is not written; the last checkpoint "
@@ -275,6 +284,8 @@ class Trainer:
                 self.evaluate()
             if (time.monotonic() - self.last_save) / 60.0 >= s.save_every_minutes:
                 self.save()
+            if self._out_of_steps():
+                break
         bar.close()
         if counted:
             self._log({"type": "train", "epoch": state.epoch, "it": state.it, **self._summary(sums, counted, lr)})

@@ -16,6 +16,7 @@ from eval.metrics import (
     JavaStepError,
     find_java,
     meteor_score,
+    shared_meteor,
     ptb_tokenize,
     python_tokenize,
     sanitize_caption,
@@ -290,3 +291,23 @@ def test_score_captions_meteor_survives_hostile_captions_and_equals_pycocoevalca
         del theirs  # its __del__ kills its JVM
     assert report.scores["METEOR"] == pytest.approx(expected, abs=1e-12)
     assert _java_children() == []
+
+
+@pytest.mark.slow
+@needs_java
+def test_shared_meteor_scores_several_corpora_as_separate_jvms_and_closes_its_jvm() -> None:
+    other = {i: "a dog on a couch" for i in GTS}
+    with shared_meteor(timeout_s=120) as meteor:
+        assert meteor is not None
+        shared = [score_captions(GTS, res, metrics=("METEOR",), meteor=meteor).scores["METEOR"] for res in (RES, other)]
+        assert len(_java_children()) == 1  # the session's JVM, still running between the two reports
+    alone = [score_captions(GTS, res, metrics=("METEOR",)).scores["METEOR"] for res in (RES, other)]
+    assert shared == alone and shared[0] != shared[1]
+    assert _java_children() == []
+
+
+def test_shared_meteor_without_java_gives_none_and_reports_still_explain(no_java: None) -> None:
+    with shared_meteor() as meteor:
+        assert meteor is None
+        report = score_captions(GTS, RES, metrics=("BLEU", "METEOR"), meteor=meteor)
+    assert "java" in report.unavailable["METEOR"].lower() and "BLEU-4" in report.scores

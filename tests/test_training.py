@@ -104,6 +104,18 @@ def test_each_mode_runs_and_learns(tiny_data, tmp_path, mode):
 
 
 @pytest.mark.slow
+def test_max_steps_stops_inside_an_epoch_validates_saves_and_a_rerun_does_not_train_on(tiny_data, tmp_path):
+    args = _train_args(tiny_data, tmp_path, "--batch_size", "4", "--num_epochs", "3", "--max_steps", "3")
+    train.main(train.parse_config(args))
+    run = tmp_path / "xe-features"
+    state = load_checkpoint_file(next(run.glob("ckpt_*.pth")))["train_state"]
+    assert state["step"] == 3 and state["epoch"] == 0 and state["finished"]  # the first epoch has more than 3
+    assert _rows(run, "val")[-1]["it"] == 3 and (run / "best.pth").exists()
+    train.main(train.parse_config(args))  # the same command again: the run is complete
+    assert load_checkpoint_file(next(run.glob("ckpt_*.pth")))["train_state"]["step"] == 3
+
+
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_batch(tiny_data, tmp_path):
     d = tiny_data
     common = ["--num_epochs", "1", "--sched_type", "fixed", "--lr", "1e-3", "--enc_drop", "0", "--dec_drop", "0",
