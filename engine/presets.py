@@ -77,13 +77,14 @@ QUICKSTART_RECIPE: dict[int, dict[str, Any]] = {
     0: QUICKSTART_PHASE0,
     1: QUICKSTART_FEATURES,
     2: {"warmup": 20, "lr": 1e-3, "anneal_coeff": 0.8, "anneal_every_epoch": 1, **dropouts(0.0), "batch_size": 16,
-        "grouped": True, "num_epochs": 4},
+        "grouped": True, "num_epochs": 6},
     3: {"warmup": 1, "lr": 1e-4, "anneal_coeff": 0.55, "anneal_every_epoch": 1, **dropouts(0.0), "batch_size": 16,
         "grouped": True, "num_epochs": 1},
     4: QUICKSTART_FEATURES,
-    5: {"warmup": 1, "lr": 1e-4, "anneal_coeff": 0.8, "anneal_every_epoch": 1, **dropouts(0.0), "batch_size": 16,
-        "num_epochs": 2},
-    6: {"warmup": 1, "lr": 1e-4, "anneal_coeff": 1.0, **dropouts(0.0), "batch_size": 16, "num_epochs": 1},
+    5: {"warmup": 1, "lr": 3e-5, "anneal_coeff": 0.8, "anneal_every_epoch": 1, **dropouts(0.0), "batch_size": 16,
+        "num_epochs": 1},
+    6: {"warmup": 1, "lr": 3e-5, "anneal_coeff": 1.0, **dropouts(0.0), "batch_size": 16, "num_epochs": 1,
+        "max_steps": 40},
 }
 
 
@@ -129,7 +130,7 @@ SMALL_RECIPE: dict[int, dict[str, Any]] = {
     3: {**QUICKSTART_RECIPE[3], "lr": 1e-4, **dropouts(0.2), "anneal_coeff": 0.7, "num_epochs": 3},
     4: SMALL_FEATURES,
     5: {**QUICKSTART_RECIPE[5], "lr": 1e-4, "anneal_every_epoch": 2, "num_epochs": 6},
-    6: {**QUICKSTART_RECIPE[6], "lr": 2e-5, "num_epochs": 2},
+    6: {**QUICKSTART_RECIPE[6], "lr": 2e-5, "num_epochs": 2, "max_steps": 0},
 }
 SMALL_MANIFEST = "manifest.jsonl"
 
