@@ -113,10 +113,10 @@ def test_rerun_skips_finished_phases_and_redoes_the_interrupted_one(tmp_path):
 
 @pytest.mark.slow
 def test_quickstart_learns_beyond_the_language_prior(tmp_path):
-    """`make quickstart` as it ships reaches the issue's floors, with a margin for run-to-run noise: CIDEr-D at least
-    3x the best constant caption, colours named for >= 92% of the shape groups (goal 95%; 94.8% measured), colour +
-    shape word right >= 84% (goal 80%; 89.6%), the right number for >= 86% of the named shapes (goal 90%; 90.6%), and
-    SCST not below XE."""
+    """`make quickstart` as it ships reaches the issue's floors, with a margin for run-to-run noise (another CPU sums in
+    another order): CIDEr-D at least 3x the best constant caption, colours named for >= 93% of the shape groups (goal
+    95%; 96.3% measured), colour + shape word right >= 86% (goal 80%; 91.5%), the right number for >= 88% of the
+    named shapes (goal 90%; 93.3%), and SCST not below XE."""
     proc = subprocess.run([sys.executable, "pipeline.py", "--preset", "quickstart", "--run_dir", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -124,9 +124,9 @@ def test_quickstart_learns_beyond_the_language_prior(tmp_path):
     assert r["test_cider_final"] >= 3 * r["best_constant_cider"], r
     assert r["test_cider_final"] >= r["test_cider_xe"], r
     grounded = json.loads((tmp_path / "results.json").read_text())["grounded_final"]
-    assert grounded["colour_named"] >= 0.92, grounded
-    assert grounded["colour_accuracy"] >= 0.84, grounded
-    assert grounded["count_when_named"] >= 0.86, grounded
+    assert grounded["colour_named"] >= 0.93, grounded
+    assert grounded["colour_accuracy"] >= 0.86, grounded
+    assert grounded["count_when_named"] >= 0.88, grounded
     for picture in ("test_captions.png", "report.md", "curves-phase2-xe-features.png"):
         assert (tmp_path / picture).exists(), picture
     results = json.loads((tmp_path / "results.json").read_text())
