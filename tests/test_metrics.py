@@ -16,11 +16,11 @@ from eval.metrics import (
     JavaStepError,
     find_java,
     meteor_score,
-    shared_meteor,
     ptb_tokenize,
     python_tokenize,
     sanitize_caption,
     score_captions,
+    shared_meteor,
 )
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="needs java on PATH")
