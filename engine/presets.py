@@ -132,7 +132,7 @@ SMALL_RECIPE: dict[int, dict[str, Any]] = {
     # on 300 images, lr 3e-4 end to end and 2e-4 in SCST on features lowered val CIDEr-D (82.7 -> 76, -> 68)
     3: {**QUICKSTART_RECIPE[3], "lr": 1e-4, **dropouts(0.2), "anneal_coeff": 0.7, "num_epochs": 3},
     4: SMALL_FEATURES,
-    5: {**QUICKSTART_RECIPE[5], "lr": 1e-4, "anneal_every_epoch": 2, "num_epochs": 6},
+    5: {**QUICKSTART_RECIPE[5], "lr": 1e-4, "anneal_every_epoch": 2, "num_epochs": 6, "max_steps": 0},
     6: {**QUICKSTART_RECIPE[6], "lr": 2e-5, "num_epochs": 2, "max_steps": 0},
 }
 SMALL_MANIFEST = "manifest.jsonl"

@@ -65,6 +65,7 @@ def test_a_captions_csv_becomes_a_manifest_in_the_run_with_a_split_and_the_summa
     assert [len(v) for v in split_records(records).values()] == [18, 1, 1]
     assert recipe.settings[0] == {"init": "quickstart", "labels": "words", "epochs": 20, "batch_size": 16, "lr": 5e-3}
     assert all(recipe.settings[n][k] == v for n in (2, 3, 5, 6) for k, v in QUICKSTART_MODEL.items())
+    assert all(recipe.settings[n].get("max_steps", 0) == 0 for n in (2, 3, 5, 6))  # whole epochs, not the quickstart's
     assert sorted(recipe.settings) == list(range(7))
     # the same data again: the manifest is kept; other data: replaced while no phase has run, then refused
     small_recipe(tmp_path / "photos", tmp_path / "captions.csv", tmp_path / "run")
