@@ -64,8 +64,6 @@ class LoopSettings:
     max_steps: int = 0  # 0: every epoch; else stop after this many optimizer steps
 
 
-
-
 @dataclass
 class LoopState:
     """Where training stands: saved in every checkpoint so a killed run continues exactly."""
