@@ -1,4 +1,11 @@
-"""Decoder state for incremental decoding: per-layer dynamic-expansion caches and cross-attention keys/values."""
+"""Decoder state for incremental decoding: per-layer dynamic-expansion caches and cross-attention keys/values.
+
+Every expansion cache answers the same four calls, which is all DynamicExpansionBlock.step asks of it: `append` the
+newest position's rows, `scores` (queries against the hypothesis's past rows), `read` (weights over them) and
+`hide_unwritten`. What a "past" is differs: a beam search's hypotheses share their images' stored rows through an
+ancestry table (DynamicExpansionCache), a compiled step reads fixed-size per-hypothesis buffers (FixedExpansionCache)
+and an exported graph concatenated tensors (ConcatExpansionCache).
+"""
 
 from __future__ import annotations
 
@@ -6,85 +13,170 @@ from dataclasses import dataclass
 
 import torch
 
+NAMES = ("k", "va", "vb", "cond", "ca", "cb")
+"""Per past position: key K, values Va, Vb and the conditioning vector cond (one row of D each), and the forward-step
+outputs Ca, Cb of its E expanded rows (E x D each), which never change once written (the forward step is causal).
+Expanded queries and biases are not stored: they are q_exp[e] + cond_t and b_exp[e] + cond_t."""
 
-class DynamicExpansionCache:
-    """Per-layer state of the dynamic expansion, preallocated to max_len positions.
 
-    For every past position it keeps K, Va, Vb and the conditioning vector cond (D each), and the forward-step
-    outputs Ca, Cb of its E expanded rows (E x D each), which never change once written (the forward step is causal).
-    Expanded queries and biases are not stored: they are q_exp[e] + cond_t and b_exp[e] + cond_t.
-    Every buffer has a spare twin so that a beam re-ordering is one gather into the spare and a swap.
+class _HypothesisRows:
+    """`scores` and `read` for caches that hold each hypothesis's past rows as its own (hypotheses, rows, D) tensor:
+    plain batched matrix products against `history(name)`."""
 
-    Buffers are batch-major, (batch, rows, D). A position-major layout (rows, batch, D), whose filled prefix is
-    contiguous, was measured too: 20% slower on a quiet 2-core machine (strided matrix products), though its gather
-    degrades far less when the cores are oversubscribed (docs/benchmarks.md, "Decoding").
+    def history(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def scores(self, name: str, q: torch.Tensor) -> torch.Tensor:
+        """q (R, M, D) against the past rows of `name` -> (R, M, rows)."""
+        return torch.matmul(q, self.history(name).transpose(1, 2))
+
+    def read(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        """Weights w (R, M, rows) over the past rows of `name` -> (R, M, D)."""
+        return torch.matmul(w, self.history(name))
+
+
+class Ancestry:
+    """Where a beam's hypotheses find their past: for each hypothesis (images x group rows) and past position, the
+    slot (0..group-1) its ancestor held in the image's group at that position.
+
+    A beam re-ordering gathers this (rows, positions) table of integers instead of the caches' rows: the rows each
+    step wrote stay where they were written, shared by every descendant. Shared by the layers of one decoder.
     """
 
-    NAMES = ("k", "va", "vb", "cond", "ca", "cb")
-
-    def __init__(self, batch: int, max_len: int, num_exp: int, d_model: int, device: torch.device,
-                 dtype: torch.dtype) -> None:
-        kw = {"device": device, "dtype": dtype}
-        rows = {"k": max_len, "va": max_len, "vb": max_len, "cond": max_len, "ca": max_len * num_exp,
-                "cb": max_len * num_exp}
-        # uninitialised: only the written prefix is ever read (zero-filling them was 5% of a beam search)
-        self._buffers = {name: torch.empty(batch, n, d_model, **kw) for name, n in rows.items()}
-        self._spares = {name: torch.empty(batch, n, d_model, **kw) for name, n in rows.items()}
-        self.num_exp = num_exp
+    def __init__(self, images: int, group: int, max_len: int, device: torch.device) -> None:
+        self.images, self.group = images, group
+        own = torch.arange(group, device=device).repeat(images)  # row b*group+i writes slot i at every position
+        self.table = own[:, None].repeat(1, max_len)  # positions not reached yet hold the own slot
         self.length = 0
-
-    def append(self, name: str, rows: torch.Tensor) -> torch.Tensor:
-        """Write the newest position's rows (B, n, D) after the filled prefix; return the whole filled buffer.
-
-        n is 1 for k, va, vb and cond and num_exp for ca and cb; `length` moves on in DecoderCache.advance.
-        """
-        start = self.length * rows.shape[1]
-        buf = self._buffers[name]
-        buf[:, start:start + rows.shape[1]] = rows
-        return buf[:, :start + rows.shape[1]]
-
-    def hide_unwritten(self, scores: torch.Tensor, rows_per_position: int) -> torch.Tensor:
-        """Scores (..., rows) against the buffer `append` returned, unchanged: every row of it is written."""
-        return scores
+        self._onehot: torch.Tensor | None = None
 
     def advance(self) -> None:
         self.length += 1
+        self._onehot = None
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Gather rows along the batch axis (beam re-ordering): the filled prefix, into the spare buffers."""
-        for name in self.NAMES:
-            filled = self.length * (self.num_exp if name in ("ca", "cb") else 1)
-            src, dst = self._buffers[name], self._spares[name]
-            torch.index_select(src[:, :filled], 0, index, out=dst[:, :filled])
-            self._buffers[name], self._spares[name] = dst, src
+        """Hypothesis r continues hypothesis index[r]: it inherits that one's ancestors at the filled positions."""
+        if self.length:
+            self.table[:, :self.length] = self.table[index, :self.length]
+            self._onehot = None
+
+    def onehot(self, dtype: torch.dtype) -> torch.Tensor:
+        """(images, group, T, group) of 0/1: row (b, i) reads slot a at position t (T: the filled positions + 1)."""
+        if self._onehot is None or self._onehot.dtype != dtype:
+            slots = torch.arange(self.group, device=self.table.device)
+            table = self.table[:, :self.length + 1]
+            self._onehot = (table[..., None] == slots).to(dtype).view(self.images, self.group, -1, self.group)
+        return self._onehot
 
 
-class FixedExpansionCache(DynamicExpansionCache):
-    """The same state in buffers whose shapes never change, for a compiled decoding step (torch.compile).
+class DynamicExpansionCache:
+    """Per-layer state of the dynamic expansion for a beam (or any group) of hypotheses per image, position-major:
+    store[name] (images, max_len * group * n, D), position t's rows of the group's slot i at t*group*n + i*n.
 
-    `append` writes the newest position at `position` (a tensor, not a Python int) and returns the whole max_len
-    buffer; `hide_unwritten` zeroes the scores of the positions not written yet. A compiled step therefore sees the
-    same shapes and the same Python values at every position and compiles once, where the growing prefix of
-    DynamicExpansionCache gives it a new shape (and a recompilation) at every step. The rows beyond the written
-    positions are zeros (both twins start zeroed, and a re-ordering copies the written prefix only), so masked
-    scores meet finite values. Eager decoding keeps DynamicExpansionCache: reading the unwritten positions too costs
-    up to twice the expansion arithmetic.
+    Nothing is moved on a beam re-ordering (the Ancestry says which slot a hypothesis's past is in). `scores` and
+    `read` run one matrix product per image against every hypothesis's rows of the image at once and keep (or weight)
+    the ancestors' only: up to `group` times the arithmetic of a per-hypothesis product, over the same bytes, which
+    these memory-bound products do not notice, where gathering the caches at every step cost a quarter of a beam
+    search (docs/benchmarks.md, "Decoding"). With group 1 it is a plain per-hypothesis cache.
     """
+
+    NAMES = NAMES
+
+    def __init__(self, ancestry: Ancestry, max_len: int, num_exp: int, d_model: int, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self._per_position = {name: num_exp if name in ("ca", "cb") else 1 for name in NAMES}
+        # uninitialised: only written rows are ever read
+        self._store = {name: torch.empty(ancestry.images, max_len * ancestry.group * n, d_model, device=device,
+                                         dtype=dtype) for name, n in self._per_position.items()}
+        self.ancestry = ancestry
+
+    @property
+    def length(self) -> int:
+        return self.ancestry.length
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The stored rows by name (what the cache holds, for its dtype and device)."""
+        return self._store
+
+    def append(self, name: str, rows: torch.Tensor) -> None:
+        """Write the newest position's rows (images*group, n, D) (n: 1, or num_exp for ca and cb)."""
+        B, g = self.ancestry.images, self.ancestry.group
+        width = g * rows.shape[1]
+        start = self.ancestry.length * width
+        self._store[name][:, start:start + width] = rows.reshape(B, width, rows.shape[-1])
+
+    def _filled(self, name: str) -> torch.Tensor:
+        return self._store[name][:, :(self.ancestry.length + 1) * self.ancestry.group * self._per_position[name]]
+
+    def scores(self, name: str, q: torch.Tensor) -> torch.Tensor:
+        """q (R, M, D) against the hypothesis's own past rows of `name` (n per position) -> (R, M, T * n)."""
+        B, g, n = self.ancestry.images, self.ancestry.group, self._per_position[name]
+        R, M, D = q.shape
+        s = torch.matmul(q.reshape(B, g * M, D), self._filled(name).transpose(1, 2))  # (B, g*M, T*g*n)
+        if g == 1:
+            return s
+        s = s.view(B, g, M, -1, g, n)
+        T = s.shape[3]
+        slot = self.ancestry.table[:, :T].view(B, g, 1, T, 1, 1).expand(B, g, M, T, 1, n)
+        return s.gather(4, slot).view(R, M, T * n)
+
+    def read(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        """Weights w (R, M, T * n) over the hypothesis's own past rows of `name` -> (R, M, D)."""
+        B, g, n = self.ancestry.images, self.ancestry.group, self._per_position[name]
+        R, M, _ = w.shape
+        rows = self._filled(name)
+        if g == 1:
+            return torch.matmul(w, rows)
+        onehot = self.ancestry.onehot(w.dtype)  # (B, g, T, g)
+        T = onehot.shape[2]
+        spread = w.reshape(B, g, M, T, 1, n) * onehot.view(B, g, 1, T, g, 1)  # zero weight on other slots' rows
+        return torch.matmul(spread.view(B, g * M, T * g * n), rows).view(R, M, -1)
+
+    def hide_unwritten(self, scores: torch.Tensor, rows_per_position: int) -> torch.Tensor:
+        """Scores against the rows `scores`/`read` see, unchanged: every one of them is written."""
+        return scores
+
+
+class FixedExpansionCache(_HypothesisRows):
+    """The same state per hypothesis in buffers whose shapes never change, for a compiled decoding step
+    (torch.compile): (hypotheses, max_len * n, D), each with a spare twin so that a beam re-ordering is one gather
+    into the spare and a swap.
+
+    `append` writes the newest position at `position` (a tensor, not a Python int) and the reads see the whole
+    max_len buffer; `hide_unwritten` zeroes the scores of the positions not written yet. A compiled step therefore
+    sees the same shapes and the same Python values at every position and compiles once, where a growing prefix
+    would give it a new shape (and a recompilation) at every step. The rows beyond the written positions are zeros
+    (both twins start zeroed, and a re-ordering copies the written prefix only), so masked scores meet finite values.
+    Eager decoding keeps DynamicExpansionCache: reading the unwritten positions too costs up to twice the expansion
+    arithmetic.
+    """
+
+    NAMES = NAMES
 
     def __init__(self, batch: int, max_len: int, num_exp: int, d_model: int, device: torch.device,
                  dtype: torch.dtype) -> None:
-        super().__init__(batch, max_len, num_exp, d_model, device, dtype)
-        self._buffers = {name: torch.zeros_like(buf) for name, buf in self._buffers.items()}
+        self._per_position = {name: num_exp if name in ("ca", "cb") else 1 for name in NAMES}
+        self._buffers = {name: torch.zeros(batch, max_len * n, d_model, device=device, dtype=dtype)
+                         for name, n in self._per_position.items()}
         self._spares = {name: torch.zeros_like(buf) for name, buf in self._buffers.items()}
+        self.length = 0
         self.position = torch.zeros(1, dtype=torch.long, device=device)  # (1,): dynamo would make a 0-d one an int
 
-    def append(self, name: str, rows: torch.Tensor) -> torch.Tensor:
-        """Write rows (B, n, D) at `position`; return the whole buffer (B, max_len * n, D)."""
+    def append(self, name: str, rows: torch.Tensor) -> None:
+        """Write rows (B, n, D) at `position`."""
         n = rows.shape[1]
         buf = self._buffers[name]
         index = self.position * n + torch.arange(n, device=buf.device)
         buf.index_copy_(1, index, rows.to(buf.dtype))
-        return buf
+
+    def history(self, name: str) -> torch.Tensor:
+        return self._buffers[name]
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The buffers by name (what the cache holds, for its dtype and device)."""
+        return self._buffers
 
     def hide_unwritten(self, scores: torch.Tensor, rows_per_position: int) -> torch.Tensor:
         """Scores (..., max_len * rows_per_position) with the rows of positions after `position` set to zero."""
@@ -92,28 +184,37 @@ class FixedExpansionCache(DynamicExpansionCache):
         return scores.masked_fill(rows >= (self.position + 1) * rows_per_position, 0.0)
 
     def advance(self) -> None:
-        super().advance()
+        self.length += 1
         self.position.fill_(self.length)
 
+    def reorder(self, index: torch.Tensor) -> None:
+        """Gather rows along the hypothesis axis (beam re-ordering): the written prefix, into the spare buffers."""
+        for name, n in self._per_position.items():
+            filled = self.length * n
+            src, dst = self._buffers[name], self._spares[name]
+            torch.index_select(src[:, :filled], 0, index, out=dst[:, :filled])
+            self._buffers[name], self._spares[name] = dst, src
 
-class ConcatExpansionCache:
-    """The same per-layer state as DynamicExpansionCache, as plain tensors: the past (B, t, D) / (B, t * E, D) goes
-    in, `append` concatenates the newest position and `present` holds the result.
+
+class ConcatExpansionCache(_HypothesisRows):
+    """The same per-layer state as plain tensors: the past (B, t, D) / (B, t * E, D) goes in, `append` concatenates
+    the newest position and `present` holds the result.
 
     This is the functional form of a decoding step (no in-place writes), which an exported graph needs: its past
     tensors are graph inputs and its present tensors graph outputs.
     """
 
-    NAMES = DynamicExpansionCache.NAMES
+    NAMES = NAMES
 
     def __init__(self, past: dict[str, torch.Tensor]) -> None:
         self.past = past
         self.present: dict[str, torch.Tensor] = {}
 
-    def append(self, name: str, rows: torch.Tensor) -> torch.Tensor:
-        full = torch.cat([self.past[name], rows], dim=1)
-        self.present[name] = full
-        return full
+    def append(self, name: str, rows: torch.Tensor) -> None:
+        self.present[name] = torch.cat([self.past[name], rows], dim=1)
+
+    def history(self, name: str) -> torch.Tensor:
+        return self.present[name]
 
     def hide_unwritten(self, scores: torch.Tensor, rows_per_position: int) -> torch.Tensor:
         return scores
@@ -132,25 +233,27 @@ class DecoderCache:
     """Everything the decoder needs to process one more position for a batch of B images x `group` hypotheses.
 
     Cross-attention state is stored once per image (hypotheses of one image share it, and beam re-ordering never
-    moves a hypothesis to another image), so only the dynamic-expansion caches are gathered on reorder.
+    moves a hypothesis to another image). A re-ordering moves the Ancestry of the growing caches (a table of
+    integers), or gathers the fixed-size caches' rows.
     """
 
     def __init__(self, cross: list[CrossAttentionCache], dyn: list[DynamicExpansionCache] | list[FixedExpansionCache],
-                 group: int, max_len: int) -> None:
+                 group: int, max_len: int, ancestry: Ancestry | None = None) -> None:
         self.cross = cross
         self.dyn = dyn
         self.group = group
         self.max_len = max_len
+        self._positions: list[Ancestry] | list[FixedExpansionCache] = [ancestry] if ancestry is not None else dyn
 
     @property
     def length(self) -> int:
-        return self.dyn[0].length
+        return self._positions[0].length
 
     def advance(self) -> None:
-        for c in self.dyn:
-            c.advance()
+        for p in self._positions:
+            p.advance()
 
     def reorder(self, index: torch.Tensor) -> None:
         """index (B*group,) of source rows, each within its own image's group."""
-        for c in self.dyn:
-            c.reorder(index)
+        for p in self._positions:
+            p.reorder(index)

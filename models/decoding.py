@@ -184,13 +184,15 @@ def beam_search(model: ExpansionNet | StepModel, memory: Any, key_mask: torch.Te
     finished = torch.zeros(B, k, dtype=torch.bool, device=device)
     tok_lps = torch.zeros(B, k, 0, device=device)
     batch_offset = (torch.arange(B, device=device) * k)[:, None]
+    num_finished = 0
     for _ in range(max_len):
         logp = stepper.logprobs(prefix)
         V = logp.shape[-1]
         logp = logp.view(B, k, V)
-        done_row = torch.full((V,), float("-inf"), device=device)
-        done_row[pad_idx] = 0.0
-        logp = torch.where(finished[..., None], done_row, logp)
+        if num_finished:  # a finished hypothesis goes on with PAD at log-prob 0
+            done_row = torch.full((V,), float("-inf"), device=device)
+            done_row[pad_idx] = 0.0
+            logp = torch.where(finished[..., None], done_row, logp)
         top_scores, top_idx = (cum[..., None] + logp).view(B, k * V).topk(k, dim=-1)
         src, tok = top_idx // V, top_idx % V
         index = (batch_offset + src).view(-1)
@@ -201,7 +203,8 @@ def beam_search(model: ExpansionNet | StepModel, memory: Any, key_mask: torch.Te
         finished = finished.gather(1, src) | (tok == eos_idx)
         cum = top_scores
         stepper.reorder(index)
-        if bool(finished.all()):
+        num_finished = int(finished.sum())  # the step's one host-device sync
+        if num_finished == finished.numel():
             break
     tokens = prefix[:, 1:].view(B, k, -1)
     lengths = _lengths(tokens, eos_idx)

@@ -178,8 +178,9 @@ class StaticExpansionBlock(_ExpansionBlock):
             keep = key_mask[:, None, :].to(z.dtype)
             za, zb = za * keep, zb * keep
         va, vb = self.values(x)
-        ca = self.dropout_class_a_fw(torch.matmul(_normalise(za), va) + bias)  # (B, E, D)
-        cb = self.dropout_class_b_fw(torch.matmul(_normalise(zb), vb) + bias)
+        # bias + product in one call: a separate add over these (B, E, D) tensors cost as much as the product
+        ca = self.dropout_class_a_fw(torch.baddbmm(bias, _normalise(za), va))  # (B, E, D)
+        cb = self.dropout_class_b_fw(torch.baddbmm(bias, _normalise(zb), vb))
         # backward step: per-block normalisation over the expansion axis, then the mean over the blocks
         wa = self._block_normalise(F.relu(z.transpose(1, 2)))  # (B, N, E)
         wb = self._block_normalise(F.relu(-z.transpose(1, 2)))
@@ -234,27 +235,28 @@ class DynamicExpansionBlock(_ExpansionBlock):
 
         Backward-step scores of the expanded rows (t, e) against the new key are K_j . cond_t + K_j . q_exp[e], and
         the biases b_exp[e] + cond_t enter the output through the weights' marginals, so neither expanded queries
-        nor biases are cached. Only `cache.append` and `cache.hide_unwritten` touch the cache, so the in-place buffers
-        of decoding (growing or fixed-size) and the concatenated tensors of an exported graph run the same code.
+        nor biases are cached. The past is reached only through the cache's append / scores / read / hide_unwritten,
+        so a beam's shared rows (growing), the fixed-size buffers of a compiled step and the concatenated tensors of
+        an exported graph run the same code.
         """
         E = self.num_exp
         scale = math.sqrt(x.shape[-1])
         cond = self.cond_embed(x)  # (B, 1, D)
         k_j = self.key_linear(x)
         va, vb = self.values(x)
-        keys, conds = cache.append("k", k_j), cache.append("cond", cond)  # (B, T, D): positions 0..j
-        vas, vbs = cache.append("va", va), cache.append("vb", vb)
+        for name, rows in (("k", k_j), ("cond", cond), ("va", va), ("vb", vb)):
+            cache.append(name, rows)
         qe = self.query_exp_vectors.weight + cond  # (B, E, D): the expanded rows of position j
-        z = self.Z_dropout(cache.hide_unwritten(torch.matmul(qe, keys.transpose(1, 2)) / scale, 1))  # (B, E, T)
-        ca = cache.append("ca", self.dropout_class_a_fw(torch.matmul(_normalise(F.relu(z)), vas)))  # (B, T*E, D)
-        cb = cache.append("cb", self.dropout_class_b_fw(torch.matmul(_normalise(F.relu(-z)), vbs)))
-        z_t = torch.matmul(k_j, conds.transpose(1, 2))  # (B, 1, T)
+        z = self.Z_dropout(cache.hide_unwritten(cache.scores("k", qe) / scale, 1))  # (B, E, T): positions 0..j
+        cache.append("ca", self.dropout_class_a_fw(cache.read("va", _normalise(F.relu(z)))))  # (B, E, D)
+        cache.append("cb", self.dropout_class_b_fw(cache.read("vb", _normalise(F.relu(-z)))))
+        z_t = cache.scores("cond", k_j)  # (B, 1, T)
         z_e = torch.matmul(k_j, self.query_exp_vectors.weight.t())  # (B, 1, E)
         zb = self.Z_dropout(cache.hide_unwritten(((z_t[..., :, None] + z_e[..., None, :]) / scale).flatten(-2), E))
         outs = []
-        for w, c, drop in ((_normalise(F.relu(zb)), ca, self.dropout_class_a_bw),
-                           (_normalise(F.relu(-zb)), cb, self.dropout_class_b_bw)):
+        for w, name, drop in ((_normalise(F.relu(zb)), "ca", self.dropout_class_a_bw),
+                              (_normalise(F.relu(-zb)), "cb", self.dropout_class_b_bw)):
             w4 = w.unflatten(-1, (-1, E))  # (B, 1, T, E)
-            bias = torch.matmul(w4.sum(2), self.bias_exp_vectors.weight) + torch.matmul(w4.sum(3), conds)
-            outs.append(drop(torch.matmul(w, c) + bias))
+            bias = torch.matmul(w4.sum(2), self.bias_exp_vectors.weight) + cache.read("cond", w4.sum(3))
+            outs.append(drop(cache.read(name, w) + bias))
         return self._select(x, *outs)

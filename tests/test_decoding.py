@@ -138,3 +138,43 @@ def test_functional_step_on_concatenated_caches_equals_decode_step_on_buffers(na
             functional = model.step(tokens[:, j], torch.tensor([j]), cache.cross, dyn)
             torch.testing.assert_close(functional, buffered, rtol=0, atol=1e-5)
             past = [d.present for d in dyn]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_reordered_hypotheses_read_their_ancestors_rows_like_a_full_recomputation_of_their_history(name):
+    """A beam re-ordering moves only the ancestry table: after re-orderings that copy some hypotheses and drop
+    others (as beam search does), every hypothesis's step log-probs are those of its own token history recomputed
+    from scratch."""
+    model = _model(name, seed=11)
+    memory = model.encode(features=torch.randn(2, 6, 24))
+    group, steps = 3, 6
+    orders = [[0, 0, 1], [2, 2, 2], [1, 0, 2], [0, 1, 1], [2, 0, 0], [0, 1, 2]]
+    with torch.no_grad():
+        cache = model.init_cache(memory, None, group=group, max_len=steps)
+        history = torch.full((2 * group, 1), IDS["sos_idx"])
+        for j in range(steps):
+            step = F.log_softmax(model.decode_step(history[:, -1], cache), -1)
+            full = F.log_softmax(model.decode(history, memory.repeat_interleave(group, 0))[:, -1], -1)
+            torch.testing.assert_close(step, full, rtol=0, atol=1e-5)
+            index = torch.tensor(orders[j] + [group + i for i in reversed(orders[j])])
+            history = torch.cat([history.index_select(0, index), torch.randint(3, model.vocab_size, (2 * group, 1))], 1)
+            cache.reorder(index)
+
+
+def test_cpu_decoding_layout_keeps_the_weights_and_the_captions():
+    """lay_out_for_cpu_decoding changes memory order only: the state dict's values and the beam's captions stay."""
+    from utils.checkpoint import state_dict_sha256
+
+    model = _model("expansionnet_v2", seed=12)
+    memory = model.encode(features=torch.randn(3, 6, 24))
+    before = beam_search(model, memory, None, beam_size=3, max_len=8, **IDS)
+    digest = state_dict_sha256(model.state_dict())
+    assert model.vocab_linear.weight.is_contiguous()
+    model.lay_out_for_cpu_decoding()
+    assert not model.vocab_linear.weight.is_contiguous() and model.vocab_linear.weight.t().is_contiguous()
+    assert model.decoders[0].ff.linear_1.weight.t().is_contiguous()
+    assert model.encoders[0].ff.linear_1.weight.is_contiguous()  # the encoder's products have many rows
+    assert state_dict_sha256(model.state_dict()) == digest
+    after = beam_search(model, memory, None, beam_size=3, max_len=8, **IDS)
+    assert torch.equal(after.tokens, before.tokens)
+    torch.testing.assert_close(after.logprobs, before.logprobs, rtol=0, atol=1e-5)

@@ -437,7 +437,7 @@ def test_cuda_autocast_and_device_placement_on_fake_cuda_tensors(end_to_end, dty
                 stepper = TorchStepper(model, memory, None, 3, 5, compile=False)
                 if fixed:
                     stepper.cache = model.init_cache(memory, None, 3, 5, fixed=True)
-                assert {b.dtype for c in stepper.cache.dyn for b in c._buffers.values()} == {dtype}
+                assert {b.dtype for c in stepper.cache.dyn for b in c.tensors.values()} == {dtype}
                 assert {c.k.dtype for c in stepper.cache.cross} == {dtype}
                 prefix = torch.full((6, 1), IDS["sos_idx"], device=cuda)
                 for _ in range(4):
