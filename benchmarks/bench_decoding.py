@@ -104,7 +104,7 @@ def bench_cached_vs_full(name: str, device: torch.device, batch: int, beam: int,
         model.vocab_linear.bias[IDS["eos_idx"]] = -1e4  # no early stop: every caption runs to max_len
     if device.type == "cpu":  # as load_captioner prepares a model to caption on the CPU
         keep_freed_memory()
-        model.lay_out_for_cpu_decoding()
+        model.prepare_for_cpu_decoding()
     feats = torch.randn(batch, 144, model.input_linear.in_features, device=device)
 
     @torch.inference_mode()

@@ -131,7 +131,7 @@ def load_one(path: Source, *, backend: str = "auto", device: str | torch.device 
         return LoadedModel(runtime, vocab_obj, [path], ckpt, official)
     if dev.type == "cpu":
         keep_freed_memory()
-        model.lay_out_for_cpu_decoding()
+        model.prepare_for_cpu_decoding()
     runtime = TorchRuntime(model.eval().to(dev), config, dev, resolve_precision(precision, dev), compile=compile)
     return LoadedModel(runtime, vocab_obj, [path], ckpt, official, model=runtime.model)
 

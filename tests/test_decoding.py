@@ -161,20 +161,45 @@ def test_reordered_hypotheses_read_their_ancestors_rows_like_a_full_recomputatio
             cache.reorder(index)
 
 
-def test_cpu_decoding_layout_keeps_the_weights_and_the_captions():
-    """lay_out_for_cpu_decoding changes memory order only: the state dict's values and the beam's captions stay."""
+def test_preparing_for_cpu_decoding_keeps_the_weights_and_the_captions():
+    """prepare_for_cpu_decoding (packed GEMM, (in, out) memory order) changes how products run, not what they
+    compute: the state dict's values, and the beam's captions and log-probs, stay."""
+    from models.layers import PackedLinear
     from utils.checkpoint import state_dict_sha256
 
     model = _model("expansionnet_v2", seed=12)
     memory = model.encode(features=torch.randn(3, 6, 24))
     before = beam_search(model, memory, None, beam_size=3, max_len=8, **IDS)
-    digest = state_dict_sha256(model.state_dict())
-    assert model.vocab_linear.weight.is_contiguous()
-    model.lay_out_for_cpu_decoding()
-    assert not model.vocab_linear.weight.is_contiguous() and model.vocab_linear.weight.t().is_contiguous()
-    assert model.decoders[0].ff.linear_1.weight.t().is_contiguous()
-    assert model.encoders[0].ff.linear_1.weight.is_contiguous()  # the encoder's products have many rows
-    assert state_dict_sha256(model.state_dict()) == digest
+    digest, keys = state_dict_sha256(model.state_dict()), list(model.state_dict())
+    model.prepare_for_cpu_decoding()
+    assert isinstance(model.vocab_linear, PackedLinear) and isinstance(model.decoders[0].ff.linear_1, PackedLinear)
+    assert model.vocab_linear.weight.t().is_contiguous()
+    assert type(model.encoders[0].ff.linear_1) is torch.nn.Linear  # the encoder's products have many rows
+    assert model.encoders[0].ff.linear_1.weight.is_contiguous()
+    assert state_dict_sha256(model.state_dict()) == digest and list(model.state_dict()) == keys
     after = beam_search(model, memory, None, beam_size=3, max_len=8, **IDS)
     assert torch.equal(after.tokens, before.tokens)
     torch.testing.assert_close(after.logprobs, before.logprobs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="MKL's packed GEMM")
+def test_packed_linear_packs_per_row_count_follows_weight_updates_and_leaves_gradients_to_f_linear():
+    from models.layers import PackedLinear
+
+    torch.manual_seed(13)
+    linear = torch.nn.Linear(32, 24)
+    packed = PackedLinear.replacing(linear)
+    assert packed.weight is linear.weight
+    x = torch.randn(5, 1, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), linear(x), rtol=0, atol=1e-5)
+        torch.testing.assert_close(packed(x[:3]), linear(x[:3]), rtol=0, atol=1e-5)
+        assert {k[0] for k in packed._packings} == {5, 3}
+        linear.weight.mul_(2.0)  # an in-place update (load_state_dict, an optimizer step) re-packs
+        torch.testing.assert_close(packed(x), linear(x), rtol=0, atol=1e-5)
+        for rows in range(6, 12):
+            packed(torch.randn(rows, 32))
+        assert len(packed._packings) == PackedLinear.KEPT_PACKINGS
+    y = packed(x)  # with gradients: F.linear, so they flow to the shared parameters
+    y.sum().backward()
+    assert linear.weight.grad is not None and y.grad_fn is not None
