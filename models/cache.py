@@ -44,40 +44,58 @@ class Ancestry:
     """
 
     def __init__(self, images: int, group: int, max_len: int, device: torch.device) -> None:
-        self.images, self.group = images, group
+        self.images, self.group, self.max_len = images, group, max_len
         own = torch.arange(group, device=device).repeat(images)  # row b*group+i writes slot i at every position
         self.table = own[:, None].repeat(1, max_len)  # positions not reached yet hold the own slot
         self.length = 0
-        self._onehot: torch.Tensor | None = None
+        self.version = 0  # moves with every change of length or table: what was derived from them is stale
+        self._derived: dict[str, torch.Tensor] = {}
 
     def advance(self) -> None:
         self.length += 1
-        self._onehot = None
+        self._changed()
 
     def reorder(self, index: torch.Tensor) -> None:
         """Hypothesis r continues hypothesis index[r]: it inherits that one's ancestors at the filled positions."""
         if self.length:
             self.table[:, :self.length] = self.table[index, :self.length]
-            self._onehot = None
+            self._changed()
+
+    def _changed(self) -> None:
+        self.version += 1
+        self._derived.clear()
 
     def onehot(self, dtype: torch.dtype) -> torch.Tensor:
         """(images, group, T, group) of 0/1: row (b, i) reads slot a at position t (T: the filled positions + 1)."""
-        if self._onehot is None or self._onehot.dtype != dtype:
+        key = f"onehot-{dtype}"
+        if key not in self._derived:
             slots = torch.arange(self.group, device=self.table.device)
             table = self.table[:, :self.length + 1]
-            self._onehot = (table[..., None] == slots).to(dtype).view(self.images, self.group, -1, self.group)
-        return self._onehot
+            self._derived[key] = (table[..., None] == slots).to(dtype).view(self.images, self.group, -1, self.group)
+        return self._derived[key]
+
+    def source_rows(self) -> torch.Tensor:
+        """(images * group * T,): for hypothesis r and position t, its ancestor's row in a (images * max_len * group)
+        store of one row per position, flattened; T: the filled positions + 1."""
+        if "rows" not in self._derived:
+            T, g = self.length + 1, self.group
+            image = torch.arange(self.images, device=self.table.device).repeat_interleave(g)[:, None]
+            position = torch.arange(T, device=self.table.device)
+            self._derived["rows"] = ((image * self.max_len + position) * g + self.table[:, :T]).reshape(-1)
+        return self._derived["rows"]
 
 
-class DynamicExpansionCache:
+class DynamicExpansionCache(_HypothesisRows):
     """Per-layer state of the dynamic expansion for a beam (or any group) of hypotheses per image, position-major:
     store[name] (images, max_len * group * n, D), position t's rows of the group's slot i at t*group*n + i*n.
 
-    Nothing is moved on a beam re-ordering (the Ancestry says which slot a hypothesis's past is in). `scores` and
-    `read` run one matrix product per image against every hypothesis's rows of the image at once and keep (or weight)
-    the ancestors' only: up to `group` times the arithmetic of a per-hypothesis product, over the same bytes, which
-    these memory-bound products do not notice, where gathering the caches at every step cost a quarter of a beam
-    search (docs/benchmarks.md, "Decoding"). With group 1 it is a plain per-hypothesis cache.
+    Nothing is moved on a beam re-ordering (the Ancestry says which slot a hypothesis's past is in). The names of
+    one row per position (k, va, vb, cond) are gathered into per-hypothesis rows when a step reads them (E queries
+    per hypothesis read them: gathering the T rows each needs is cheaper than multiplying every slot's). Ca and Cb
+    (E rows per position, one query per hypothesis, memory-bound) are read in place: one product per image against
+    every slot's rows, the other slots' rows weighted 0 - the same bytes a per-hypothesis product reads, where
+    gathering them at every step cost a quarter of a beam search (docs/benchmarks.md, "Decoding"). With group 1 it
+    is a plain per-hypothesis cache.
     """
 
     NAMES = NAMES
@@ -89,6 +107,7 @@ class DynamicExpansionCache:
         self._store = {name: torch.empty(ancestry.images, max_len * ancestry.group * n, d_model, device=device,
                                          dtype=dtype) for name, n in self._per_position.items()}
         self.ancestry = ancestry
+        self._gathered: dict[str, tuple[int, torch.Tensor]] = {}
 
     @property
     def length(self) -> int:
@@ -105,33 +124,35 @@ class DynamicExpansionCache:
         width = g * rows.shape[1]
         start = self.ancestry.length * width
         self._store[name][:, start:start + width] = rows.reshape(B, width, rows.shape[-1])
+        self._gathered.pop(name, None)
 
     def _filled(self, name: str) -> torch.Tensor:
         return self._store[name][:, :(self.ancestry.length + 1) * self.ancestry.group * self._per_position[name]]
 
-    def scores(self, name: str, q: torch.Tensor) -> torch.Tensor:
-        """q (R, M, D) against the hypothesis's own past rows of `name` (n per position) -> (R, M, T * n)."""
-        B, g, n = self.ancestry.images, self.ancestry.group, self._per_position[name]
-        R, M, D = q.shape
-        s = torch.matmul(q.reshape(B, g * M, D), self._filled(name).transpose(1, 2))  # (B, g*M, T*g*n)
-        if g == 1:
-            return s
-        s = s.view(B, g, M, -1, g, n)
-        T = s.shape[3]
-        slot = self.ancestry.table[:, :T].view(B, g, 1, T, 1, 1).expand(B, g, M, T, 1, n)
-        return s.gather(4, slot).view(R, M, T * n)
+    def history(self, name: str) -> torch.Tensor:
+        """(R, T * n, D): each hypothesis's own past rows of `name`, the newest position included."""
+        if self.ancestry.group == 1:
+            return self._filled(name)
+        if self._per_position[name] != 1:
+            raise ValueError(f"{name} is read in place (DynamicExpansionCache.read), not gathered")
+        version, rows = self._gathered.get(name, (-1, None))
+        if version != self.ancestry.version or rows is None:
+            store = self._store[name]
+            rows = store.view(-1, store.shape[-1]).index_select(0, self.ancestry.source_rows())
+            rows = rows.view(self.ancestry.images * self.ancestry.group, -1, store.shape[-1])
+            self._gathered[name] = (self.ancestry.version, rows)
+        return rows
 
     def read(self, name: str, w: torch.Tensor) -> torch.Tensor:
         """Weights w (R, M, T * n) over the hypothesis's own past rows of `name` -> (R, M, D)."""
         B, g, n = self.ancestry.images, self.ancestry.group, self._per_position[name]
+        if g == 1 or n == 1:
+            return super().read(name, w)
         R, M, _ = w.shape
-        rows = self._filled(name)
-        if g == 1:
-            return torch.matmul(w, rows)
         onehot = self.ancestry.onehot(w.dtype)  # (B, g, T, g)
         T = onehot.shape[2]
         spread = w.reshape(B, g, M, T, 1, n) * onehot.view(B, g, 1, T, g, 1)  # zero weight on other slots' rows
-        return torch.matmul(spread.view(B, g * M, T * g * n), rows).view(R, M, -1)
+        return torch.matmul(spread.view(B, g * M, T * g * n), self._filled(name)).view(R, M, -1)
 
     def hide_unwritten(self, scores: torch.Tensor, rows_per_position: int) -> torch.Tensor:
         """Scores against the rows `scores`/`read` see, unchanged: every one of them is written."""
