@@ -259,11 +259,12 @@ class DecoderCache:
     """
 
     def __init__(self, cross: list[CrossAttentionCache], dyn: list[DynamicExpansionCache] | list[FixedExpansionCache],
-                 group: int, max_len: int, ancestry: Ancestry | None = None) -> None:
+                 group: int, max_len: int, ancestry: Ancestry | None = None, reorders: bool = True) -> None:
         self.cross = cross
         self.dyn = dyn
         self.group = group
         self.max_len = max_len
+        self.reorders = reorders
         self._positions: list[Ancestry] | list[FixedExpansionCache] = [ancestry] if ancestry is not None else dyn
 
     @property
@@ -276,5 +277,7 @@ class DecoderCache:
 
     def reorder(self, index: torch.Tensor) -> None:
         """index (B*group,) of source rows, each within its own image's group."""
+        if not self.reorders:
+            raise RuntimeError("this decoder cache was made for a search that never re-orders (reorders=False)")
         for p in self._positions:
             p.reorder(index)

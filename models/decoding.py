@@ -87,10 +87,12 @@ class TorchStepper(Stepper):
     compile: run the cached step compiled (see Compile), on fixed-size caches (models.cache.FixedExpansionCache) so
     that it compiles once for a batch shape rather than at every position; the captions are the eager ones up to
     the rounding of a differently ordered sum. Ignored with use_cache=False.
+    reorders=False: a search that never calls `reorder` (sampling, greedy), whose caches need no ancestry.
     """
 
     def __init__(self, model: ExpansionNet, memory: torch.Tensor, key_mask: torch.Tensor | None, group: int,
-                 max_len: int, use_cache: bool = True, precision: str = "fp32", compile: Compile = False) -> None:
+                 max_len: int, use_cache: bool = True, precision: str = "fp32", compile: Compile = False,
+                 reorders: bool = True) -> None:
         self.model = model
         self.use_cache = use_cache
         self.batch, self.group, self.device = memory.shape[0], group, memory.device
@@ -101,7 +103,8 @@ class TorchStepper(Stepper):
                 step = compiled("step", compile)
                 self.step = lambda *args: step(model, *args)
             with autocast(self.device, precision):  # the cross-attention projections run at the steps' precision
-                self.cache = model.init_cache(memory, key_mask, group, max_len, fixed=self.step is not None)
+                self.cache = model.init_cache(memory, key_mask, group, max_len, fixed=self.step is not None,
+                                              reorders=reorders)
         else:
             self.memory = memory.repeat_interleave(group, dim=0)
             self.key_mask = key_mask.repeat_interleave(group, dim=0) if key_mask is not None else None
@@ -150,11 +153,12 @@ class EnsembleStepper(Stepper):
 
 
 def make_stepper(model: ExpansionNet | StepModel, memory: Any, key_mask: torch.Tensor | None, group: int,
-                 max_len: int, use_cache: bool = True, compile: Compile = False) -> Stepper:
-    """The Stepper of an ExpansionNet (PyTorch, under the caller's autocast; compile: see TorchStepper) or of any
-    StepModel (which decides for itself, e.g. deploy.runtime.TorchRuntime's compile option)."""
+                 max_len: int, use_cache: bool = True, compile: Compile = False, reorders: bool = True) -> Stepper:
+    """The Stepper of an ExpansionNet (PyTorch, under the caller's autocast; compile and reorders: see
+    TorchStepper) or of any StepModel (which decides for itself, e.g. deploy.runtime.TorchRuntime's compile
+    option)."""
     if isinstance(model, nn.Module):
-        return TorchStepper(model, memory, key_mask, group, max_len, use_cache, compile=compile)
+        return TorchStepper(model, memory, key_mask, group, max_len, use_cache, compile=compile, reorders=reorders)
     return model.stepper(memory, key_mask, group, max_len)
 
 
@@ -245,7 +249,7 @@ def greedy_search(model: ExpansionNet | StepModel, memory: Any, key_mask: torch.
                   eos_idx: int, pad_idx: int, max_len: int = 20, use_cache: bool = True, compile: Compile = False
                   ) -> SearchOutput:
     """Arg-max decoding; scored like beam search so beam_size=1 gives the same output."""
-    stepper = make_stepper(model, memory, key_mask, 1, max_len, use_cache, compile)
+    stepper = make_stepper(model, memory, key_mask, 1, max_len, use_cache, compile, reorders=False)
     tokens, tok_lps = _one_token_per_row(stepper, _arg_max, sos_idx=sos_idx, eos_idx=eos_idx, pad_idx=pad_idx,
                                          max_len=max_len)
     lengths = _lengths(tokens, eos_idx)
@@ -263,7 +267,7 @@ def sample(model: ExpansionNet | StepModel, memory: Any, key_mask: torch.Tensor 
     model's mode. Returns tokens (B, num_samples, L).
     """
     k = num_samples
-    stepper = make_stepper(model, memory, key_mask, k, max_len, use_cache, compile)
+    stepper = make_stepper(model, memory, key_mask, k, max_len, use_cache, compile, reorders=False)
 
     def draw(logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tok = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]

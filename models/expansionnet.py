@@ -207,11 +207,13 @@ class ExpansionNet(nn.Module):
         return self.decode(tokens, memory, key_mask, caption_index)
 
     def init_cache(self, memory: torch.Tensor, key_mask: torch.Tensor | None, group: int,
-                   max_len: int, fixed: bool = False) -> DecoderCache:
+                   max_len: int, fixed: bool = False, reorders: bool = True) -> DecoderCache:
         """State for incremental decoding of `group` hypotheses per image, up to max_len positions (SOS included).
 
         fixed: buffers whose shapes never change (FixedExpansionCache), for a compiled step. Under autocast the
         buffers take autocast's dtype, which the step's rows have (CUDA's autocast keeps the memory itself in fp32).
+        reorders=False (sampling, greedy search): the hypotheses never change rows, so each keeps its own plain
+        cache (a group of one in the Ancestry's terms) and no step gathers or weights other hypotheses' rows.
         """
         if max_len > self.max_seq_len:
             raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {self.max_seq_len}")
@@ -221,11 +223,12 @@ class ExpansionNet(nn.Module):
         if fixed:
             fixed_dyn = [FixedExpansionCache(images * group, max_len, self.num_exp_dec, self.d_model, device, dtype)
                          for _ in self.decoders]
-            return DecoderCache(cross, fixed_dyn, group, max_len)
-        ancestry = Ancestry(images, group, max_len, device)
+            return DecoderCache(cross, fixed_dyn, group, max_len, reorders=reorders)
+        ancestry = Ancestry(images, group, max_len, device) if reorders else \
+            Ancestry(images * group, 1, max_len, device)
         dyn = [DynamicExpansionCache(ancestry, max_len, self.num_exp_dec, self.d_model, device, dtype)
                for _ in self.decoders]
-        return DecoderCache(cross, dyn, group, max_len, ancestry)
+        return DecoderCache(cross, dyn, group, max_len, ancestry, reorders)
 
     def decode_step(self, tokens: torch.Tensor, cache: DecoderCache, step: Callable[..., torch.Tensor] | None = None
                     ) -> torch.Tensor:

@@ -203,3 +203,18 @@ def test_packed_linear_packs_per_row_count_follows_weight_updates_and_leaves_gra
     y = packed(x)  # with gradients: F.linear, so they flow to the shared parameters
     y.sum().backward()
     assert linear.weight.grad is not None and y.grad_fn is not None
+
+
+def test_a_cache_made_for_a_search_that_never_reorders_keeps_plain_rows_and_refuses_a_reordering():
+    model = _model("expansionnet_v2", seed=14)
+    memory = model.encode(features=torch.randn(2, 6, 24))
+    tokens = torch.randint(3, model.vocab_size, (6, 4))
+    with torch.no_grad():
+        plain = model.init_cache(memory, None, group=3, max_len=4, reorders=False)
+        beam = model.init_cache(memory, None, group=3, max_len=4)
+        assert plain.dyn[0].ancestry.group == 1 and beam.dyn[0].ancestry.group == 3
+        for j in range(4):
+            torch.testing.assert_close(model.decode_step(tokens[:, j], plain), model.decode_step(tokens[:, j], beam),
+                                       rtol=0, atol=1e-5)
+        with pytest.raises(RuntimeError, match="never re-orders"):
+            plain.reorder(torch.arange(6))
