@@ -180,6 +180,20 @@ def test_static_expansion_equals_reference_formula_with_padding(gated):
         torch.testing.assert_close(ours[b, :7 - p], ref[b, :7 - p], rtol=1e-5, atol=1e-6)
 
 
+def test_static_expansion_reads_back_in_either_order_with_the_same_result():
+    """Without an active dropout on the expanded rows the read-back runs as (w @ a) @ v + w @ bias; with one (in
+    training) as w @ dropout(a @ v + bias). Both orders give the same numbers when the dropout keeps everything."""
+    torch.manual_seed(3)
+    blk = StaticExpansionBlock(16, (2, 4, 8), dropout=0.0)
+    w, a, v = torch.rand(3, 7, 14), torch.rand(3, 14, 7), torch.randn(3, 7, 16)
+    bias = blk.bias_exp_vectors.weight
+    reassociated = blk.eval()._read_back(w, a, v, bias, blk.dropout_class_a_fw)
+    keeps_all = torch.nn.Dropout(0.5).eval()  # an active-looking dropout (p > 0) that keeps every value
+    as_in_training = blk.train()._read_back(w, a, v, bias, keeps_all)
+    torch.testing.assert_close(reassociated, as_in_training, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(reassociated, w @ (a @ v + bias), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("gated", [False, True])
 def test_dynamic_expansion_equals_reference_formula_at_real_positions(gated):
     torch.manual_seed(2)
