@@ -23,6 +23,8 @@ class _HypothesisRows:
     """`scores` and `read` for caches that hold each hypothesis's past rows as its own (hypotheses, rows, D) tensor:
     plain batched matrix products against `history(name)`."""
 
+    keeps_forward_weights = False  # they hold Ca, Cb themselves (fixed shapes for compiled and exported steps)
+
     def history(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
@@ -87,26 +89,30 @@ class Ancestry:
 
 class DynamicExpansionCache(_HypothesisRows):
     """Per-layer state of the dynamic expansion for a beam (or any group) of hypotheses per image, position-major:
-    store[name] (images, max_len * group * n, D), position t's rows of the group's slot i at t*group*n + i*n.
+    store[name] (images, max_len * group * n, width), position t's rows of the group's slot i at t*group*n + i*n.
 
     Nothing is moved on a beam re-ordering (the Ancestry says which slot a hypothesis's past is in). The names of
     one row per position (k, va, vb, cond) are gathered into per-hypothesis rows when a step reads them (E queries
-    per hypothesis read them: gathering the T rows each needs is cheaper than multiplying every slot's). Ca and Cb
-    (E rows per position, one query per hypothesis, memory-bound) are read in place: one product per image against
+    per hypothesis read them: gathering the T rows each needs is cheaper than multiplying every slot's). The names
+    of E rows per position (one query per hypothesis, memory-bound) are read in place: one product per image against
     every slot's rows, the other slots' rows weighted 0 - the same bytes a per-hypothesis product reads, where
     gathering them at every step cost a quarter of a beam search (docs/benchmarks.md, "Decoding"). With group 1 it
     is a plain per-hypothesis cache.
+
+    Besides NAMES it keeps, when the step asks (keeps_forward_weights), the forward step's weights fa, fb: E rows of
+    max_len columns per position (position t's row e weighs Va, Vb of positions 0..t, zeros after), from which Ca,
+    Cb are one product away; 1/25 of their bytes at D = 512 and 20 positions. Stores are made at their first append.
     """
 
     NAMES = NAMES
+    keeps_forward_weights = True
 
     def __init__(self, ancestry: Ancestry, max_len: int, num_exp: int, d_model: int, device: torch.device,
                  dtype: torch.dtype) -> None:
-        self._per_position = {name: num_exp if name in ("ca", "cb") else 1 for name in NAMES}
-        # uninitialised: only written rows are ever read
-        self._store = {name: torch.empty(ancestry.images, max_len * ancestry.group * n, d_model, device=device,
-                                         dtype=dtype) for name, n in self._per_position.items()}
+        self._per_position = {name: num_exp if name in ("ca", "cb", "fa", "fb") else 1 for name in (*NAMES, "fa", "fb")}
+        self._store: dict[str, torch.Tensor] = {}
         self.ancestry = ancestry
+        self.max_len, self.d_model, self.device, self.dtype = max_len, d_model, device, dtype
         self._gathered: dict[str, tuple[int, torch.Tensor]] = {}
 
     @property
@@ -118,19 +124,31 @@ class DynamicExpansionCache(_HypothesisRows):
         """The stored rows by name (what the cache holds, for its dtype and device)."""
         return self._store
 
+    def _make_store(self, name: str) -> torch.Tensor:
+        rows = self.max_len * self.ancestry.group * self._per_position[name]
+        if name in ("fa", "fb"):  # zeros: a row's columns after its own position are read as weights 0
+            return torch.zeros(self.ancestry.images, rows, self.max_len, device=self.device, dtype=self.dtype)
+        # uninitialised: only written rows are ever read
+        return torch.empty(self.ancestry.images, rows, self.d_model, device=self.device, dtype=self.dtype)
+
     def append(self, name: str, rows: torch.Tensor) -> None:
-        """Write the newest position's rows (images*group, n, D) (n: 1, or num_exp for ca and cb)."""
+        """Write the newest position's rows (images*group, n, width): n is 1, or num_exp for ca, cb, fa, fb; the
+        forward weights fa, fb have one column per position so far."""
+        if name not in self._store:
+            self._store[name] = self._make_store(name)
         B, g = self.ancestry.images, self.ancestry.group
         width = g * rows.shape[1]
         start = self.ancestry.length * width
-        self._store[name][:, start:start + width] = rows.reshape(B, width, rows.shape[-1])
+        self._store[name][:, start:start + width, :rows.shape[-1]] = rows.reshape(B, width, rows.shape[-1])
         self._gathered.pop(name, None)
 
     def _filled(self, name: str) -> torch.Tensor:
-        return self._store[name][:, :(self.ancestry.length + 1) * self.ancestry.group * self._per_position[name]]
+        T = self.ancestry.length + 1
+        filled = self._store[name][:, :T * self.ancestry.group * self._per_position[name]]
+        return filled[..., :T] if name in ("fa", "fb") else filled
 
     def history(self, name: str) -> torch.Tensor:
-        """(R, T * n, D): each hypothesis's own past rows of `name`, the newest position included."""
+        """(R, T * n, width): each hypothesis's own past rows of `name`, the newest position included."""
         if self.ancestry.group == 1:
             return self._filled(name)
         if self._per_position[name] != 1:
@@ -144,7 +162,7 @@ class DynamicExpansionCache(_HypothesisRows):
         return rows
 
     def read(self, name: str, w: torch.Tensor) -> torch.Tensor:
-        """Weights w (R, M, T * n) over the hypothesis's own past rows of `name` -> (R, M, D)."""
+        """Weights w (R, M, T * n) over the hypothesis's own past rows of `name` -> (R, M, width)."""
         B, g, n = self.ancestry.images, self.ancestry.group, self._per_position[name]
         if g == 1 or n == 1:
             return super().read(name, w)

@@ -288,7 +288,8 @@ class DynamicExpansionBlock(_ExpansionBlock):
         the biases b_exp[e] + cond_t enter the output through the weights' marginals, so neither expanded queries
         nor biases are cached. The past is reached only through the cache's append / scores / read / hide_unwritten,
         so a beam's shared rows (growing), the fixed-size buffers of a compiled step and the concatenated tensors of
-        an exported graph run the same code.
+        an exported graph run the same code; a cache that keeps_forward_weights stores the forward step's weights
+        in place of Ca, Cb (25x fewer bytes to read back at every later step).
         """
         E = self.num_exp
         scale = math.sqrt(x.shape[-1])
@@ -299,15 +300,24 @@ class DynamicExpansionBlock(_ExpansionBlock):
             cache.append(name, rows)
         qe = self.query_exp_vectors.weight + cond  # (B, E, D): the expanded rows of position j
         z = self.Z_dropout(cache.hide_unwritten(cache.scores("k", qe) / scale, 1))  # (B, E, T): positions 0..j
-        cache.append("ca", self.dropout_class_a_fw(cache.read("va", _normalise(F.relu(z)))))  # (B, E, D)
-        cache.append("cb", self.dropout_class_b_fw(cache.read("vb", _normalise(F.relu(-z)))))
+        forward_weights = {"a": _normalise(F.relu(z)), "b": _normalise(F.relu(-z))}  # (B, E, T)
+        # Ca = Fa @ Va. Without a dropout on Ca the cache may keep Fa instead (T columns, not D) and the backward
+        # step read Va through it: w @ Ca = (w @ Fa) @ Va.
+        by_weights = cache.keeps_forward_weights and not (
+            self.training and (self.dropout_class_a_fw.p > 0 or self.dropout_class_b_fw.p > 0))
+        for c, drop_fw in (("a", self.dropout_class_a_fw), ("b", self.dropout_class_b_fw)):
+            if by_weights:
+                cache.append("f" + c, forward_weights[c])
+            else:
+                cache.append("c" + c, drop_fw(cache.read("v" + c, forward_weights[c])))  # (B, E, D)
         z_t = cache.scores("cond", k_j)  # (B, 1, T)
         z_e = torch.matmul(k_j, self.query_exp_vectors.weight.t())  # (B, 1, E)
         zb = self.Z_dropout(cache.hide_unwritten(((z_t[..., :, None] + z_e[..., None, :]) / scale).flatten(-2), E))
         outs = []
-        for w, name, drop in ((_normalise(F.relu(zb)), "ca", self.dropout_class_a_bw),
-                              (_normalise(F.relu(-zb)), "cb", self.dropout_class_b_bw)):
+        for w, c, drop in ((_normalise(F.relu(zb)), "a", self.dropout_class_a_bw),
+                           (_normalise(F.relu(-zb)), "b", self.dropout_class_b_bw)):
             w4 = w.unflatten(-1, (-1, E))  # (B, 1, T, E)
             bias = torch.matmul(w4.sum(2), self.bias_exp_vectors.weight) + cache.read("cond", w4.sum(3))
-            outs.append(drop(cache.read(name, w) + bias))
+            past = cache.read("v" + c, cache.read("f" + c, w)) if by_weights else cache.read("c" + c, w)
+            outs.append(drop(past + bias))
         return self._select(x, *outs)

@@ -218,3 +218,25 @@ def test_a_cache_made_for_a_search_that_never_reorders_keeps_plain_rows_and_refu
                                        rtol=0, atol=1e-5)
         with pytest.raises(RuntimeError, match="never re-orders"):
             plain.reorder(torch.arange(6))
+
+
+def test_the_growing_cache_keeps_forward_weights_unless_a_dropout_acts_on_ca():
+    """Eval mode: the cache keeps the forward step's weights (T columns) instead of Ca, Cb (D columns), and the
+    log-probs are those of the Ca path (the fixed-size cache always keeps Ca). Training mode with a dropout on Ca:
+    the step keeps Ca, Cb, the dropped-out values that the backward step must read."""
+    torch.manual_seed(16)
+    model = build_model(tiny_config("expansionnet_v2", end_to_end=False, dec_drop=0.3)).eval()
+    memory = model.encode(features=torch.randn(2, 6, 24))
+    tokens = torch.randint(3, model.vocab_size, (6, 5))
+    with torch.no_grad():
+        growing = model.init_cache(memory, None, group=3, max_len=5)
+        fixed = model.init_cache(memory, None, group=3, max_len=5, fixed=True)
+        for j in range(5):
+            torch.testing.assert_close(model.decode_step(tokens[:, j], growing),
+                                       model.decode_step(tokens[:, j], fixed), rtol=0, atol=1e-5)
+        assert set(growing.dyn[0].tensors) == {"k", "cond", "va", "vb", "fa", "fb"}
+        assert growing.dyn[0].tensors["fa"].shape[-1] == 5  # one column per position, not d_model
+        model.train()
+        training = model.init_cache(memory, None, group=3, max_len=5)
+        model.decode_step(tokens[:, 0], training)
+        assert set(training.dyn[0].tensors) == {"k", "cond", "va", "vb", "ca", "cb"}

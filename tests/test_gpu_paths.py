@@ -437,13 +437,13 @@ def test_cuda_autocast_and_device_placement_on_fake_cuda_tensors(end_to_end, dty
                 stepper = TorchStepper(model, memory, None, 3, 5, compile=False)
                 if fixed:
                     stepper.cache = model.init_cache(memory, None, 3, 5, fixed=True)
-                assert {b.dtype for c in stepper.cache.dyn for b in c.tensors.values()} == {dtype}
                 assert {c.k.dtype for c in stepper.cache.cross} == {dtype}
                 prefix = torch.full((6, 1), IDS["sos_idx"], device=cuda)
                 for _ in range(4):
                     logp = stepper.logprobs(prefix)
                     stepper.reorder(torch.arange(6, device=cuda).flip(0))
                     prefix = torch.cat([prefix, logp.argmax(-1, keepdim=True)], 1)
+                assert {b.dtype for c in stepper.cache.dyn for b in c.tensors.values()} == {dtype}
                 assert logp.dtype == torch.float32 and logp.device.type == "cuda"
             for search in (functools.partial(beam_search, beam_size=3), functools.partial(sample, num_samples=3)):
                 with pytest.raises(DataDependentOutputException):  # the "all finished?" check after the first step
