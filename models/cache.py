@@ -32,6 +32,10 @@ class _HypothesisRows:
         """q (R, M, D) against the past rows of `name` -> (R, M, rows)."""
         return torch.matmul(q, self.history(name).transpose(1, 2))
 
+    def shared_scores(self, name: str, q: torch.Tensor) -> torch.Tensor:
+        """The same queries q (M, D) for every hypothesis against its past rows of `name` -> (R, M, rows)."""
+        return torch.matmul(q, self.history(name).transpose(1, 2))
+
     def read(self, name: str, w: torch.Tensor) -> torch.Tensor:
         """Weights w (R, M, rows) over the past rows of `name` -> (R, M, D)."""
         return torch.matmul(w, self.history(name))
@@ -164,13 +168,40 @@ class DynamicExpansionCache(_HypothesisRows):
     def read(self, name: str, w: torch.Tensor) -> torch.Tensor:
         """Weights w (R, M, T * n) over the hypothesis's own past rows of `name` -> (R, M, width)."""
         B, g, n = self.ancestry.images, self.ancestry.group, self._per_position[name]
-        if g == 1 or n == 1:
-            return super().read(name, w)
         R, M, _ = w.shape
+        if g == 1 or (n == 1 and M > 1):
+            return super().read(name, w)
         onehot = self.ancestry.onehot(w.dtype)  # (B, g, T, g)
         T = onehot.shape[2]
         spread = w.reshape(B, g, M, T, 1, n) * onehot.view(B, g, 1, T, g, 1)  # zero weight on other slots' rows
         return torch.matmul(spread.view(B, g * M, T * g * n), self._filled(name)).view(R, M, -1)
+
+    def scores(self, name: str, q: torch.Tensor) -> torch.Tensor:
+        """q (R, M, D) against the hypothesis's own past rows of `name` -> (R, M, T * n)."""
+        B, g = self.ancestry.images, self.ancestry.group
+        R, M, D = q.shape
+        if g == 1 or M > 1:
+            return super().scores(name, q)
+        every_slot = torch.matmul(q.reshape(B, g, D), self._filled(name).transpose(1, 2))  # (B, g, T*g*n)
+        return self._own_slots(every_slot.view(B, g, 1, -1), name)
+
+    def shared_scores(self, name: str, q: torch.Tensor) -> torch.Tensor:
+        """The same queries q (M, D) for every hypothesis against its past rows of `name` -> (R, M, T * n): one
+        product per image, whatever the group."""
+        B, g = self.ancestry.images, self.ancestry.group
+        every_slot = torch.matmul(q, self._filled(name).transpose(1, 2))  # (B, M, T*g*n)
+        if g == 1:
+            return every_slot
+        return self._own_slots(every_slot[:, None].expand(B, g, *every_slot.shape[1:]), name)
+
+    def _own_slots(self, every_slot: torch.Tensor, name: str) -> torch.Tensor:
+        """(B, g, M, T*g*n) scores against every slot's rows -> (R, M, T*n) against each hypothesis's own."""
+        B, g, M, _ = every_slot.shape
+        n = self._per_position[name]
+        s = every_slot.view(B, g, M, -1, g, n)
+        T = s.shape[3]
+        slot = self.ancestry.table[:, :T].view(B, g, 1, T, 1, 1).expand(B, g, M, T, 1, n)
+        return s.gather(4, slot).view(B * g, M, T * n)
 
     def hide_unwritten(self, scores: torch.Tensor, rows_per_position: int) -> torch.Tensor:
         """Scores against the rows `scores`/`read` see, unchanged: every one of them is written."""

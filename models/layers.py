@@ -298,8 +298,9 @@ class DynamicExpansionBlock(_ExpansionBlock):
         va, vb = self.values(x)
         for name, rows in (("k", k_j), ("cond", cond), ("va", va), ("vb", vb)):
             cache.append(name, rows)
-        qe = self.query_exp_vectors.weight + cond  # (B, E, D): the expanded rows of position j
-        z = self.Z_dropout(cache.hide_unwritten(cache.scores("k", qe) / scale, 1))  # (B, E, T): positions 0..j
+        # scores of position j's expanded queries q_exp[e] + cond_j against the keys of positions 0..j: (B, E, T)
+        z = cache.shared_scores("k", self.query_exp_vectors.weight) + cache.scores("k", cond)
+        z = self.Z_dropout(cache.hide_unwritten(z / scale, 1))
         forward_weights = {"a": _normalise(F.relu(z)), "b": _normalise(F.relu(-z))}  # (B, E, T)
         # Ca = Fa @ Va. Without a dropout on Ca the cache may keep Fa instead (T columns, not D) and the backward
         # step read Va through it: w @ Ca = (w @ Fa) @ Va.
