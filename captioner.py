@@ -207,10 +207,11 @@ def load_captioner(path: str | Path | Sequence[str | Path], device: str | torch.
     folder (save_pretrained), an exported ONNX folder (export.py), or a list of any of those: an ensemble averaging
     the members' word probabilities (one vocabulary; backbones may differ).
 
-    backend: auto (ONNX Runtime for exported folders and for fp32 on the CPU, the fastest path with PyTorch's
-    captions; PyTorch on a GPU or under bf16/fp16), torch, or onnx. ONNX Runtime on a PyTorch source exports it once
-    into onnx_cache/<weights digest>-<precision>/ (default: deploy.loading.default_onnx_cache()). Use backend='torch'
-    for the PyTorch model itself (captioner.model, save_pretrained). threads: ONNX Runtime's intra-op threads.
+    backend: auto (ONNX Runtime for exported folders and for fp32 on the CPU, the fastest path from images with
+    PyTorch's captions; PyTorch on a GPU or under bf16/fp16), torch, or onnx. ONNX Runtime on a PyTorch source
+    exports it once into onnx_cache/<weights digest>-<precision>/ (default: deploy.loading.default_onnx_cache()).
+    Use backend='torch' for the PyTorch model itself (captioner.model, save_pretrained). threads: ONNX Runtime's
+    intra-op threads.
     compile: torch.compile the PyTorch encoder and decoding step (True, or a torch.compile backend name; see
     deploy.runtime.TorchRuntime); backend 'auto' then means PyTorch. Worth it on a GPU for many batches of one size.
     """

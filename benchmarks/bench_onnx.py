@@ -12,6 +12,7 @@ fp32 PyTorch one (with random weights the top words are nearly tied, so this is 
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from deploy.onnx_export import export_onnx
 from deploy.runtime import OrtRuntime, TorchRuntime
 from models import build_model, optimizer_expansionnet_config
 from models.decoding import beam_search
+from utils.runtime import keep_freed_memory
 
 IDS = {"sos_idx": 1, "eos_idx": 2, "pad_idx": 0}
 
@@ -30,7 +32,6 @@ IDS = {"sos_idx": 1, "eos_idx": 2, "pad_idx": 0}
 def quantized_decoder(model: torch.nn.Module) -> torch.nn.Module:
     """A copy with the decoder's linear layers (decoder layers, layer reduction, vocabulary projection) as dynamic
     int8 (weights int8, activations quantised per call); backbone and encoder stay fp32."""
-    import copy
     import warnings
 
     warnings.filterwarnings("ignore", message=".*(deprecated|quantize_per_tensor).*")
@@ -64,8 +65,9 @@ def main() -> None:
         r = export_onnx(model, cfg, vocab, onnx_dir)
         print(f"exported the seed model in {r.seconds:.0f} s (step log-probs within {r.max_abs_logprob_diff:.1g})")
     cpu = torch.device("cpu")
+    keep_freed_memory()  # what load_captioner does for the PyTorch backend on the CPU
     runtimes = {
-        "pytorch fp32": TorchRuntime(model, cfg, cpu, "fp32"),
+        "pytorch fp32": TorchRuntime(copy.deepcopy(model).prepare_for_cpu_decoding(), cfg, cpu, "fp32"),
         "onnxruntime fp32": OrtRuntime(onnx_dir, cpu),
         "pytorch bf16 autocast": TorchRuntime(model, cfg, cpu, "bf16"),
         "pytorch int8 decoder": TorchRuntime(quantized_decoder(model), cfg, cpu, "fp32"),

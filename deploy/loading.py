@@ -77,14 +77,17 @@ def default_onnx_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "expansionnet" / "onnx"
 
 
-def resolve_backend(backend: str, kind: str, device: torch.device, precision: str) -> str:
-    """'auto': ONNX Runtime for an exported folder and for fp32 on the CPU (the fastest path that gives PyTorch's
-    captions, docs/benchmarks.md), PyTorch on a GPU or under bf16/fp16 autocast."""
+def resolve_backend(backend: str, kind: str, device: torch.device, precision: str, features_only: bool = False
+                    ) -> str:
+    """'auto': the fastest path that gives PyTorch's captions (docs/benchmarks.md): ONNX Runtime for an exported
+    folder and for fp32 on the CPU from images (its backbone is faster), PyTorch from cached features on the CPU
+    (features_only: its cached decoding is faster), on a GPU, and under bf16/fp16 autocast."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
-    if kind == "onnx" or (device.type == "cpu" and resolve_precision(precision, device) == "fp32"):
+    cpu_fp32 = device.type == "cpu" and resolve_precision(precision, device) == "fp32"
+    if kind == "onnx" or (cpu_fp32 and not features_only):
         return "onnx"
     return "torch"
 
@@ -103,7 +106,7 @@ def load_one(path: Source, *, backend: str = "auto", device: str | torch.device 
         if backend not in ("auto", "torch"):
             raise ValueError(f"compile applies to the PyTorch backend, not {backend!r}")
         backend = "torch"
-    backend = resolve_backend(backend, kind, dev, precision)
+    backend = resolve_backend(backend, kind, dev, precision, features_only)
     if kind == "onnx":
         if backend == "torch":
             raise ValueError(f"{path} is an exported ONNX folder: it holds no PyTorch weights; load it with "

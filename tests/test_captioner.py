@@ -214,6 +214,14 @@ def test_the_default_cpu_backend_is_onnx_runtime_with_pytorchs_captions_exported
     assert load_captioner(tiny_checkpoint, precision="bf16").backend == "torch"  # autocast runs in PyTorch
 
 
+def test_the_default_cpu_backend_for_cached_features_is_pytorch(tiny_checkpoint):
+    """From cached features PyTorch's cached decoding is the faster exact path on the CPU (no export either)."""
+    from deploy.loading import load_one
+
+    assert load_one(tiny_checkpoint, features_only=True).runtime.kind == "torch"
+    assert load_one(tiny_checkpoint, features_only=True, backend="onnx").runtime.kind == "onnx"
+
+
 def test_weights_digest_covers_zero_dimensional_buffers():
     from utils.checkpoint import state_dict_sha256
 

@@ -174,9 +174,10 @@ class CheckpointOptions:
         aliases=("--load_path", "--save_model_path"), group="model")
     vocab: str = option("", "vocabulary file (JSON, or the official demo_coco_tokens.pickle); only the official "
                         "checkpoint needs it", aliases=("--vocab_path",), group="model")
-    backend: str = option("auto", "what decodes: auto (ONNX Runtime for an exported folder and for fp32 on the CPU, "
-                          "the fastest path with PyTorch's captions; PyTorch on a GPU or under bf16/fp16), torch or "
-                          "onnx", choices=("auto", "torch", "onnx"), group="runtime")
+    backend: str = option("auto", "what decodes: auto (ONNX Runtime for an exported folder and for fp32 on the CPU "
+                          "from images, the fastest path with PyTorch's captions; PyTorch from cached features on the "
+                          "CPU, on a GPU or under bf16/fp16), torch or onnx", choices=("auto", "torch", "onnx"),
+                          group="runtime")
     onnx_cache: str = option("", "folder of the ONNX exports ONNX Runtime runs, made once per weights (default: "
                              "$XDG_CACHE_HOME or ~/.cache, /expansionnet/onnx)", group="runtime")
     compile: bool = option(False, "torch.compile the encoder and the decoding step (PyTorch backend): compiles once "
