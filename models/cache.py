@@ -1,10 +1,11 @@
 """Decoder state for incremental decoding: per-layer dynamic-expansion caches and cross-attention keys/values.
 
-Every expansion cache answers the same four calls, which is all DynamicExpansionBlock.step asks of it: `append` the
-newest position's rows, `scores` (queries against the hypothesis's past rows), `read` (weights over them) and
-`hide_unwritten`. What a "past" is differs: a beam search's hypotheses share their images' stored rows through an
-ancestry table (DynamicExpansionCache), a compiled step reads fixed-size per-hypothesis buffers (FixedExpansionCache)
-and an exported graph concatenated tensors (ConcatExpansionCache).
+Every expansion cache answers the same calls, which is all DynamicExpansionBlock.step asks of it: `append` the
+newest position's rows, `scores` / `shared_scores` (queries against the hypothesis's past rows), `read` (weights
+over them) and `hide_unwritten`, and says whether it `keeps_forward_weights` (see DynamicExpansionCache). What a
+"past" is differs: a beam search's hypotheses share their images' stored rows through an ancestry table
+(DynamicExpansionCache), a compiled step reads fixed-size per-hypothesis buffers (FixedExpansionCache) and an
+exported graph concatenated tensors (ConcatExpansionCache).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class _HypothesisRows:
 
     def shared_scores(self, name: str, q: torch.Tensor) -> torch.Tensor:
         """The same queries q (M, D) for every hypothesis against its past rows of `name` -> (R, M, rows)."""
-        return torch.matmul(q, self.history(name).transpose(1, 2))
+        return _HypothesisRows.scores(self, name, q)  # the product broadcasts q over the hypotheses
 
     def read(self, name: str, w: torch.Tensor) -> torch.Tensor:
         """Weights w (R, M, rows) over the past rows of `name` -> (R, M, D)."""

@@ -234,9 +234,10 @@ class StaticExpansionBlock(_ExpansionBlock):
     def _read_back(self, w: torch.Tensor, a: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
                    dropout_fw: nn.Dropout) -> torch.Tensor:
         """w @ dropout_fw(a @ v + bias): the forward step's expanded rows (B, E, D), read back by the backward
-        weights w (B, N, E). Without an active dropout on those rows it is computed as (w @ a) @ v + w @ bias: the
-        same product with a third less arithmetic and no (B, E, D) tensor (the encoder 10% faster)."""
-        if self.training and dropout_fw.p > 0:
+        weights w (B, N, E). In eval mode it is computed as (w @ a) @ v + w @ bias: the same product with a third
+        less arithmetic and no (B, E, D) tensor (the encoder 10% faster). Training keeps the order its runs were
+        made with (a dropout may act on the rows; and a resumed run continues bitwise as it started)."""
+        if self.training:
             return torch.matmul(w, dropout_fw(torch.baddbmm(bias, a, v)))
         return torch.baddbmm(torch.matmul(w, bias), torch.matmul(w, a), v)
 
@@ -298,14 +299,17 @@ class DynamicExpansionBlock(_ExpansionBlock):
         va, vb = self.values(x)
         for name, rows in (("k", k_j), ("cond", cond), ("va", va), ("vb", vb)):
             cache.append(name, rows)
-        # scores of position j's expanded queries q_exp[e] + cond_j against the keys of positions 0..j: (B, E, T)
-        z = cache.shared_scores("k", self.query_exp_vectors.weight) + cache.scores("k", cond)
+        # Decoding (eval mode) on a cache that keeps_forward_weights: Ca = Fa @ Va, so the cache keeps Fa instead
+        # (T columns, not D) and the backward step reads Va through it, w @ Ca = (w @ Fa) @ Va; the shared expansion
+        # queries score each image's keys once. Training (SCST sampling; a dropout may act on Ca) keeps Ca and the
+        # arithmetic its runs were made with, so a resumed run continues bitwise.
+        by_weights = cache.keeps_forward_weights and not self.training
+        if by_weights:  # scores of position j's expanded queries q_exp[e] + cond_j against keys 0..j: (B, E, T)
+            z = cache.shared_scores("k", self.query_exp_vectors.weight) + cache.scores("k", cond)
+        else:
+            z = cache.scores("k", self.query_exp_vectors.weight + cond)
         z = self.Z_dropout(cache.hide_unwritten(z / scale, 1))
         forward_weights = {"a": _normalise(F.relu(z)), "b": _normalise(F.relu(-z))}  # (B, E, T)
-        # Ca = Fa @ Va. Without a dropout on Ca the cache may keep Fa instead (T columns, not D) and the backward
-        # step read Va through it: w @ Ca = (w @ Fa) @ Va.
-        by_weights = cache.keeps_forward_weights and not (
-            self.training and (self.dropout_class_a_fw.p > 0 or self.dropout_class_b_fw.p > 0))
         for c, drop_fw in (("a", self.dropout_class_a_fw), ("b", self.dropout_class_b_fw)):
             if by_weights:
                 cache.append("f" + c, forward_weights[c])

@@ -220,10 +220,10 @@ def test_a_cache_made_for_a_search_that_never_reorders_keeps_plain_rows_and_refu
             plain.reorder(torch.arange(6))
 
 
-def test_the_growing_cache_keeps_forward_weights_unless_a_dropout_acts_on_ca():
+def test_the_growing_cache_keeps_forward_weights_in_eval_and_ca_in_training():
     """Eval mode: the cache keeps the forward step's weights (T columns) instead of Ca, Cb (D columns), and the
-    log-probs are those of the Ca path (the fixed-size cache always keeps Ca). Training mode with a dropout on Ca:
-    the step keeps Ca, Cb, the dropped-out values that the backward step must read."""
+    log-probs are those of the Ca path (the fixed-size cache always keeps Ca). Training mode (a dropout may act on
+    Ca): the step keeps Ca, Cb, the dropped-out values that the backward step must read."""
     torch.manual_seed(16)
     model = build_model(tiny_config("expansionnet_v2", end_to_end=False, dec_drop=0.3)).eval()
     memory = model.encode(features=torch.randn(2, 6, 24))

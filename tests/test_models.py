@@ -181,8 +181,8 @@ def test_static_expansion_equals_reference_formula_with_padding(gated):
 
 
 def test_static_expansion_reads_back_in_either_order_with_the_same_result():
-    """Without an active dropout on the expanded rows the read-back runs as (w @ a) @ v + w @ bias; with one (in
-    training) as w @ dropout(a @ v + bias). Both orders give the same numbers when the dropout keeps everything."""
+    """In eval mode the read-back runs as (w @ a) @ v + w @ bias; in training as w @ dropout(a @ v + bias). Both
+    orders give the same numbers when the dropout keeps everything."""
     torch.manual_seed(3)
     blk = StaticExpansionBlock(16, (2, 4, 8), dropout=0.0)
     w, a, v = torch.rand(3, 7, 14), torch.rand(3, 14, 7), torch.randn(3, 7, 16)
