@@ -55,8 +55,7 @@ class Ancestry:
         own = torch.arange(group, device=device).repeat(images)  # row b*group+i writes slot i at every position
         self.table = own[:, None].repeat(1, max_len)  # positions not reached yet hold the own slot
         self.length = 0
-        self.version = 0  # moves with every change of length or table: what was derived from them is stale
-        self._derived: dict[str, torch.Tensor] = {}
+        self._derived: dict[str, torch.Tensor] = {}  # from length and table, shared by the layers; cleared on change
 
     def advance(self) -> None:
         self.length += 1
@@ -69,7 +68,6 @@ class Ancestry:
             self._changed()
 
     def _changed(self) -> None:
-        self.version += 1
         self._derived.clear()
 
     def onehot(self, dtype: torch.dtype) -> torch.Tensor:
@@ -118,7 +116,6 @@ class DynamicExpansionCache(_HypothesisRows):
         self._store: dict[str, torch.Tensor] = {}
         self.ancestry = ancestry
         self.max_len, self.d_model, self.device, self.dtype = max_len, d_model, device, dtype
-        self._gathered: dict[str, tuple[int, torch.Tensor]] = {}
 
     @property
     def length(self) -> int:
@@ -145,7 +142,6 @@ class DynamicExpansionCache(_HypothesisRows):
         width = g * rows.shape[1]
         start = self.ancestry.length * width
         self._store[name][:, start:start + width, :rows.shape[-1]] = rows.reshape(B, width, rows.shape[-1])
-        self._gathered.pop(name, None)
 
     def _filled(self, name: str) -> torch.Tensor:
         T = self.ancestry.length + 1
@@ -158,13 +154,9 @@ class DynamicExpansionCache(_HypothesisRows):
             return self._filled(name)
         if self._per_position[name] != 1:
             raise ValueError(f"{name} is read in place (DynamicExpansionCache.read), not gathered")
-        version, rows = self._gathered.get(name, (-1, None))
-        if version != self.ancestry.version or rows is None:
-            store = self._store[name]
-            rows = store.view(-1, store.shape[-1]).index_select(0, self.ancestry.source_rows())
-            rows = rows.view(self.ancestry.images * self.ancestry.group, -1, store.shape[-1])
-            self._gathered[name] = (self.ancestry.version, rows)
-        return rows
+        store = self._store[name]
+        rows = store.view(-1, store.shape[-1]).index_select(0, self.ancestry.source_rows())
+        return rows.view(self.ancestry.images * self.ancestry.group, -1, store.shape[-1])
 
     def read(self, name: str, w: torch.Tensor) -> torch.Tensor:
         """Weights w (R, M, T * n) over the hypothesis's own past rows of `name` -> (R, M, width)."""
