@@ -1,8 +1,9 @@
 """Decoder state for incremental decoding: per-layer dynamic-expansion caches and cross-attention keys/values.
 
 Every expansion cache answers the same calls, which is all DynamicExpansionBlock.step asks of it: `append` the
-newest position's rows, `scores` / `shared_scores` (queries against the hypothesis's past rows), `read` (weights
-over them) and `hide_unwritten`, and says whether it `keeps_forward_weights` (see DynamicExpansionCache). What a
+newest position's rows, `scores` (queries against the hypothesis's past rows), `read` (weights over them) and
+`hide_unwritten`, and says whether it `keeps_forward_weights` (see DynamicExpansionCache; such a cache also answers
+the eval-mode step's `expansion_scores` and `read_pairs`). What a
 "past" is differs: a beam search's hypotheses share their images' stored rows through an ancestry table
 (DynamicExpansionCache), a compiled step reads fixed-size per-hypothesis buffers (FixedExpansionCache) and an
 exported graph concatenated tensors (ConcatExpansionCache).
@@ -32,10 +33,6 @@ class _HypothesisRows:
     def scores(self, name: str, q: torch.Tensor) -> torch.Tensor:
         """q (R, M, D) against the past rows of `name` -> (R, M, rows)."""
         return torch.matmul(q, self.history(name).transpose(1, 2))
-
-    def shared_scores(self, name: str, q: torch.Tensor) -> torch.Tensor:
-        """The same queries q (M, D) for every hypothesis against its past rows of `name` -> (R, M, rows)."""
-        return _HypothesisRows.scores(self, name, q)  # the product broadcasts q over the hypotheses
 
     def read(self, name: str, w: torch.Tensor) -> torch.Tensor:
         """Weights w (R, M, rows) over the past rows of `name` -> (R, M, D)."""
@@ -79,6 +76,15 @@ class Ancestry:
             self._derived[key] = (table[..., None] == slots).to(dtype).view(self.images, self.group, -1, self.group)
         return self._derived[key]
 
+    def slots(self, queries: int, rows_per_position: int) -> torch.Tensor:
+        """(images, group, queries, T, 1, rows_per_position): the table as a gather index of every slot's scores."""
+        key = f"slots-{queries}-{rows_per_position}"
+        if key not in self._derived:
+            T = self.length + 1
+            self._derived[key] = self.table[:, :T].view(self.images, self.group, 1, T, 1, 1).expand(
+                -1, -1, queries, -1, -1, rows_per_position)
+        return self._derived[key]
+
     def source_rows(self) -> torch.Tensor:
         """(images * group * T,): for hypothesis r and position t, its ancestor's row in a (images * max_len * group)
         store of one row per position, flattened; T: the filled positions + 1."""
@@ -102,9 +108,11 @@ class DynamicExpansionCache(_HypothesisRows):
     gathering them at every step cost a quarter of a beam search (docs/benchmarks.md, "Decoding"). With group 1 it
     is a plain per-hypothesis cache.
 
-    Besides NAMES it keeps, when the step asks (keeps_forward_weights), the forward step's weights fa, fb: E rows of
-    max_len columns per position (position t's row e weighs Va, Vb of positions 0..t, zeros after), from which Ca,
-    Cb are one product away; 1/25 of their bytes at D = 512 and 20 positions. Stores are made at their first append.
+    Besides NAMES it keeps, for the eval-mode step (keeps_forward_weights), both classes side by side: "v" holds
+    Va | Vb (one row of 2D per position) and "f" the forward step's weights Fa, Fb (E rows per position, their
+    columns position-major and class-minor: column 2s + c weighs class c's value of position s; zeros after the row's
+    own position), from which Ca, Cb are one product away at 1/25 of their bytes (D = 512, 20 positions). The step
+    reads both classes in one product each (`read_pairs`). Stores are made at their first append.
     """
 
     NAMES = NAMES
@@ -112,7 +120,8 @@ class DynamicExpansionCache(_HypothesisRows):
 
     def __init__(self, ancestry: Ancestry, max_len: int, num_exp: int, d_model: int, device: torch.device,
                  dtype: torch.dtype) -> None:
-        self._per_position = {name: num_exp if name in ("ca", "cb", "fa", "fb") else 1 for name in (*NAMES, "fa", "fb")}
+        self._per_position = {name: num_exp if name in ("ca", "cb", "f") else 1 for name in (*NAMES, "v", "f")}
+        self._columns = {name: d_model for name in NAMES} | {"v": 2 * d_model, "f": 2 * max_len}
         self._store: dict[str, torch.Tensor] = {}
         self.ancestry = ancestry
         self.max_len, self.d_model, self.device, self.dtype = max_len, d_model, device, dtype
@@ -127,26 +136,29 @@ class DynamicExpansionCache(_HypothesisRows):
         return self._store
 
     def _make_store(self, name: str) -> torch.Tensor:
-        rows = self.max_len * self.ancestry.group * self._per_position[name]
-        if name in ("fa", "fb"):  # zeros: a row's columns after its own position are read as weights 0
-            return torch.zeros(self.ancestry.images, rows, self.max_len, device=self.device, dtype=self.dtype)
-        # uninitialised: only written rows are ever read
-        return torch.empty(self.ancestry.images, rows, self.d_model, device=self.device, dtype=self.dtype)
+        shape = (self.ancestry.images, self.max_len * self.ancestry.group * self._per_position[name],
+                 self._columns[name])
+        if name == "f":  # zeros: a row's columns after its own position are read as weights 0
+            return torch.zeros(shape, device=self.device, dtype=self.dtype)
+        return torch.empty(shape, device=self.device, dtype=self.dtype)  # only written rows are ever read
 
     def append(self, name: str, rows: torch.Tensor) -> None:
-        """Write the newest position's rows (images*group, n, width): n is 1, or num_exp for ca, cb, fa, fb; the
-        forward weights fa, fb have one column per position so far."""
+        """Write the newest position's rows (images*group, n, columns): n is 1, or num_exp for ca, cb, f; the
+        forward weights f come as (images*group, num_exp, positions so far, 2)."""
         if name not in self._store:
             self._store[name] = self._make_store(name)
         B, g = self.ancestry.images, self.ancestry.group
         width = g * rows.shape[1]
         start = self.ancestry.length * width
-        self._store[name][:, start:start + width, :rows.shape[-1]] = rows.reshape(B, width, rows.shape[-1])
+        store = self._store[name]
+        if name == "f":
+            store = store.view(B, store.shape[1], self.max_len, 2)
+        store[:, start:start + width, :rows.shape[2]] = rows.reshape(B, width, *rows.shape[2:])
 
     def _filled(self, name: str) -> torch.Tensor:
         T = self.ancestry.length + 1
         filled = self._store[name][:, :T * self.ancestry.group * self._per_position[name]]
-        return filled[..., :T] if name in ("fa", "fb") else filled
+        return filled[..., :2 * T] if name == "f" else filled
 
     def history(self, name: str) -> torch.Tensor:
         """(R, T * n, width): each hypothesis's own past rows of `name`, the newest position included."""
@@ -162,12 +174,21 @@ class DynamicExpansionCache(_HypothesisRows):
         """Weights w (R, M, T * n) over the hypothesis's own past rows of `name` -> (R, M, width)."""
         B, g, n = self.ancestry.images, self.ancestry.group, self._per_position[name]
         R, M, _ = w.shape
-        if g == 1 or (n == 1 and M > 1):
+        if g == 1 or (n == 1 and M > 2):  # many queries (E) per hypothesis: gathering their rows is cheaper
             return super().read(name, w)
         onehot = self.ancestry.onehot(w.dtype)  # (B, g, T, g)
         T = onehot.shape[2]
         spread = w.reshape(B, g, M, T, 1, n) * onehot.view(B, g, 1, T, g, 1)  # zero weight on other slots' rows
         return torch.matmul(spread.view(B, g * M, T * g * n), self._filled(name)).view(R, M, -1)
+
+    def read_pairs(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        """Weights w (R, 2, T * n) of the two classes over the past rows of "v" or "f", which hold both classes'
+        columns, each class reading its own -> (R, 2, columns / 2): one product for both (a strided view)."""
+        both = self.read(name, w)  # (R, 2 queries, columns of both classes)
+        R = both.shape[0]
+        if name == "f":  # class-minor columns
+            return both.view(R, 2, -1, 2).diagonal(dim1=1, dim2=3).transpose(1, 2)
+        return both.view(R, 2, 2, -1).diagonal(dim1=1, dim2=2).transpose(1, 2)  # halves: Va | Vb
 
     def scores(self, name: str, q: torch.Tensor) -> torch.Tensor:
         """q (R, M, D) against the hypothesis's own past rows of `name` -> (R, M, T * n)."""
@@ -178,23 +199,25 @@ class DynamicExpansionCache(_HypothesisRows):
         every_slot = torch.matmul(q.reshape(B, g, D), self._filled(name).transpose(1, 2))  # (B, g, T*g*n)
         return self._own_slots(every_slot.view(B, g, 1, -1), name)
 
-    def shared_scores(self, name: str, q: torch.Tensor) -> torch.Tensor:
-        """The same queries q (M, D) for every hypothesis against its past rows of `name` -> (R, M, T * n): one
-        product per image, whatever the group."""
+    def expansion_scores(self, name: str, shared: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+        """Scores shared[m] . row + own_r . row (shared (M, D) queries for every hypothesis r, own (R, 1, D) its
+        own) against each hypothesis's past rows of `name` -> (R, M, T * n): one product per image for all of
+        them, whatever the group."""
         B, g = self.ancestry.images, self.ancestry.group
-        every_slot = torch.matmul(q, self._filled(name).transpose(1, 2))  # (B, M, T*g*n)
+        M, D = shared.shape
+        rows = self._filled(name).transpose(1, 2)
         if g == 1:
-            return every_slot
-        return self._own_slots(every_slot[:, None].expand(B, g, *every_slot.shape[1:]), name)
+            return torch.matmul(shared, rows) + torch.matmul(own, rows)
+        queries = torch.cat((shared.expand(B, M, D), own.reshape(B, g, D)), dim=1)
+        every_slot = torch.matmul(queries, rows)  # (B, M + g, T*g*n)
+        return self._own_slots(every_slot[:, None, :M] + every_slot[:, M:, None], name)
 
     def _own_slots(self, every_slot: torch.Tensor, name: str) -> torch.Tensor:
         """(B, g, M, T*g*n) scores against every slot's rows -> (R, M, T*n) against each hypothesis's own."""
         B, g, M, _ = every_slot.shape
         n = self._per_position[name]
         s = every_slot.view(B, g, M, -1, g, n)
-        T = s.shape[3]
-        slot = self.ancestry.table[:, :T].view(B, g, 1, T, 1, 1).expand(B, g, M, T, 1, n)
-        return s.gather(4, slot).view(B * g, M, T * n)
+        return s.gather(4, self.ancestry.slots(M, n)).view(B * g, M, -1)
 
     def hide_unwritten(self, scores: torch.Tensor, rows_per_position: int) -> torch.Tensor:
         """Scores against the rows `scores`/`read` see, unchanged: every one of them is written."""

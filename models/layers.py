@@ -70,6 +70,27 @@ class PackedLinear(nn.Linear):
                 and not torch.compiler.is_compiling() and _mkl_packed_gemm_available())
 
 
+def linear_outputs(x: torch.Tensor, linears: tuple[nn.Linear, ...], store: dict) -> list[torch.Tensor]:
+    """Each linear layer applied to x. Where every one is a PackedLinear that would pack this product, they run as
+    one packed product of their weights side by side (same values as one by one: MKL's sums per output do not
+    depend on the other columns), kept in `store` per row count and rebuilt when a weight or bias changes."""
+    rows = x.numel() // x.shape[-1]
+    if not all(isinstance(linear, PackedLinear) and linear.bias is not None for linear in linears) or \
+            not linears[0]._packable(x, rows):
+        return [linear(x) for linear in linears]
+    packings: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = store.setdefault("_joint_packings", {})
+    key = (rows, *((p._version, p.data_ptr()) for linear in linears for p in (linear.weight, linear.bias)))
+    if key not in packings:
+        if len(packings) >= PackedLinear.KEPT_PACKINGS:
+            del packings[next(iter(packings))]
+        weight = torch.cat([linear.weight.detach() for linear in linears]).t().contiguous().t()  # (in, out) order
+        bias = torch.cat([linear.bias.detach() for linear in linears])
+        packings[key] = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows), weight, bias
+    packed, weight, bias = packings[key]
+    return list(torch.ops.mkl._mkl_linear(x, packed, weight, bias, rows).split(
+        [linear.out_features for linear in linears], dim=-1))
+
+
 class FeedForward(nn.Module):
     """Linear -> ReLU -> Dropout -> Linear."""
 
@@ -188,15 +209,19 @@ class _ExpansionBlock(nn.Module):
         self.dropout_class_b_bw = nn.Dropout(dropout)
 
     def values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        va, vb = self.class_a_embed(x), self.class_b_embed(x)
+        return self._gate(self.class_a_embed(x), self.class_b_embed(x))
+
+    def _gate(self, va: torch.Tensor, vb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The multiplicative residual embedding of the two classes' values, where the block has one."""
         if self.gated:
             va = va * torch.sigmoid(self.class_a_gate(va))
             vb = vb * torch.sigmoid(self.class_b_gate(vb))
         return va, vb
 
-    def _select(self, x: torch.Tensor, oa: torch.Tensor, ob: torch.Tensor) -> torch.Tensor:
-        """The selector's per-feature mix of the two classes' outputs."""
-        s = torch.sigmoid(self.selector_embed(x))
+    def _select(self, x: torch.Tensor, oa: torch.Tensor, ob: torch.Tensor, selector: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """The selector's per-feature mix of the two classes' outputs (selector: its projection of x, if made)."""
+        s = torch.sigmoid(self.selector_embed(x) if selector is None else selector)
         return s * oa + (1 - s) * ob
 
 
@@ -289,9 +314,11 @@ class DynamicExpansionBlock(_ExpansionBlock):
         the biases b_exp[e] + cond_t enter the output through the weights' marginals, so neither expanded queries
         nor biases are cached. The past is reached only through the cache's append / scores / read / hide_unwritten,
         so a beam's shared rows (growing), the fixed-size buffers of a compiled step and the concatenated tensors of
-        an exported graph run the same code; a cache that keeps_forward_weights stores the forward step's weights
-        in place of Ca, Cb (25x fewer bytes to read back at every later step).
+        an exported graph run the same code. Decoding (eval mode) on a cache that keeps_forward_weights takes
+        `_step_by_forward_weights` instead.
         """
+        if cache.keeps_forward_weights and not self.training:
+            return self._step_by_forward_weights(x, cache)
         E = self.num_exp
         scale = math.sqrt(x.shape[-1])
         cond = self.cond_embed(x)  # (B, 1, D)
@@ -299,22 +326,10 @@ class DynamicExpansionBlock(_ExpansionBlock):
         va, vb = self.values(x)
         for name, rows in (("k", k_j), ("cond", cond), ("va", va), ("vb", vb)):
             cache.append(name, rows)
-        # Decoding (eval mode) on a cache that keeps_forward_weights: Ca = Fa @ Va, so the cache keeps Fa instead
-        # (T columns, not D) and the backward step reads Va through it, w @ Ca = (w @ Fa) @ Va; the shared expansion
-        # queries score each image's keys once. Training (SCST sampling; a dropout may act on Ca) keeps Ca and the
-        # arithmetic its runs were made with, so a resumed run continues bitwise.
-        by_weights = cache.keeps_forward_weights and not self.training
-        if by_weights:  # scores of position j's expanded queries q_exp[e] + cond_j against keys 0..j: (B, E, T)
-            z = cache.shared_scores("k", self.query_exp_vectors.weight) + cache.scores("k", cond)
-        else:
-            z = cache.scores("k", self.query_exp_vectors.weight + cond)
-        z = self.Z_dropout(cache.hide_unwritten(z / scale, 1))
-        forward_weights = {"a": _normalise(F.relu(z)), "b": _normalise(F.relu(-z))}  # (B, E, T)
-        for c, drop_fw in (("a", self.dropout_class_a_fw), ("b", self.dropout_class_b_fw)):
-            if by_weights:
-                cache.append("f" + c, forward_weights[c])
-            else:
-                cache.append("c" + c, drop_fw(cache.read("v" + c, forward_weights[c])))  # (B, E, D)
+        # scores of position j's expanded queries q_exp[e] + cond_j against keys 0..j: (B, E, T)
+        z = self.Z_dropout(cache.hide_unwritten(cache.scores("k", self.query_exp_vectors.weight + cond) / scale, 1))
+        for c, w, drop_fw in (("a", F.relu(z), self.dropout_class_a_fw), ("b", F.relu(-z), self.dropout_class_b_fw)):
+            cache.append("c" + c, drop_fw(cache.read("v" + c, _normalise(w))))  # (B, E, D)
         z_t = cache.scores("cond", k_j)  # (B, 1, T)
         z_e = torch.matmul(k_j, self.query_exp_vectors.weight.t())  # (B, 1, E)
         zb = self.Z_dropout(cache.hide_unwritten(((z_t[..., :, None] + z_e[..., None, :]) / scale).flatten(-2), E))
@@ -323,6 +338,30 @@ class DynamicExpansionBlock(_ExpansionBlock):
                            (_normalise(F.relu(-zb)), "b", self.dropout_class_b_bw)):
             w4 = w.unflatten(-1, (-1, E))  # (B, 1, T, E)
             bias = torch.matmul(w4.sum(2), self.bias_exp_vectors.weight) + cache.read("cond", w4.sum(3))
-            past = cache.read("v" + c, cache.read("f" + c, w)) if by_weights else cache.read("c" + c, w)
-            outs.append(drop(past + bias))
+            outs.append(drop(cache.read("c" + c, w) + bias))
         return self._select(x, *outs)
+
+    def _step_by_forward_weights(self, x: torch.Tensor, cache: DynamicExpansionCache) -> torch.Tensor:
+        """`step` in eval mode (dropouts are identities) on a cache that keeps the forward step's weights: Ca = Fa @
+        Va, so the cache keeps Fa (T columns, not D) and the backward step reads Va through it, w @ Ca = (w @ Fa) @
+        Va; the shared expansion queries score each image's keys once; the two classes go through each operation
+        together (a leading axis of 2), and the five input projections are one product (`linear_outputs`)."""
+        E = self.num_exp
+        scale = math.sqrt(x.shape[-1])
+        q_exp = self.query_exp_vectors.weight
+        cond, k_j, va, vb, s = linear_outputs(x, (self.cond_embed, self.key_linear, self.class_a_embed,
+                                                  self.class_b_embed, self.selector_embed), self.__dict__)
+        va, vb = self._gate(va, vb)
+        cache.append("k", k_j)
+        cache.append("cond", cond)
+        cache.append("v", torch.cat((va, vb), dim=-1))
+        z = cache.expansion_scores("k", q_exp, cond) / scale  # (B, E, T): q_exp[e] + cond against the keys
+        cache.append("f", _normalise(F.relu(torch.stack((z, -z), dim=2))).transpose(2, 3))  # (B, E, T, 2)
+        z_t = cache.scores("cond", k_j)  # (B, 1, T)
+        z_e = torch.matmul(k_j, q_exp.t())  # (B, 1, E)
+        zb = ((z_t[..., :, None] + z_e[..., None, :]) / scale).flatten(-2)  # (B, 1, T * E)
+        w = _normalise(F.relu(torch.cat((zb, -zb), dim=1)))  # (B, 2, T * E): classes a, b
+        w4 = w.unflatten(-1, (-1, E))  # (B, 2, T, E)
+        bias = torch.matmul(w4.sum(2), self.bias_exp_vectors.weight) + cache.read("cond", w4.sum(3))
+        out = cache.read_pairs("v", cache.read_pairs("f", w)) + bias  # (B, 2, D)
+        return self._select(x, out[:, :1], out[:, 1:], selector=s)

@@ -234,8 +234,8 @@ def test_the_growing_cache_keeps_forward_weights_in_eval_and_ca_in_training():
         for j in range(5):
             torch.testing.assert_close(model.decode_step(tokens[:, j], growing),
                                        model.decode_step(tokens[:, j], fixed), rtol=0, atol=1e-5)
-        assert set(growing.dyn[0].tensors) == {"k", "cond", "va", "vb", "fa", "fb"}
-        assert growing.dyn[0].tensors["fa"].shape[-1] == 5  # one column per position, not d_model
+        assert set(growing.dyn[0].tensors) == {"k", "cond", "v", "f"}
+        assert growing.dyn[0].tensors["f"].shape[-1] == 2 * 5  # one column per position and class, not d_model
         model.train()
         training = model.init_cache(memory, None, group=3, max_len=5)
         model.decode_step(tokens[:, 0], training)
