@@ -23,8 +23,8 @@ def _eps(dtype: torch.dtype) -> float:
     return max(EXP_EPS, torch.finfo(dtype).tiny)
 
 
-def _normalise(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    return x / (x.sum(dim=dim, keepdim=True) + _eps(x.dtype))
+def _normalise(x: torch.Tensor, dim: int = -1, out: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.div(x, x.sum(dim=dim, keepdim=True) + _eps(x.dtype), out=out)
 
 
 def _mkl_packed_gemm_available() -> bool:
@@ -242,13 +242,13 @@ class StaticExpansionBlock(_ExpansionBlock):
         bias = self.bias_exp_vectors.weight  # (E, D)
         z = self.Z_dropout(torch.matmul(q, self.key_embed(x).transpose(1, 2)) / math.sqrt(D))  # (B, E, N)
         za, zb = F.relu(z), F.relu(-z)
+        # backward step: per-block normalisation over the expansion axis, then the mean over the blocks
+        wa = self._block_normalise(za.transpose(1, 2))  # (B, N, E)
+        wb = self._block_normalise(zb.transpose(1, 2))
         if key_mask is not None:
             keep = key_mask[:, None, :].to(z.dtype)
             za, zb = za * keep, zb * keep
         va, vb = self.values(x)
-        # backward step: per-block normalisation over the expansion axis, then the mean over the blocks
-        wa = self._block_normalise(F.relu(z.transpose(1, 2)))  # (B, N, E)
-        wb = self._block_normalise(F.relu(-z.transpose(1, 2)))
         num_blocks = len(self.num_exp_list)
         oa = self.dropout_class_a_bw(self._read_back(wa, _normalise(za), va, bias, self.dropout_class_a_fw)
                                      / num_blocks)
@@ -267,8 +267,15 @@ class StaticExpansionBlock(_ExpansionBlock):
         return torch.baddbmm(torch.matmul(w, bias), torch.matmul(w, a), v)
 
     def _block_normalise(self, w: torch.Tensor) -> torch.Tensor:
-        """Normalise each block of expanded rows on its own (a split, not an index_add: exportable to ONNX)."""
-        return torch.cat([_normalise(block) for block in w.split(self.num_exp_list, dim=-1)], dim=-1)
+        """Normalise each block of expanded rows on its own (a split, not an index_add: exportable to ONNX). Without
+        gradients (eager) each block is written straight into its columns of the result instead of concatenated."""
+        blocks = w.split(self.num_exp_list, dim=-1)
+        if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return torch.cat([_normalise(block) for block in blocks], dim=-1)
+        out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
+        for block, columns in zip(blocks, out.split(self.num_exp_list, dim=-1)):
+            _normalise(block, out=columns)
+        return out
 
 
 class DynamicExpansionBlock(_ExpansionBlock):
