@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import tiny_config
 
 from models import build_model
-from models.decoding import beam_search, greedy_search, sample
+from models.decoding import _top_k, beam_search, greedy_search, sample
 
 IDS = {"sos_idx": 1, "eos_idx": 2, "pad_idx": 0}
 MODELS = ["optimizer_expansionnet", "expansionnet_v2"]
@@ -240,3 +240,19 @@ def test_the_growing_cache_keeps_forward_weights_in_eval_and_ca_in_training():
         training = model.init_cache(memory, None, group=3, max_len=5)
         model.decode_step(tokens[:, 0], training)
         assert set(training.dyn[0].tensors) == {"k", "cond", "va", "vb", "ca", "cb"}
+
+
+@pytest.mark.parametrize("n,k", [(50000, 5), (50035, 5), (30021, 3), (600, 3), (1000, 1), (12, 2)])
+def test_the_beams_chunked_top_k_equals_a_plain_top_k_including_the_tail_and_dead_hypotheses(n, k):
+    """Values and indices as torch.topk gives them: with a tail that fills no chunk (n not a multiple of the chunk
+    size), the winners in that tail, and rows of -inf (beam slots not live yet) over half of the scores."""
+    torch.manual_seed(n)
+    for trial in range(6):
+        scores = torch.randn(4, n)
+        if trial % 2:
+            scores[:, : n // 2] = float("-inf")
+        if trial % 3 == 0:
+            scores[:, -7:] += 10.0
+        expected = scores.topk(k, dim=-1)
+        values, indices = _top_k(scores, k)
+        assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
