@@ -6,6 +6,7 @@ Parameter names follow the official ExpansionNet v2 release so its checkpoint lo
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -27,6 +28,7 @@ def _normalise(x: torch.Tensor, dim: int = -1, out: torch.Tensor | None = None) 
     return torch.div(x, x.sum(dim=dim, keepdim=True) + _eps(x.dtype), out=out)
 
 
+@functools.cache
 def _mkl_packed_gemm_available() -> bool:
     return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
 
@@ -64,10 +66,10 @@ class PackedLinear(nn.Linear):
         return torch.ops.mkl._mkl_linear(x, packings[key], self.weight, self.bias, rows)
 
     def _packable(self, x: torch.Tensor, rows: int) -> bool:
-        return (rows <= self.MAX_ROWS and x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32
-                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-                and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()
-                and not torch.compiler.is_compiling() and _mkl_packed_gemm_available())
+        return (rows <= self.MAX_ROWS and not torch.is_grad_enabled() and x.dtype == self.weight.dtype == torch.float32
+                and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
+                and not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export()
+                and _mkl_packed_gemm_available())
 
 
 def linear_outputs(x: torch.Tensor, linears: tuple[nn.Linear, ...], store: dict) -> list[torch.Tensor]:
@@ -101,7 +103,8 @@ class FeedForward(nn.Module):
         self.linear_2 = nn.Linear(d_ff, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.dropout(F.relu(self.linear_1(x))))
+        # without gradients the ReLU overwrites the hidden rows it reads (the encoder's are 9 MB): no new tensor
+        return self.linear_2(self.dropout(F.relu(self.linear_1(x), inplace=not torch.is_grad_enabled())))
 
 
 class EmbeddingLayer(nn.Module):
