@@ -147,18 +147,31 @@ class DynamicExpansionCache(_HypothesisRows):
         forward weights f come as (images*group, num_exp, positions so far, 2)."""
         if name not in self._store:
             self._store[name] = self._make_store(name)
-        B, g = self.ancestry.images, self.ancestry.group
-        width = g * rows.shape[1]
-        start = self.ancestry.length * width
+        B, g, n = self.ancestry.images, self.ancestry.group, rows.shape[1]
+        start = self.ancestry.length * g * n
         store = self._store[name]
         if name == "f":
             store = store.view(B, store.shape[1], self.max_len, 2)
-        store[:, start:start + width, :rows.shape[2]] = rows.reshape(B, width, *rows.shape[2:])
+        slots = store[:, start:start + g * n, :rows.shape[2]].unflatten(1, (g, n))
+        slots.copy_(rows.reshape(B, -1, n, *rows.shape[2:]))  # a first step run once per image fills every slot
 
     def _filled(self, name: str) -> torch.Tensor:
         T = self.ancestry.length + 1
         filled = self._store[name][:, :T * self.ancestry.group * self._per_position[name]]
         return filled[..., :2 * T] if name == "f" else filled
+
+    def _own_rows(self, name: str, rows: int) -> torch.Tensor | None:
+        """Each hypothesis's past rows of `name` as one plain (rows, T * n, columns) tensor where they need no
+        ancestry: a group of one, or a first step run once per image (`rows` == images; the group's hypotheses are
+        still one, and slot 0 holds their rows). None otherwise."""
+        if self.ancestry.group == 1:
+            return self._filled(name)
+        if rows != self.ancestry.images:
+            return None
+        if self.ancestry.length:
+            raise ValueError("only the first step can run once per image (one row per image)")
+        first = self._store[name][:, :self._per_position[name]]
+        return first[..., :2] if name == "f" else first
 
     def history(self, name: str) -> torch.Tensor:
         """(R, T * n, width): each hypothesis's own past rows of `name`, the newest position included."""
@@ -174,7 +187,10 @@ class DynamicExpansionCache(_HypothesisRows):
         """Weights w (R, M, T * n) over the hypothesis's own past rows of `name` -> (R, M, width)."""
         B, g, n = self.ancestry.images, self.ancestry.group, self._per_position[name]
         R, M, _ = w.shape
-        if g == 1 or (n == 1 and M > 2):  # many queries (E) per hypothesis: gathering their rows is cheaper
+        plain = self._own_rows(name, R)
+        if plain is not None:
+            return torch.matmul(w, plain)
+        if n == 1 and M > 2:  # many queries (E) per hypothesis: gathering their rows is cheaper
             return super().read(name, w)
         onehot = self.ancestry.onehot(w.dtype)  # (B, g, T, g)
         T = onehot.shape[2]
@@ -194,7 +210,10 @@ class DynamicExpansionCache(_HypothesisRows):
         """q (R, M, D) against the hypothesis's own past rows of `name` -> (R, M, T * n)."""
         B, g = self.ancestry.images, self.ancestry.group
         R, M, D = q.shape
-        if g == 1 or M > 1:
+        plain = self._own_rows(name, R)
+        if plain is not None:
+            return torch.matmul(q, plain.transpose(1, 2))
+        if M > 1:
             return super().scores(name, q)
         every_slot = torch.matmul(q.reshape(B, g, D), self._filled(name).transpose(1, 2))  # (B, g, T*g*n)
         return self._own_slots(every_slot.view(B, g, 1, -1), name)
@@ -205,9 +224,10 @@ class DynamicExpansionCache(_HypothesisRows):
         them, whatever the group."""
         B, g = self.ancestry.images, self.ancestry.group
         M, D = shared.shape
+        plain = self._own_rows(name, own.shape[0])
+        if plain is not None:
+            return torch.matmul(shared, plain.transpose(1, 2)) + torch.matmul(own, plain.transpose(1, 2))
         rows = self._filled(name).transpose(1, 2)
-        if g == 1:
-            return torch.matmul(shared, rows) + torch.matmul(own, rows)
         queries = torch.cat((shared.expand(B, M, D), own.reshape(B, g, D)), dim=1)
         every_slot = torch.matmul(queries, rows)  # (B, M + g, T*g*n)
         return self._own_slots(every_slot[:, None, :M] + every_slot[:, M:, None], name)

@@ -56,6 +56,10 @@ class Stepper(ABC):
     def reorder(self, index: torch.Tensor) -> None:
         """Hypothesis r continues hypothesis index[r] (index (batch*group,), within its own image's group)."""
 
+    first_step_per_image = False
+    """Whether the first call may pass one prefix per image (batch rows; it then returns batch rows), the group's
+    hypotheses being one until then: a beam search computes that step once per image."""
+
 
 class StepModel(Protocol):
     """Anything the searches can decode with besides an ExpansionNet: it makes a Stepper from its encoder output."""
@@ -105,6 +109,7 @@ class TorchStepper(Stepper):
             with autocast(self.device, precision):  # the cross-attention projections run at the steps' precision
                 self.cache = model.init_cache(memory, key_mask, group, max_len, fixed=self.step is not None,
                                               reorders=reorders)
+            self.first_step_per_image = self.step is None and reorders and group > 1 and not model.training
         else:
             self.memory = memory.repeat_interleave(group, dim=0)
             self.key_mask = key_mask.repeat_interleave(group, dim=0) if key_mask is not None else None
@@ -189,10 +194,13 @@ def beam_search(model: ExpansionNet | StepModel, memory: Any, key_mask: torch.Te
     tok_lps = torch.zeros(B, k, 0, device=device)
     batch_offset = (torch.arange(B, device=device) * k)[:, None]
     num_finished = 0
-    for _ in range(max_len):
-        logp = stepper.logprobs(prefix)
+    for step in range(max_len):
+        once = step == 0 and stepper.first_step_per_image  # the k hypotheses of an image are one so far
+        logp = stepper.logprobs(prefix[::k] if once else prefix)
         V = logp.shape[-1]
-        logp = logp.view(B, k, V)
+        logp = logp.view(B, -1, V)
+        if once and V < k:  # then the first top-k reaches the dead slots' -inf scores too
+            logp = logp.expand(B, k, V)
         if num_finished:  # a finished hypothesis goes on with PAD at log-prob 0
             done_row = torch.full((V,), float("-inf"), device=device)
             done_row[pad_idx] = 0.0
@@ -200,7 +208,7 @@ def beam_search(model: ExpansionNet | StepModel, memory: Any, key_mask: torch.Te
         top_scores, top_idx = _top_k((cum[..., None] + logp).view(B, k * V), k)
         src, tok = top_idx // V, top_idx % V
         index = (batch_offset + src).view(-1)
-        step_lp = logp.view(B, k * V).gather(1, top_idx)
+        step_lp = logp.reshape(B, -1).gather(1, top_idx)  # (once: every top index is in slot 0's words)
         prefix = torch.cat([prefix.index_select(0, index), tok.view(-1, 1)], dim=1)
         tok_lps = torch.cat([tok_lps.gather(1, src[..., None].expand(-1, -1, tok_lps.shape[-1])),
                              step_lp[..., None]], dim=-1)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import tiny_config
 
 from models import build_model
-from models.decoding import _top_k, beam_search, greedy_search, sample
+from models.decoding import TorchStepper, _top_k, beam_search, greedy_search, sample
 
 IDS = {"sos_idx": 1, "eos_idx": 2, "pad_idx": 0}
 MODELS = ["optimizer_expansionnet", "expansionnet_v2"]
@@ -256,3 +256,31 @@ def test_the_beams_chunked_top_k_equals_a_plain_top_k_including_the_tail_and_dea
         expected = scores.topk(k, dim=-1)
         values, indices = _top_k(scores, k)
         assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("vocab_size", [None, 3])
+def test_beam_search_computing_the_first_step_once_per_image_gives_the_every_hypothesis_results(name, vocab_size,
+                                                                                              monkeypatch):
+    """The first step runs on one row per image (its hypotheses are one until then): same tokens, log-probs and
+    scores as when every hypothesis computes it, also with fewer words than beams (the first top-k then reaches
+    the dead slots)."""
+    torch.manual_seed(21)
+    model = build_model(tiny_config(name, end_to_end=False, vocab_size=vocab_size)).eval()
+    memory = model.encode(features=torch.randn(3, 6, 24))
+    kw = dict(IDS, beam_size=5, max_len=6, num_outputs=3)
+    once = beam_search(model, memory, None, **kw)
+    steppers = []
+    original = TorchStepper.__init__
+
+    def every_hypothesis(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        steppers.append(self.first_step_per_image)
+        self.first_step_per_image = False
+
+    monkeypatch.setattr(TorchStepper, "__init__", every_hypothesis)
+    each = beam_search(model, memory, None, **kw)
+    assert steppers == [True]
+    assert torch.equal(once.tokens, each.tokens)
+    torch.testing.assert_close(once.logprobs, each.logprobs, rtol=0, atol=1e-6)
+    torch.testing.assert_close(once.scores, each.scores, rtol=0, atol=1e-6)
