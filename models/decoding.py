@@ -156,6 +156,10 @@ class EnsembleStepper(Stepper):
         for m in self.members:
             m.reorder(index.to(m.device))
 
+    @property
+    def first_step_per_image(self) -> bool:
+        return all(m.first_step_per_image for m in self.members)
+
 
 def make_stepper(model: ExpansionNet | StepModel, memory: Any, key_mask: torch.Tensor | None, group: int,
                  max_len: int, use_cache: bool = True, compile: Compile = False, reorders: bool = True) -> Stepper:
