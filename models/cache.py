@@ -3,10 +3,9 @@
 Every expansion cache answers the same calls, which is all DynamicExpansionBlock.step asks of it: `append` the
 newest position's rows, `scores` (queries against the hypothesis's past rows), `read` (weights over them) and
 `hide_unwritten`, and says whether it `keeps_forward_weights` (see DynamicExpansionCache; such a cache also answers
-the eval-mode step's `expansion_scores` and `read_pairs`). What a
-"past" is differs: a beam search's hypotheses share their images' stored rows through an ancestry table
-(DynamicExpansionCache), a compiled step reads fixed-size per-hypothesis buffers (FixedExpansionCache) and an
-exported graph concatenated tensors (ConcatExpansionCache).
+the eval-mode step's `expansion_scores` and `read_pairs`). What a "past" is differs: a beam search's hypotheses
+share their images' stored rows through an ancestry table (DynamicExpansionCache), a compiled step reads fixed-size
+per-hypothesis buffers (FixedExpansionCache) and an exported graph concatenated tensors (ConcatExpansionCache).
 """
 
 from __future__ import annotations
