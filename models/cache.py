@@ -99,13 +99,14 @@ class DynamicExpansionCache(_HypothesisRows):
     """Per-layer state of the dynamic expansion for a beam (or any group) of hypotheses per image, position-major:
     store[name] (images, max_len * group * n, width), position t's rows of the group's slot i at t*group*n + i*n.
 
-    Nothing is moved on a beam re-ordering (the Ancestry says which slot a hypothesis's past is in). The names of
-    one row per position (k, va, vb, cond) are gathered into per-hypothesis rows when a step reads them (E queries
-    per hypothesis read them: gathering the T rows each needs is cheaper than multiplying every slot's). The names
-    of E rows per position (one query per hypothesis, memory-bound) are read in place: one product per image against
-    every slot's rows, the other slots' rows weighted 0 - the same bytes a per-hypothesis product reads, where
-    gathering them at every step cost a quarter of a beam search (docs/benchmarks.md, "Decoding"). With group 1 it
-    is a plain per-hypothesis cache.
+    Nothing is moved on a beam re-ordering (the Ancestry says which slot a hypothesis's past is in). Rows that E
+    queries per hypothesis read (the training step's reads of k, va, vb) are gathered into per-hypothesis rows:
+    gathering the T rows each needs is cheaper than multiplying every slot's. Reads of one or two queries per
+    hypothesis (memory-bound) are made in place: one product per image against every slot's rows, the other slots'
+    rows weighted 0 - the same bytes a per-hypothesis product reads, where gathering them at every step cost a
+    quarter of a beam search (docs/benchmarks.md, "Decoding"); scores likewise, then each hypothesis's own slots
+    picked. With group 1 it is a plain per-hypothesis cache. A first step run once per image (one row per image,
+    before any re-ordering) fills every slot of position 0 and reads like a group of one.
 
     Besides NAMES it keeps, for the eval-mode step (keeps_forward_weights), both classes side by side: "v" holds
     Va | Vb (one row of 2D per position) and "f" the forward step's weights Fa, Fb (E rows per position, their
