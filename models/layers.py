@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,15 @@ def _normalise(x: torch.Tensor, dim: int = -1, out: torch.Tensor | None = None) 
 @functools.cache
 def _mkl_packed_gemm_available() -> bool:
     return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+
+
+def _kept(packings: dict, key: tuple, pack: Callable[[], Any]) -> Any:
+    """packings[key], made by pack() when missing; the oldest dropped beyond PackedLinear.KEPT_PACKINGS."""
+    if key not in packings:
+        if len(packings) >= PackedLinear.KEPT_PACKINGS:
+            del packings[next(iter(packings))]
+        packings[key] = pack()
+    return packings[key]
 
 
 class PackedLinear(nn.Linear):
@@ -57,13 +68,9 @@ class PackedLinear(nn.Linear):
         rows = x.numel() // self.in_features
         if not self._packable(x, rows):
             return F.linear(x, self.weight, self.bias)
-        packings: dict[tuple[int, int, int], torch.Tensor] = self.__dict__.setdefault("_packings", {})
-        key = (rows, self.weight._version, self.weight.data_ptr())
-        if key not in packings:
-            if len(packings) >= self.KEPT_PACKINGS:
-                del packings[next(iter(packings))]
-            packings[key] = torch.ops.mkl._mkl_reorder_linear_weight(self.weight.detach(), rows)
-        return torch.ops.mkl._mkl_linear(x, packings[key], self.weight, self.bias, rows)
+        packed = _kept(self.__dict__.setdefault("_packings", {}), (rows, self.weight._version, self.weight.data_ptr()),
+                       lambda: torch.ops.mkl._mkl_reorder_linear_weight(self.weight.detach(), rows))
+        return torch.ops.mkl._mkl_linear(x, packed, self.weight, self.bias, rows)
 
     def _packable(self, x: torch.Tensor, rows: int) -> bool:
         return (rows <= self.MAX_ROWS and not torch.is_grad_enabled() and x.dtype == self.weight.dtype == torch.float32
@@ -80,15 +87,13 @@ def linear_outputs(x: torch.Tensor, linears: tuple[nn.Linear, ...], store: dict)
     if not all(isinstance(linear, PackedLinear) and linear.bias is not None for linear in linears) or \
             not linears[0]._packable(x, rows):
         return [linear(x) for linear in linears]
-    packings: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = store.setdefault("_joint_packings", {})
-    key = (rows, *((p._version, p.data_ptr()) for linear in linears for p in (linear.weight, linear.bias)))
-    if key not in packings:
-        if len(packings) >= PackedLinear.KEPT_PACKINGS:
-            del packings[next(iter(packings))]
+    def pack() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         weight = torch.cat([linear.weight.detach() for linear in linears]).t().contiguous().t()  # (in, out) order
-        bias = torch.cat([linear.bias.detach() for linear in linears])
-        packings[key] = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows), weight, bias
-    packed, weight, bias = packings[key]
+        return torch.ops.mkl._mkl_reorder_linear_weight(weight, rows), weight, torch.cat(
+            [linear.bias.detach() for linear in linears])
+
+    key = (rows, *((p._version, p.data_ptr()) for linear in linears for p in (linear.weight, linear.bias)))
+    packed, weight, bias = _kept(store.setdefault("_joint_packings", {}), key, pack)
     return list(torch.ops.mkl._mkl_linear(x, packed, weight, bias, rows).split(
         [linear.out_features for linear in linears], dim=-1))
 
