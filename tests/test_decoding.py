@@ -205,6 +205,27 @@ def test_packed_linear_packs_per_row_count_follows_weight_updates_and_leaves_gra
     assert linear.weight.grad is not None and y.grad_fn is not None
 
 
+def test_joint_packed_projections_equal_each_linear_and_follow_weight_and_bias_updates():
+    """linear_outputs: one packed product of several PackedLinears' weights side by side gives each one's output
+    (bitwise), re-packs when a weight or a bias changes in place, and leaves gradients to the layers themselves."""
+    from models.layers import PackedLinear, linear_outputs
+
+    torch.manual_seed(17)
+    linears = tuple(PackedLinear.replacing(torch.nn.Linear(32, out)) for out in (24, 24, 40))
+    x, store = torch.randn(6, 1, 32), {}
+    with torch.no_grad():
+        for update in (None, lambda: linears[1].weight.mul_(2.0), lambda: linears[2].bias.add_(1.0)):
+            if update is not None:
+                update()
+            joint = linear_outputs(x, linears, store)
+            assert [o.shape[-1] for o in joint] == [24, 24, 40]
+            for out, linear in zip(joint, linears):
+                assert torch.equal(out, linear(x))
+        assert len(store["_joint_packings"]) == 3
+    outs = linear_outputs(x, linears, store)  # with gradients: each layer on its own (F.linear)
+    assert all(o.grad_fn is not None for o in outs) and len(store["_joint_packings"]) == 3
+
+
 def test_a_cache_made_for_a_search_that_never_reorders_keeps_plain_rows_and_refuses_a_reordering():
     model = _model("expansionnet_v2", seed=14)
     memory = model.encode(features=torch.randn(2, 6, 24))
