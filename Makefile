@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 REQ_HASH := $(shell sha256sum requirements.txt | cut -c1-16)
 STAMP := $(VENV)/.installed-$(REQ_HASH)
 
-.PHONY: setup browser quickstart test test-fast lint bench clean
+.PHONY: setup browser quickstart test test-fast test-kernels lint bench clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,20 @@ test-fast: setup
 	@echo "== test-fast: ruff, then the tests not marked slow"
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The numerical tests under other CPU kernels than this machine's own: MKL's AVX2 path (what it runs on many AMD
+# CPUs), ATen's AVX2 and portable kernels, MKL's reproducible mode, one thread. CI runs on Intel or AMD machines,
+# and every tolerance must hold on both (tests/numerics.py says how they are set).
+NUMERICAL_TESTS := tests/test_decoding.py tests/test_models.py tests/test_training.py tests/test_ensemble.py \
+	tests/test_onnx.py tests/test_captioner.py tests/test_blip_api.py
+KERNEL_VARIANTS := MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 ATEN_CPU_CAPABILITY=default \
+	MKL_CBWR=COMPATIBLE OMP_NUM_THREADS=1
+
+test-kernels: setup
+	@for variant in $(KERNEL_VARIANTS); do \
+		echo "== test-kernels: the numerical tests with $$variant"; \
+		env $$variant $(BIN)/python -m pytest -q -m "not slow" $(NUMERICAL_TESTS) || exit 1; \
+	done
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py

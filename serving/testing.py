@@ -88,9 +88,10 @@ def checked_client(server: RunningServer, check: Callable[[httpx.Response], None
 
 @contextmanager
 def uvicorn_server(app: str, env: Mapping[str, str], log_path: Path, *, app_dir: Path = ROOT, cwd: Path | None = None,
-                   uds: Path | None = None, workers: int = 1, startup_timeout_s: float = 60.0,
+                   uds: Path | None = None, workers: int = 1, startup_timeout_s: float = 600.0,
                    extra_args: Sequence[str] = ()) -> Iterator[RunningServer]:
-    """Start ``python -m uvicorn app`` on a free 127.0.0.1 port (or ``uds``), wait until /ready answers 200, stop it
+    """Start ``python -m uvicorn app`` on a free 127.0.0.1 port (or ``uds``), wait until /ready answers 200 (failing
+    at once if the process exits; the limit only ends a hung start, a loaded machine may take minutes), stop it
     (SIGTERM, then SIGKILL) on exit. Environment: the current one, HF offline, plus ``env``; ``extra_args`` go to
     uvicorn (e.g. ``--limit-concurrency 8``)."""
     port = free_port()
@@ -132,7 +133,7 @@ def _wait_ready(server: RunningServer, timeout_s: float) -> None:
 
 
 @contextmanager
-def server_in_thread(app: object, startup_timeout_s: float = 60.0, **config: object) -> Iterator[str]:
+def server_in_thread(app: object, startup_timeout_s: float = 600.0, **config: object) -> Iterator[str]:
     """Serve an app object built in this process (a fake model, a pinned URL fetcher) with uvicorn on a free
     127.0.0.1 port, in a thread; yields the base URL once /ready answers 200. ``config`` goes to uvicorn.Config."""
     import uvicorn

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, tiny_config, tiny_vocab
+from numerics import TINY_E2E_ROUNDINGS, assert_close_f32
 from PIL import Image
+from processes import run_watched
 
 from captioner import load_captioner
 from data.images import ImageLoadError
@@ -145,7 +147,9 @@ def test_caption_accepts_paths_pil_bytes_and_tensors_with_scores(tiny_checkpoint
     alone = cap.caption([files[0]], beam_size=3, max_len=6, num_captions=2)[0]
     for same in (alone, out[3]):  # batched = alone; the preprocessed tensor of the file = the file
         assert [c.text for c in same] == [c.text for c in out[0]]
-        assert [c.score for c in same] == pytest.approx([c.score for c in out[0]], abs=1e-5)
+        # other batch shapes may run other kernels: rounding of a tiny end-to-end captioner's log-probs (<= 6)
+        assert_close_f32(torch.tensor([c.score for c in same]), torch.tensor([c.score for c in out[0]]),
+                         roundings=6 * TINY_E2E_ROUNDINGS)
 
 
 def test_logprobs_are_teacher_forced_distributions(tiny_checkpoint):
@@ -153,7 +157,7 @@ def test_logprobs_are_teacher_forced_distributions(tiny_checkpoint):
     lp = cap.logprobs([PHOTO, PHOTO], ["a red circle", "two blue squares and a triangle"])
     V = len(cap.vocab)
     assert lp.shape == (2, 7, V)
-    torch.testing.assert_close(lp[1].exp().sum(-1), torch.ones(7))
+    assert_close_f32(lp[1].exp().sum(-1), torch.ones(7), roundings=2 * V)  # a log-softmax then a sum of V terms
     assert (lp[0, 4:] == 0).all()  # padding after "a red circle EOS"
 
 
@@ -179,9 +183,9 @@ def test_demo_captions_a_folder_of_mixed_photos_and_draws_a_grid(tiny_checkpoint
     folder = _photo_folder(tmp_path)
     (folder / "broken.jpg").write_bytes(PHOTO.read_bytes()[:2000])
     grid = tmp_path / "grid.png"
-    proc = subprocess.run([sys.executable, "demo.py", "--load_path", str(tiny_checkpoint), "--image_paths",
+    proc = run_watched([sys.executable, "demo.py", "--load_path", str(tiny_checkpoint), "--image_paths",
                            str(folder), "--beam_size", "3", "--max_seq_len", "6", "--json", "--grid", str(grid)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT)
     assert proc.returncode == 1, proc.stderr  # one unreadable file: reported, the others captioned
     assert "broken.jpg" in proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
@@ -197,6 +201,7 @@ def test_bf16_autocast_on_the_cpu_captions_close_to_fp32(tiny_checkpoint):
     assert bf16.precision == "bf16"
     out = bf16.caption(images, beam_size=2, max_len=6)
     assert len(out) == 2 and all(len(c[0].tokens) >= 1 for c in out)
+    # bf16 keeps 8 significant bits (2^-8 relative per rounded operand): 0.1 on scores near 1 allows ~25 of them
     assert [c[0].score for c in out] == pytest.approx([c[0].score for c in fp32], abs=0.1)
 
 
@@ -209,7 +214,9 @@ def test_the_default_cpu_backend_is_onnx_runtime_with_pytorchs_captions_exported
     images = [Image.open(PHOTO)]
     got, want = fast.caption(images, beam_size=3, max_len=8)[0], exact.caption(images, beam_size=3, max_len=8)[0]
     assert [c.tokens for c in got] == [c.tokens for c in want]
-    assert [c.score for c in got] == pytest.approx([c.score for c in want], abs=1e-5)
+    # ONNX Runtime's kernels vs PyTorch's: rounding of a tiny end-to-end captioner's log-probs (<= 8 steps)
+    assert_close_f32(torch.tensor([c.score for c in got]), torch.tensor([c.score for c in want]),
+                     roundings=8 * TINY_E2E_ROUNDINGS)
     assert fast.runtime.weights() == exact.runtime.weights()  # the export records which weights it holds
     assert load_captioner(tiny_checkpoint, precision="bf16").backend == "torch"  # autocast runs in PyTorch
 
@@ -244,19 +251,20 @@ def faults_of_one_round():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 applied = keep_freed_memory()
-print(applied, *[faults_of_one_round() for _ in range(8)])
+print(applied, *[faults_of_one_round() for _ in range(24)])
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_keep_freed_memory_lets_tensors_reuse_pages_without_faulting_them_in_again():
-    """With glibc's malloc told to keep freed memory, rounds of the same large tensors reuse the pages of the first
-    rounds (by default glibc hands 72 MiB freed at the top of its heap back to the kernel, and the next round
-    faults its 18,432 pages in again)."""
+    """With glibc's malloc told to keep freed memory, rounds of the same large tensors settle on reusing the pages
+    of earlier rounds (by default glibc may hand 72 MiB freed at the top of its heap back to the kernel, and the
+    next round faults its 18,432 pages in again). How many rounds the heap takes to settle varies from run to run
+    (1 to 4 seen), so only the last 8 of 24 rounds are held to it."""
     out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, str(ROOT)], capture_output=True, text=True, check=True)
     applied, *faults = out.stdout.split()
     assert applied == "True"
-    assert sum(int(f) for f in faults[4:]) < 1000, faults
+    assert sum(int(f) for f in faults[-8:]) < 1000, faults
 
 
 def test_loading_for_the_cpu_prepares_the_decoder_for_few_row_products(tiny_checkpoint):

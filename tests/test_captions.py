@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from processes import run_watched
 
 from data.captions import (
     DatasetError,
@@ -319,9 +320,7 @@ def test_folder_to_manifest_errors(tmp_path: Path, image_folder: Path) -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "data.captions", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
-    )
+    return run_watched([sys.executable, "-m", "data.captions", *args], cwd=REPO_ROOT)
 
 
 def test_captions_cli_to_manifest_refuses_overwrite(tmp_path: Path, image_folder: Path) -> None:

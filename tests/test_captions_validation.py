@@ -4,11 +4,11 @@ means for training, CSV/TSV with or without a header, the default split, wrong f
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from processes import run_watched
 
 from data.captions import (
     DatasetError,
@@ -282,7 +282,7 @@ def test_command_line_errors_are_one_line_with_exit_2_and_suggest_the_flag(
     for args, expected in cases:
         code, out, err = _run(capsys, *args)
         assert code == 2 and out == "" and err.count("\n") == 1 and expected in err, (args, err)
-    done = subprocess.run([sys.executable, "-m", "data.captions", "check", "--captions", str(tmp_path / "x.json")],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    done = run_watched([sys.executable, "-m", "data.captions", "check", "--captions", str(tmp_path / "x.json")],
+                          cwd=REPO_ROOT)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr == f"error: {tmp_path / 'x.json'}: captions file not found\n"

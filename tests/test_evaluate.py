@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, make_tiny_dataset, tiny_config
+from processes import run_watched
 from pycocotools.coco import COCO
 
 from data.captions import load_records, split_records
@@ -33,7 +34,7 @@ def evaluated(tmp_path_factory):
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "test.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return run_watched([sys.executable, "test.py", *args], cwd=ROOT)
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import h5py
 import numpy as np
 import pytest
 from conftest import ROOT, make_tiny_dataset
+from processes import run_watched
 
 import data_generator
 from data.features import FeatureFileError, FeatureReader, FeatureWriter, inspect_feature_file
@@ -129,11 +129,11 @@ def test_data_generator_killed_half_way_resumes_to_an_identical_file(small_datas
         "    return orig(self, feats, valid)\n"
         "F.FeatureWriter.append = append\n"
         f"G.main(G.parse_config({args!r}))\n")
-    killed = subprocess.run([sys.executable, "-c", killer], cwd=ROOT, capture_output=True, timeout=120)
+    killed = run_watched([sys.executable, "-c", killer], cwd=ROOT)
     assert killed.returncode == -signal.SIGKILL
     cmd = [sys.executable, "data_generator.py", *args]
     assert not out.exists() and (tmp_path / "f.hdf5.partial").exists()
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = run_watched(cmd, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert "resuming after" in done.stdout or "starting it over" in done.stderr
     with h5py.File(ref) as a, h5py.File(out) as b:

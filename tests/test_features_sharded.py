@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, make_tiny_dataset
+from processes import run_watched
 
 import data_generator
 from data import features as feature_files
@@ -206,8 +207,8 @@ def _torchrun(tmp_path: Path, args: list[str], prelude: str = "") -> subprocess.
                       f"sys.argv = ['data_generator.py', *{args!r}]\n"
                       f"runpy.run_path({str(ROOT / 'data_generator.py')!r}, run_name='__main__')\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return run_watched([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script)], cwd=ROOT, env=env)
 
 
 @pytest.mark.slow

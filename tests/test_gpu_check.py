@@ -6,11 +6,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from processes import run_watched
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -190,8 +190,7 @@ def test_gpu_check_dry_run_runs_every_stage_on_the_cpu(tmp_path):
     ran, the rows for docs/benchmarks.md."""
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_DRY_RUN": "1"}
-    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), str(out)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=1500)
+    proc = run_watched(["bash", str(BENCH / "gpu_check.sh"), str(out)], cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     merged = json.loads((out / "gpu_check.json").read_text())
     assert merged["dry_run"] is True and merged["ok"]

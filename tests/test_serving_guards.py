@@ -8,7 +8,6 @@ import io
 import json
 import math
 import struct
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 from fastapi import HTTPException
 from PIL import Image
+from processes import run_watched
 
 from serving import MicroBatcher, QueueFullError, SettingsError, load_settings
 from serving.batching import ModelThread
@@ -210,7 +210,7 @@ def test_model_thread_stuck_in_a_call_does_not_keep_the_process_alive() -> None:
             "async def main():\n    thread = ModelThread()\n    thread.run(time.sleep, 3600)\n"
             "    await asyncio.sleep(0.1)\n    thread.stop()\n    assert not thread.join(0.1)\n"
             "asyncio.run(main())\nprint('exited')\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = run_watched([sys.executable, "-c", code], cwd=ROOT)
     assert result.returncode == 0 and "exited" in result.stdout, result.stderr
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
+from processes import run_watched
 
 from data.synthetic import (
     GROUND_TRUTH_NAME,
@@ -365,7 +365,7 @@ def test_cli_generates_dataset_and_reports_errors(tmp_path: Path) -> None:
         "5",
         "--quiet",
     ]
-    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    done = run_watched(cmd, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(out / JSON_NAME)
     marker = json.loads((out / MARKER_NAME).read_text(encoding="utf-8"))
@@ -381,5 +381,5 @@ def test_cli_generates_dataset_and_reports_errors(tmp_path: Path) -> None:
     foreign.mkdir()
     (foreign / "x.txt").write_text("x", encoding="utf-8")
     cmd[cmd.index(str(out))] = str(foreign)
-    refused = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    refused = run_watched(cmd, cwd=REPO_ROOT)
     assert refused.returncode == 2 and "non-empty" in refused.stderr

@@ -12,6 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ROOT, make_tiny_dataset, tiny_config, tiny_vocab
+from numerics import TINY_MODEL_ROUNDINGS, assert_close_f32, float32_atol
+from processes import run_watched
 
 import data_generator
 import train
@@ -126,11 +128,20 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_data, tmp_path):
                                               *common)))
     a = _weights(next((tmp_path / "accum" / "xe-features").glob("ckpt_*.pth")))
     b = _weights(next((tmp_path / "big" / "xe-features").glob("ckpt_*.pth")))
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+    for k in a:  # 7 RAdam steps on gradients equal up to rounding: see _assert_same_training
+        _assert_same_training(a[k], b[k], k)
     steps = [load_checkpoint_file(next((tmp_path / r / "xe-features").glob("ckpt_*.pth")))["train_state"]["step"]
              for r in ("accum", "big")]
     assert steps == [7, 7]  # 240 captions: 7 optimizer steps of 32 either way, the incomplete window dropped
+
+
+def _assert_same_training(a: torch.Tensor, b: torch.Tensor, name: str) -> None:
+    """Weights after the same 7 RAdam steps (lr 1e-3) on gradients that differ by rounding alone: RAdam's first 5 steps
+    move each weight by lr times the gradients' running mean (linear in their rounding), its 6th and 7th by at most
+    about lr x 0.15 x |m / sqrt(v)|, which rounding moves by its relative size (large only where the gradient itself
+    is a cancellation near 0): the weights' own 7 roundings plus 1% of one step (lr) bound both, while a wrong
+    accumulation moves many weights by whole steps."""
+    torch.testing.assert_close(a, b, rtol=0, atol=float32_atol(b, 8) + 1e-2 * 1e-3, msg=name)
 
 
 def test_scst_gradient_equals_the_reference_step_by_step_formulation():
@@ -162,8 +173,8 @@ def test_scst_gradient_equals_the_reference_step_by_step_formulation():
              for t in range(tokens.shape[1])]
     g_ref = grads(scst_loss(torch.stack(steps, 1), mask, rewards, baseline))
     assert len(g_ours) == len(g_ref) > 10
-    for a, b in zip(g_ours, g_ref):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for a, b in zip(g_ours, g_ref):  # forward and backward of a tiny captioner, in another summation order
+        assert_close_f32(a, b, roundings=2 * TINY_MODEL_ROUNDINGS)
 
 
 def test_scst_reward_counts_the_end_of_sentence_token():
@@ -192,7 +203,7 @@ def _checkpoints_after_kill(tmp_path: Path, args: list[str], kill_after_saves: i
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "T.Trainer.save = save\n"
         f"train.main(train.parse_config({args!r}))\n")
-    return subprocess.run([sys.executable, "-c", killer], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return run_watched([sys.executable, "-c", killer], cwd=ROOT)
 
 
 @pytest.mark.slow
@@ -211,8 +222,7 @@ def test_sigkill_then_same_command_resumes_to_identical_weights(tiny_data, tmp_p
     resumed = _train_args(d, tmp_path / "resumed", *extra)
     killed = _checkpoints_after_kill(tmp_path, resumed, kill_after_saves=5)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    again = subprocess.run([sys.executable, "train.py", *resumed], cwd=ROOT, capture_output=True, text=True,
-                           timeout=300)
+    again = run_watched([sys.executable, "train.py", *resumed], cwd=ROOT)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "continuing from" in again.stdout
     a = _weights(next((tmp_path / "whole" / run).glob("ckpt_*.pth")))
@@ -239,13 +249,12 @@ def test_two_gloo_processes_equal_one_process_on_the_same_global_batch(tiny_data
     double = _train_args(d, tmp_path / "two", "--batch_size", "8", "--num_gpus", "2", "--ddp_sync_port", "29533",
                          *common)
     for args in (single, double):
-        proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
-                              timeout=300)
+        proc = run_watched([sys.executable, "train.py", *args], cwd=ROOT)
         assert proc.returncode == 0, proc.stderr[-2000:]
     a = _weights(next((tmp_path / "one" / "xe-features").glob("ckpt_*.pth")))
     b = _weights(next((tmp_path / "two" / "xe-features").glob("ckpt_*.pth")))
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+    for k in a:  # an all-reduce sums the two halves' gradients in another order: see _assert_same_training
+        _assert_same_training(a[k], b[k], k)
     log = _rows(tmp_path / "two" / "xe-features", "val")
     assert log and log[-1]["skipped"] == 0
 
