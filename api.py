@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
@@ -10,6 +11,8 @@ from PIL import Image
 
 from serving import Backend, CaptionParams, ServingSettings, create_app, load_settings
 from serving.settings import convert_setting
+from utils.cli import CheckpointOptions
+from utils.runtime import RuntimeOptions
 
 if TYPE_CHECKING:
     import torch
@@ -17,8 +20,11 @@ if TYPE_CHECKING:
     from captioner import Captioner
 
 ENV_PREFIX = "CAPTION"
-MODEL_KEYS: dict[str, str | None] = {"CHECKPOINT": None, "VOCAB": None, "DEVICE": "cpu", "PRECISION": "auto",
-                                     "BACKEND": "auto", "ONNX_CACHE": None, "COMPILE": "false"}
+# defaults from the scripts' option fields: the API decodes what demo.py and test.py decode (CAPTION_MAX_LEN too, in
+# serving.settings)
+MODEL_KEYS: dict[str, str | None] = {"CHECKPOINT": None, "VOCAB": None, "DEVICE": RuntimeOptions.device,
+                                     "PRECISION": RuntimeOptions.precision, "BACKEND": CheckpointOptions.backend,
+                                     "ONNX_CACHE": None, "COMPILE": str(CheckpointOptions.compile).lower()}
 
 
 class ExpansionNetBackend:
@@ -30,7 +36,7 @@ class ExpansionNetBackend:
 
         require_end_to_end(captioner.config, checkpoint, "be served (the API captions images)")
         self.captioner = captioner
-        self.max_len = int(captioner.max_seq_len)
+        self.max_len = int(captioner.max_caption_len)  # the model's full length, demo.py's and test.py's cap
         self.weights = captioner.runtime.weights()  # computed once: /ready answers without hashing again
 
     @classmethod
@@ -39,15 +45,12 @@ class ExpansionNetBackend:
         on CAPTION_DEVICE with CAPTION_BACKEND (CAPTION_COMPILE=true: torch.compile'd PyTorch)."""
         from captioner import load_captioner
 
-        paths = [p.strip() for p in (model.get("CHECKPOINT") or "").split(",") if p.strip()]
-        if not paths:
-            raise RuntimeError(f"{ENV_PREFIX}_CHECKPOINT is not set: point it (or the key in the "
-                               f"{ENV_PREFIX}_API_CONFIG JSON file) to a checkpoint file, model folder or ONNX folder")
+        paths = checkpoint_paths(model)
         compile_model = convert_setting(f"{ENV_PREFIX}_COMPILE", model.get("COMPILE") or False, False)
-        captioner = load_captioner(paths, device=model.get("DEVICE") or "cpu", vocab=model.get("VOCAB"),
-                                   precision=model.get("PRECISION") or "auto", max_pixels=max_pixels,
-                                   backend=model.get("BACKEND") or "auto", onnx_cache=model.get("ONNX_CACHE"),
-                                   compile=compile_model)
+        setting = {key: model.get(key) or MODEL_KEYS[key] for key in ("DEVICE", "PRECISION", "BACKEND")}
+        captioner = load_captioner(paths, device=setting["DEVICE"], vocab=model.get("VOCAB"),
+                                   precision=setting["PRECISION"], max_pixels=max_pixels, backend=setting["BACKEND"],
+                                   onnx_cache=model.get("ONNX_CACHE"), compile=compile_model)
         return cls(captioner, paths[0])
 
     def info(self) -> dict[str, Any]:
@@ -75,17 +78,32 @@ class ExpansionNetBackend:
         return [[(c.text, c.score) for c in captions] for captions in results]
 
 
+def checkpoint_paths(model: Mapping[str, str | None]) -> list[str]:
+    """CAPTION_CHECKPOINT's paths (comma-separated), each existing; RuntimeError naming the setting otherwise. Quick:
+    it runs at start-up before the port opens, the model load after."""
+    paths = [p.strip() for p in (model.get("CHECKPOINT") or "").split(",") if p.strip()]
+    if not paths:
+        raise RuntimeError(f"{ENV_PREFIX}_CHECKPOINT is not set: point it (or the key in the "
+                           f"{ENV_PREFIX}_API_CONFIG JSON file) to a checkpoint file, model folder or ONNX folder")
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        raise RuntimeError(f"{ENV_PREFIX}_CHECKPOINT: {', '.join(missing)} does not exist")
+    return paths
+
+
 def load_backend(model: Mapping[str, str | None]) -> Backend:
     """The one place that turns the CAPTION_* model keys into a loaded backend (runs at start-up, not at import)."""
     return ExpansionNetBackend.load(model, max_pixels=None)  # uploads are checked and decoded by serving/
 
 
 def build_app(environ: Mapping[str, str] | None = None, settings: ServingSettings | None = None) -> FastAPI:
-    """The app for CAPTION_* settings (environment, or CAPTION_API_CONFIG); the model loads at start-up."""
+    """The app for CAPTION_* settings (environment, or CAPTION_API_CONFIG); the model loads in the background once the
+    server starts (/ready says when it is loaded)."""
     env_settings, model = load_settings(ENV_PREFIX, MODEL_KEYS, path_keys=("CHECKPOINT", "VOCAB", "ONNX_CACHE"),
                                         environ=environ)
     settings = settings or env_settings
-    return create_app(lambda: load_backend(model), settings,
+    return create_app(lambda: load_backend(model), settings, check_model=lambda: checkpoint_paths(model),
+                      repetition_controls=False,  # beam search only: ExpansionNetBackend.check_params refuses them
                       title="ExpansionNet v2 captioning API", env_prefix=ENV_PREFIX,
                       description="Caption images with an ExpansionNet v2 / Optimizer-ExpansionNet checkpoint. "
                                   "The web page at / takes a photo or an image file.")

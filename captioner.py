@@ -2,7 +2,8 @@
 
     from captioner import load_captioner
     captioner = load_captioner("phase6/best.pth", device="cpu")
-    captioner.caption(["photo.jpg"], beam_size=5, max_len=20, num_captions=1)   # [[Caption(text, score, tokens)]]
+    captioner.caption("photo.jpg")                       # [Caption(text, score, tokens)]: one image, its captions
+    captioner.caption(["a.jpg", pil_image, jpeg_bytes], beam_size=5, num_captions=3)  # one list per image
     captioner.logprobs(["photo.jpg"], ["a cat on a sofa"])                       # (B, T, V) teacher-forced
     load_captioner("model_dir/")                         # a model folder (save_pretrained) or an ONNX export
     load_captioner(["a.pth", "b.pth"])                   # an ensemble (one vocabulary)
@@ -13,12 +14,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from data.images import DEFAULT_MAX_PIXELS, BatchItem, open_image, to_image_batch
 from data.vocab import Vocabulary
@@ -85,7 +88,9 @@ class Captioner:
     device = property(lambda self: self.runtime.device, doc="the torch.device decoding runs on")
     precision = property(lambda self: self.runtime.precision, doc="the autocast precision (fp32, bf16 or fp16)")
     backend = property(lambda self: self.runtime.kind, doc="torch, onnx or ensemble")
-    max_seq_len = property(lambda self: self.runtime.max_seq_len, doc="the longest caption the model decodes")
+    max_seq_len = property(lambda self: self.runtime.max_seq_len, doc="the model's positions, SOS included")
+    max_caption_len = property(lambda self: self.runtime.max_seq_len - 1,
+                               doc="the default length cap: the model's full length, as demo.py and test.py decode")
     end_to_end = property(lambda self: self.runtime.end_to_end, doc="whether the model reads images (has a backbone)")
 
     def preprocess(self, images: Sequence[BatchItem]) -> torch.Tensor:
@@ -117,30 +122,36 @@ class Captioner:
                              f"embeddings), got {max_len}")
 
     @torch.inference_mode()
-    def caption(self, images: Sequence[BatchItem], beam_size: int = 5, max_len: int = 20, num_captions: int = 1,
-                batch_size: int = 16, method: str = "beam", generator: torch.Generator | None = None
-                ) -> list[list[Caption]]:
-        """Captions for each image, best first: a list (per image) of num_captions Captions.
+    def caption(self, images: BatchItem | Sequence[BatchItem], beam_size: int = 5, max_len: int | None = None,
+                num_captions: int = 1, batch_size: int = 16, method: str = "beam",
+                generator: torch.Generator | None = None) -> list[Caption] | list[list[Caption]]:
+        """Captions of one image or of each image of a list, best first.
 
-        method: beam (beam search of beam_size), greedy (num_captions 1) or sample (num_captions captions drawn
-        with temperature 1 from `generator`, ranked by score).
+        images: one image (a path as str or Path, bytes, a PIL image, a preprocessed (3, H, W) tensor), which gives
+        its list of num_captions Captions, as Hugging Face image-to-text pipelines do; or a list (tuple) of images, or
+        a (B, 3, H, W) tensor, which give one such list per image. max_len: None is the model's full length
+        (max_caption_len), the cap demo.py and test.py use. method: beam (beam search of beam_size), greedy
+        (num_captions 1) or sample (num_captions captions drawn with temperature 1 from `generator`, ranked by score).
         """
+        single = is_single_image(images)
+        batch = [images] if single else list(images)
         results: list[list[Caption]] = []
-        for start in range(0, len(images), batch_size):
-            memory = self.runtime.encode(images=self.pixels(images[start:start + batch_size]))
+        for start in range(0, len(batch), batch_size):
+            memory = self.runtime.encode(images=self.pixels(batch[start:start + batch_size]))
             results.extend(self._search(memory, beam_size, max_len, num_captions, method, generator))
-        return results
+        return results[0] if single else results
 
     @torch.inference_mode()
-    def caption_features(self, features: torch.Tensor, beam_size: int = 5, max_len: int = 20,
+    def caption_features(self, features: torch.Tensor, beam_size: int = 5, max_len: int | None = None,
                          num_captions: int = 1, method: str = "beam", generator: torch.Generator | None = None
                          ) -> list[list[Caption]]:
         """Captions from cached backbone features (B, N, C) (see caption for the arguments)."""
         memory = self.runtime.encode(features=features)
         return self._search(memory, beam_size, max_len, num_captions, method, generator)
 
-    def _search(self, memory: Any, beam_size: int, max_len: int, num_captions: int, method: str,
+    def _search(self, memory: Any, beam_size: int, max_len: int | None, num_captions: int, method: str,
                 generator: torch.Generator | None) -> list[list[Caption]]:
+        max_len = self.max_caption_len if max_len is None else max_len
         self._check_len(max_len)
         v = self.vocab
         ids = {"sos_idx": v.sos_idx, "eos_idx": v.eos_idx, "pad_idx": v.pad_idx}
@@ -197,6 +208,14 @@ class Captioner:
         return save_pretrained(folder, self.model, self.config, self.vocab,
                                source=str(self.sources[0]) if self.sources else "",
                                card_extra=card_facts(self.training), training=self.training)
+
+
+def is_single_image(images: Any) -> bool:
+    """Whether ``images`` is one image (a path, bytes, a PIL image or a (3, H, W) tensor) rather than a list of them or
+    a (B, 3, H, W) batch tensor: a str is a path, never a sequence of characters."""
+    if isinstance(images, torch.Tensor):
+        return images.dim() == 3
+    return isinstance(images, (str, os.PathLike, bytes, bytearray, Image.Image))
 
 
 def load_captioner(path: str | Path | Sequence[str | Path], device: str | torch.device = "cpu",

@@ -19,6 +19,8 @@ from serving import CaptionParams, ServingSettings, create_app, load_settings, w
 ENV_PREFIX = "BLIP"
 MODEL_KEYS: dict[str, str | None] = {"MODEL_DIR": None, "DEVICE": "cpu", "PRECISION": "auto", "PROMPT": None}
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# the seed's BLIP defaults: 20 new tokens (transformers' default length), at most 64 (BLIP's own length is 511 tokens)
+DEFAULTS = ServingSettings(max_len=20, max_len_limit=64)
 
 
 class BlipBackend:
@@ -43,13 +45,7 @@ class BlipBackend:
 
         from utils.runtime import resolve_device, resolve_precision
 
-        model_dir = model.get("MODEL_DIR")
-        if not model_dir:
-            raise RuntimeError(f"{ENV_PREFIX}_MODEL_DIR is not set: point it to a local directory saved with "
-                               "save_pretrained (model and BlipProcessor); nothing is downloaded")
-        if not Path(model_dir, "config.json").is_file():
-            raise RuntimeError(f"{ENV_PREFIX}_MODEL_DIR={model_dir} holds no config.json: save the model and its "
-                               "processor there with save_pretrained (nothing is downloaded at run time)")
+        model_dir = model_folder(model)
         device = resolve_device(model.get("DEVICE") or "cpu")
         requested = model.get("PRECISION") or "auto"
         precision = resolve_precision(requested, device)
@@ -113,11 +109,26 @@ class BlipBackend:
         return result
 
 
+def model_folder(model: Mapping[str, str | None]) -> str:
+    """BLIP_MODEL_DIR, checked to hold a saved model; RuntimeError naming the setting otherwise. Quick: it runs at
+    start-up before the port opens, the model load after."""
+    model_dir = model.get("MODEL_DIR")
+    if not model_dir:
+        raise RuntimeError(f"{ENV_PREFIX}_MODEL_DIR is not set: point it to a local directory saved with "
+                           "save_pretrained (model and BlipProcessor); nothing is downloaded")
+    if not Path(model_dir, "config.json").is_file():
+        raise RuntimeError(f"{ENV_PREFIX}_MODEL_DIR={model_dir} holds no config.json: save the model and its "
+                           "processor there with save_pretrained (nothing is downloaded at run time)")
+    return model_dir
+
+
 def build_app(environ: Mapping[str, str] | None = None, settings: ServingSettings | None = None) -> FastAPI:
-    """The BLIP app for BLIP_* settings (environment, or BLIP_API_CONFIG); the model loads at start-up."""
-    env_settings, model = load_settings(ENV_PREFIX, MODEL_KEYS, path_keys=("MODEL_DIR",), environ=environ)
+    """The BLIP app for BLIP_* settings (environment, or BLIP_API_CONFIG); the model loads in the background once the
+    server starts (/ready says when it is loaded)."""
+    env_settings, model = load_settings(ENV_PREFIX, MODEL_KEYS, path_keys=("MODEL_DIR",), environ=environ,
+                                        defaults=DEFAULTS)
     return create_app(lambda: BlipBackend.load(model), settings or env_settings, title="BLIP captioning API",
-                      env_prefix=ENV_PREFIX,
+                      env_prefix=ENV_PREFIX, check_model=lambda: model_folder(model),
                       description="Caption images with a local Hugging Face BLIP model (BLIP_MODEL_DIR).")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -14,9 +15,9 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from serving.backend import Backend, CaptionParams
-from serving.batching import MicroBatcher, QueueFullError
+from serving.batching import MicroBatcher, ModelThread, QueueFullError
 from serving.imageguard import ImageLimits, check_uploads, decode_uploads
-from serving.params import RawParams, resolve_params
+from serving.params import RawParams, RequestLimits, resolve_params
 from serving.settings import ServingSettings
 from serving.urlguard import UrlFetcher
 
@@ -27,55 +28,105 @@ Captions = list[tuple[str, float]]
 
 @dataclass
 class ServingContext:
-    """One app's run-time state; the model parts are set by ``start`` (the app's lifespan) and cleared by ``stop``."""
+    """One app's run-time state; the model parts are set by the background load (``start_loading``, from the app's
+    lifespan) and cleared by ``stop``."""
 
     settings: ServingSettings
     env_prefix: str = "CAPTION"
     url_fetcher: UrlFetcher | None = None
+    repetition_controls: bool = True  # whether the model takes repetition_penalty and no_repeat_ngram_size
     backend: Backend | None = None
     batcher: MicroBatcher | None = None
     model_info: dict[str, Any] = field(default_factory=dict)
     decode_slots: asyncio.Semaphore | None = None  # bounds the full-resolution images in memory at once
+    loading: asyncio.Task | None = None
+    load_failed: str | None = None  # the exception's type name when the model could not be loaded
 
     @property
     def limits(self) -> ImageLimits:
         return ImageLimits.from_settings(self.settings)
 
     @property
+    def request_limits(self) -> RequestLimits:
+        """What a request may ask for now: the settings' limits, and the model's once it is loaded."""
+        model_max_len = self.backend.max_len if self.backend is not None else None
+        return RequestLimits.of(self.settings, model_max_len, self.repetition_controls)
+
+    @property
     def retry_after(self) -> dict[str, str]:
         return {"Retry-After": str(self.settings.retry_after_s)}
 
-    async def start(self, load_backend: Callable[[], Backend]) -> None:
-        """Load the model (in a thread: the loop keeps answering), describe it once, start the micro-batcher."""
-        if self.settings.threads:
-            import torch
+    def start_loading(self, load_backend: Callable[[], Backend]) -> None:
+        """Load the model in the background: the port opens at once, /health answers, /ready is 503 until it is
+        loaded (call from the running event loop)."""
+        self.loading = asyncio.create_task(self._load(load_backend), name="model-load")
 
-            torch.set_num_threads(self.settings.threads)
-        backend = await asyncio.to_thread(load_backend)
-        self.model_info = await asyncio.to_thread(backend.info)  # may hash the weights: once, off the loop
-        batcher = MicroBatcher(backend.caption_batch, self.settings.max_batch_size, self.settings.max_wait_ms,
-                               self.settings.queue_size)
-        await batcher.start()
+    async def _load(self, load_backend: Callable[[], Backend]) -> None:
+        """Load the model (in a thread of its own: the loop keeps answering), describe it once, start the
+        micro-batcher; a failure is logged with its traceback and makes /health and /ready answer 503."""
+        try:
+            if self.settings.threads:
+                import torch
+
+                torch.set_num_threads(self.settings.threads)
+            loader = ModelThread("model-load")  # a daemon thread: an abandoned load never holds the process's exit
+            try:
+                backend = await loader.run(load_backend)
+                self.model_info = await loader.run(backend.info)  # may hash the weights: once, off the loop
+            finally:
+                loader.stop()
+            batcher = MicroBatcher(backend.caption_batch, self.settings.max_batch_size, self.settings.max_wait_ms,
+                                   self.settings.queue_size)
+            await batcher.start()
+        except Exception as exc:
+            self.load_failed = type(exc).__name__
+            logger.error("the model failed to load: %s", exc, exc_info=exc)
+            return
         self.decode_slots = asyncio.Semaphore(max(2, os.cpu_count() or 2))
         self.backend, self.batcher = backend, batcher
         logger.info("model loaded: %s", self.model_info)
 
     async def stop(self) -> None:
-        """Refuse new work, fail what waits, let the model thread go (without waiting for a stuck call)."""
+        """Refuse new work, fail what waits, let the model thread go (without waiting for a stuck call); a load still
+        running is abandoned (its thread ends on its own)."""
+        loading, self.loading = self.loading, None
+        if loading is not None and not loading.done():
+            loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loading
         self.backend = None
         batcher, self.batcher = self.batcher, None
         if batcher is not None:
             await batcher.stop()
 
+    def not_ready(self) -> HTTPException:
+        """503 with Retry-After saying why there is no model: loading, failed, or not started."""
+        if self.load_failed is not None:
+            return HTTPException(503, f"the model failed to load ({self.load_failed}; the server log says why): "
+                                      "fix the settings and restart the server", headers=self.retry_after)
+        if self.loading is not None:
+            return HTTPException(503, "the model is loading, retry later", headers=self.retry_after)
+        return HTTPException(503, "the model is not loaded yet", headers=self.retry_after)
+
     def ready_backend(self) -> Backend:
-        """The loaded model, or 503 with Retry-After while it loads."""
+        """The loaded model, or 503 with Retry-After."""
         if self.backend is None:
-            raise HTTPException(503, "the model is not loaded yet", headers=self.retry_after)
+            raise self.not_ready()
         return self.backend
 
-    def params(self, raw: RawParams) -> CaptionParams:
+    async def loaded_backend(self) -> Backend:
+        """The loaded model; a request that arrives while it loads waits for it, up to a request's deadline
+        (model_timeout_s), then gets 503 with Retry-After."""
+        loading = self.loading
+        if self.backend is None and loading is not None and not loading.done():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(loading), self.settings.model_timeout_s)
+        return self.ready_backend()
+
+    async def params(self, raw: RawParams) -> CaptionParams:
         """The client's decoding parameters with defaults filled in and every bound checked (422)."""
-        return resolve_params(raw, self.settings, self.ready_backend())
+        backend = await self.loaded_backend()
+        return resolve_params(raw, self.settings, backend, self.request_limits)
 
     def model_stuck_seconds(self) -> float | None:
         """How long the model thread has been on one batch, when that is longer than a request's deadline."""
@@ -98,7 +149,7 @@ class ServingContext:
         has not answered in time; a model failure is a JSON 500 for this request only."""
         batcher, timeout = self.batcher, self.settings.model_timeout_s
         if batcher is None:
-            raise HTTPException(503, "the model is not loaded yet", headers=self.retry_after)
+            raise self.not_ready()
         try:
             return await asyncio.wait_for(batcher.submit(images, params), timeout)
         except QueueFullError:

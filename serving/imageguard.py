@@ -178,8 +178,8 @@ def check_upload(data: bytes, name: str, limits: ImageLimits) -> str:
     fmt = sniff_format(data)
     if fmt is None:
         known = refused_format_name(data)
-        what = f"{known} images are" if known else "this data is not an image in a format that is"
-        raise HTTPException(415, f"{label}: {what} not accepted; accepted formats: {ACCEPTED_LIST}")
+        what = f"{known} images are not accepted" if known else "not an image in an accepted format"
+        raise HTTPException(415, f"{label}: {what}; accepted formats: {ACCEPTED_LIST}")
     size = header_size(data, fmt)
     problem = limits.problem(*size) if size is not None else None
     if problem:

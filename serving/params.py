@@ -1,4 +1,5 @@
-"""Decoding parameters: the query parameters of each route family, and their resolution against settings and model."""
+"""Decoding parameters: the query parameters of each route family, the limits a request must keep (enforced here and
+published by /openapi.json, see serving.openapi), and their resolution against settings and model."""
 
 from __future__ import annotations
 
@@ -11,11 +12,39 @@ from serving.backend import Backend, CaptionParams
 from serving.errors import plain_text
 from serving.schemas import HFParameters
 from serving.settings import ServingSettings
+from utils.cli import LengthOptions, resolve_max_len
 
 OUR_NAMES = ("beam_size", "max_len", "num_captions", "repetition_penalty", "no_repeat_ngram_size")
 HF_NAMES = ("num_beams", "max_new_tokens", "num_return_sequences", "repetition_penalty", "no_repeat_ngram_size")
+OUR_NAME = dict(zip(HF_NAMES, OUR_NAMES))  # a Hugging Face parameter name -> ours
+REPETITION_CONTROLS = ("repetition_penalty", "no_repeat_ngram_size")
 PENALTY_RANGE = (1.0, 10.0)
 NGRAM_RANGE = (0, 10)
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What a request may ask for on this server: the bounds resolve_params enforces and /openapi.json publishes."""
+
+    max_beam_size: int
+    max_len: int | None  # longest caption a client may ask for; None: no limit is known until the model is loaded
+    max_files: int
+    repetition_controls: bool  # whether the model takes repetition_penalty and no_repeat_ngram_size
+
+    @classmethod
+    def of(cls, settings: ServingSettings, model_max_len: int | None, repetition_controls: bool) -> RequestLimits:
+        """The settings' limits, with max_len capped by the model's full length once it is known."""
+        caps = [cap for cap in (settings.max_len_limit, model_max_len) if cap]
+        return cls(settings.max_beam_size, min(caps) if caps else None, settings.max_files, repetition_controls)
+
+    def bounds(self) -> dict[str, tuple[float, float | None]]:
+        """(minimum, maximum) of each decoding parameter a client may send, by our names and the Hugging Face ones;
+        num_captions is also at most the beam size (the one rule between two parameters)."""
+        ours: dict[str, tuple[float, float | None]] = {
+            "beam_size": (1, self.max_beam_size), "max_len": (1, self.max_len), "num_captions": (1, self.max_beam_size)}
+        if self.repetition_controls:
+            ours |= {"repetition_penalty": PENALTY_RANGE, "no_repeat_ngram_size": NGRAM_RANGE}
+        return ours | {hf: ours[name] for hf, name in OUR_NAME.items() if name in ours}
 
 
 @dataclass
@@ -46,14 +75,15 @@ def only_query(*names: str) -> Callable[[Request], None]:
     return check
 
 
+# Bounds are not declared here: they depend on the settings and the model, so resolve_params checks them and
+# serving.openapi publishes them, both from RequestLimits.
 def query_params(
-    beam_size: int | None = Query(None, ge=1, description="beam width (at most the server's max_beam_size)"),
-    max_len: int | None = Query(None, ge=1, description="maximum caption tokens (at most max_len_limit, see /ready)"),
-    num_captions: int | None = Query(None, ge=1, description="captions per image (at most the beam width)"),
-    repetition_penalty: float | None = Query(None, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1], allow_inf_nan=False,
-                                             description="(BLIP) >1 discourages repeats"),
-    no_repeat_ngram_size: int | None = Query(None, ge=NGRAM_RANGE[0], le=NGRAM_RANGE[1],
-                                             description="(BLIP) forbid repeated n-grams of this size"),
+    beam_size: int | None = Query(None, description="beam width"),
+    max_len: int | None = Query(None, description="most tokens to generate per caption, EOS included"),
+    num_captions: int | None = Query(None, description="captions per image, best first: at most the beam width (the "
+                                                       "beam widens to num_captions when beam_size is not given)"),
+    repetition_penalty: float | None = Query(None, allow_inf_nan=False, description=">1 discourages repeats"),
+    no_repeat_ngram_size: int | None = Query(None, description="forbid repeated n-grams of this size (0: off)"),
     _: None = Depends(only_query(*OUR_NAMES)),
 ) -> RawParams:
     """/predict, /predicts and /captioned: our parameter names."""
@@ -61,11 +91,12 @@ def query_params(
 
 
 def hf_query_params(
-    num_beams: int | None = Query(None, ge=1),
-    max_new_tokens: int | None = Query(None, ge=1),
-    num_return_sequences: int | None = Query(None, ge=1),
-    repetition_penalty: float | None = Query(None, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1], allow_inf_nan=False),
-    no_repeat_ngram_size: int | None = Query(None, ge=NGRAM_RANGE[0], le=NGRAM_RANGE[1]),
+    num_beams: int | None = Query(None, description="beam width"),
+    max_new_tokens: int | None = Query(None, description="most tokens to generate, EOS included"),
+    num_return_sequences: int | None = Query(None, description="captions, best first: at most num_beams (the beam "
+                                                               "widens to it when num_beams is not given)"),
+    repetition_penalty: float | None = Query(None, allow_inf_nan=False, description=">1 discourages repeats"),
+    no_repeat_ngram_size: int | None = Query(None, description="forbid repeated n-grams of this size (0: off)"),
     _: None = Depends(only_query(*HF_NAMES)),
 ) -> RawParams:
     """/v1/caption: the Hugging Face parameter names."""
@@ -79,28 +110,29 @@ def hf_body_params(parameters: HFParameters | None) -> RawParams:
                      p.no_repeat_ngram_size)
 
 
-def resolve_params(raw: RawParams, settings: ServingSettings, backend: Backend) -> CaptionParams:
-    """Defaults filled in and every bound checked (one 422 listing each problem), the model's own limits included."""
+LABELS = {name: f"{name} ({hf})" if hf != name else name for hf, name in OUR_NAME.items()}  # ours, as errors say
+
+
+def resolve_params(raw: RawParams, settings: ServingSettings, backend: Backend, limits: RequestLimits
+                   ) -> CaptionParams:
+    """Defaults filled in and every bound of ``limits`` checked (one 422 listing each problem), then the model's own
+    check. Not given: beam_size is the default widened to num_captions, num_captions the default narrowed to the beam,
+    max_len the default (0: the longest allowed, as demo.py decodes)."""
+    assert limits.max_len is not None, "requests are resolved once the model is loaded"
+    problems = [f"{LABELS[name]} must be between {low:g} and {high:g}, got {value}"
+                for name, (low, high) in limits.bounds().items()
+                if name in LABELS and (value := getattr(raw, name)) is not None and not low <= value <= high]
     beam = raw.beam_size if raw.beam_size is not None else max(settings.beam_size, raw.num_captions or 1)
-    num = raw.num_captions if raw.num_captions is not None else settings.num_captions
-    len_limit = min(settings.max_len_limit, backend.max_len)
-    max_len = raw.max_len if raw.max_len is not None else min(settings.max_len, len_limit)
-    penalty = 1.0 if raw.repetition_penalty is None else raw.repetition_penalty
-    ngram = 0 if raw.no_repeat_ngram_size is None else raw.no_repeat_ngram_size
-    problems = []
-    if not 1 <= beam <= settings.max_beam_size:
-        problems.append(f"beam size must be between 1 and {settings.max_beam_size}, got {beam}")
-    if not 1 <= num <= beam:
-        problems.append(f"number of captions must be between 1 and the beam size ({beam}), got {num}")
-    if not 1 <= max_len <= len_limit:
-        problems.append(f"maximum length must be between 1 and {len_limit}, got {max_len}")
-    if not PENALTY_RANGE[0] <= penalty <= PENALTY_RANGE[1]:
-        problems.append(f"repetition_penalty must be between {PENALTY_RANGE[0]:g} and {PENALTY_RANGE[1]:g}, "
-                        f"got {penalty}")
-    if not NGRAM_RANGE[0] <= ngram <= NGRAM_RANGE[1]:
-        problems.append(f"no_repeat_ngram_size must be between {NGRAM_RANGE[0]} and {NGRAM_RANGE[1]}, got {ngram}")
+    num = raw.num_captions if raw.num_captions is not None else min(settings.num_captions, beam)
+    if not problems and num > beam:
+        problems.append(f"{LABELS['num_captions']} must be at most the beam width ({LABELS['beam_size']} {beam}), "
+                        f"got {num}")
     if problems:
         raise HTTPException(422, "; ".join(problems))
+    max_len = raw.max_len if raw.max_len is not None else resolve_max_len(LengthOptions(max_len=settings.max_len),
+                                                                          limits.max_len)
+    penalty = CaptionParams.repetition_penalty if raw.repetition_penalty is None else raw.repetition_penalty
+    ngram = CaptionParams.no_repeat_ngram_size if raw.no_repeat_ngram_size is None else raw.no_repeat_ngram_size
     params = CaptionParams(beam, max_len, num, penalty, ngram)
     try:
         backend.check_params(params)

@@ -35,22 +35,25 @@ class CaptionedOut(PredictOut):
 
 
 class HFParameters(BaseModel):
-    """Hugging Face generation parameter names."""
+    """Hugging Face generation parameter names (their bounds depend on the server: serving.params.RequestLimits)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    num_beams: int | None = Field(None, ge=1)
-    max_new_tokens: int | None = Field(None, ge=1)
-    num_return_sequences: int | None = Field(None, ge=1)
-    repetition_penalty: float | None = Field(None, gt=0)
-    no_repeat_ngram_size: int | None = Field(None, ge=0)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+    num_beams: int | None = Field(None, description="beam width")
+    max_new_tokens: int | None = Field(None, description="most tokens to generate, EOS included")
+    num_return_sequences: int | None = Field(None, description="captions, best first: at most num_beams (the beam "
+                                                               "widens to it when num_beams is not given)")
+    repetition_penalty: float | None = Field(None, description=">1 discourages repeats")
+    no_repeat_ngram_size: int | None = Field(None, description="forbid repeated n-grams of this size (0: off)")
 
 
 class HFRequest(BaseModel):
     """The Hugging Face image-to-text request: a base64 image (or data URL) and optional parameters."""
 
     model_config = ConfigDict(extra="forbid")
-    inputs: str = Field(description="base64-encoded image bytes, or a data:image/...;base64 URL")
-    parameters: HFParameters | None = None
+    inputs: str = Field(description="base64-encoded image bytes, or a data:image/...;base64 URL",
+                        json_schema_extra={"contentEncoding": "base64", "contentMediaType": "image/*"})
+    parameters: HFParameters | None = Field(None, description="generation parameters; each overrides the query "
+                                                              "parameter of the same name")
 
 
 class GeneratedText(BaseModel):
@@ -97,13 +100,19 @@ def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
 
 
 def multipart_body(field: str, many: bool) -> dict[str, Any]:
-    """OpenAPI request body of a multipart form with the image(s) in ``field``."""
+    """OpenAPI request body of a multipart form with the image(s) in ``field`` and nothing else (serving.openapi
+    sets the most files a request may carry)."""
     file_schema: dict[str, Any] = {"type": "string", "format": "binary"}
-    prop = {"type": "array", "items": file_schema} if many else file_schema
-    schema = {"type": "object", "properties": {field: prop}, "required": [field]}
-    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+    prop = {"type": "array", "items": file_schema, "minItems": 1} if many else file_schema
+    schema = {"type": "object", "properties": {field: prop}, "required": [field], "additionalProperties": False}
+    return {"multipart/form-data": {"schema": schema}}
+
+
+def request_body(content: dict[str, Any]) -> dict[str, Any]:
+    """A route's ``openapi_extra`` declaring a required request body of these media types."""
+    return {"requestBody": {"required": True, "content": content}}
 
 
 def json_body(model: type[BaseModel]) -> dict[str, Any]:
-    """OpenAPI request body of a JSON object described by ``model``."""
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline_schema(model)}}}}
+    """OpenAPI media type of a JSON object described by ``model``."""
+    return {"application/json": {"schema": inline_schema(model)}}

@@ -7,14 +7,20 @@ import logging
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
+
+from utils.cli import LengthOptions
 
 logger = logging.getLogger("serving")
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+
+
+_ZERO_MEANS = {"max_wait_ms": "no waiting", "threads": "torch's default", "max_len": "the model's full length",
+               "max_len_limit": "the model's full length"}
 
 
 class SettingsError(ValueError):
@@ -34,11 +40,12 @@ class ServingSettings:
     max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
     queue_size: int = 64  # images waiting for the model; 503 with Retry-After beyond
     retry_after_s: int = 1  # Retry-After header of 503 answers
-    beam_size: int = 5  # default beam width
-    max_len: int = 20  # default maximum caption length in tokens
+    beam_size: int = 5  # default beam width (demo.py's)
+    # default caption length cap in tokens; 0: the model's full length, as demo.py and test.py decode (same field)
+    max_len: int = LengthOptions.max_len
     num_captions: int = 1  # default captions per image
     max_beam_size: int = 10  # largest beam a client may ask for
-    max_len_limit: int = 64  # largest max_len a client may ask for (also capped by the model)
+    max_len_limit: int = 0  # largest max_len a client may ask for; 0: the model's full length (always capped by it)
     url_fetch: bool = False  # /captioned may download images
     url_allowlist: tuple[str, ...] = ()  # host names /captioned may fetch from ("*.example.com" for subdomains)
     url_timeout_s: float = 10.0  # whole download, DNS included
@@ -48,19 +55,20 @@ class ServingSettings:
 
     def __post_init__(self) -> None:
         positive = ("max_body_bytes", "max_pixels", "max_side", "max_files", "max_batch_size", "queue_size",
-                    "retry_after_s", "beam_size", "max_len", "num_captions", "max_beam_size", "max_len_limit",
-                    "url_timeout_s", "body_timeout_s", "model_timeout_s")
+                    "retry_after_s", "beam_size", "num_captions", "max_beam_size", "url_timeout_s", "body_timeout_s",
+                    "model_timeout_s")
         for key in positive:
             if getattr(self, key) <= 0:
                 raise SettingsError(f"{key} must be positive, got {getattr(self, key)}")
         if self.max_aspect_ratio < 1:
             raise SettingsError(f"max_aspect_ratio must be at least 1, got {self.max_aspect_ratio}")
-        if self.max_wait_ms < 0 or self.threads < 0:
-            raise SettingsError("max_wait_ms and threads must not be negative")
+        for key in ("max_wait_ms", "threads", "max_len", "max_len_limit"):
+            if getattr(self, key) < 0:
+                raise SettingsError(f"{key} must not be negative (0: {_ZERO_MEANS[key]}), got {getattr(self, key)}")
         if self.beam_size > self.max_beam_size or not 1 <= self.num_captions <= self.beam_size:
             raise SettingsError(f"defaults must satisfy num_captions ({self.num_captions}) <= beam_size "
                                 f"({self.beam_size}) <= max_beam_size ({self.max_beam_size})")
-        if self.max_len > self.max_len_limit:
+        if self.max_len_limit and self.max_len > self.max_len_limit:
             raise SettingsError(f"default max_len {self.max_len} is above max_len_limit {self.max_len_limit}")
 
 
@@ -92,16 +100,18 @@ def convert_setting(name: str, raw: Any, default: Any) -> Any:
 
 
 def load_settings(prefix: str, model_keys: Mapping[str, str | None], path_keys: tuple[str, ...] = (),
-                  environ: Mapping[str, str] | None = None) -> tuple[ServingSettings, dict[str, str | None]]:
+                  environ: Mapping[str, str] | None = None, defaults: ServingSettings | None = None
+                  ) -> tuple[ServingSettings, dict[str, str | None]]:
     """Read ``<PREFIX>_API_CONFIG`` (a JSON object with the same keys as the variables), then the environment.
 
     Environment variables win over the file. ``model_keys`` are backend-specific keys (short name -> default), e.g.
     ``{"CHECKPOINT": None}`` for ``CAPTION_CHECKPOINT``; ``path_keys`` among them are resolved relative to the config
     file (a key may hold a list of paths in the file; it reaches the backend joined with commas). Returns the shared
-    settings and the model keys by short name. Unknown keys in the file are an error.
+    settings and the model keys by short name. Unknown keys in the file are an error. ``defaults``: an app's own
+    defaults for the shared settings (ServingSettings() when not given).
     """
     env = os.environ if environ is None else environ
-    defaults = ServingSettings()
+    defaults = defaults or ServingSettings()
     shared = {f.name.upper(): getattr(defaults, f.name) for f in fields(ServingSettings)}
     known = {f"{prefix}_{key}" for key in (*shared, *model_keys)}
     values: dict[str, Any] = {}
@@ -116,7 +126,7 @@ def load_settings(prefix: str, model_keys: Mapping[str, str | None], path_keys: 
     kwargs = {key.lower(): convert_setting(f"{prefix}_{key}", values[f"{prefix}_{key}"], default)
               for key, default in shared.items() if f"{prefix}_{key}" in values}
     try:
-        settings = ServingSettings(**kwargs)
+        settings = replace(defaults, **kwargs)
     except SettingsError as exc:
         raise SettingsError(f"{prefix} settings: {exc}") from None
     model = {key: _model_value(values[f"{prefix}_{key}"]) if f"{prefix}_{key}" in values else default

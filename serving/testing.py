@@ -19,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
+from fastapi.testclient import TestClient
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,11 +90,12 @@ def checked_client(server: RunningServer, check: Callable[[httpx.Response], None
 @contextmanager
 def uvicorn_server(app: str, env: Mapping[str, str], log_path: Path, *, app_dir: Path = ROOT, cwd: Path | None = None,
                    uds: Path | None = None, workers: int = 1, startup_timeout_s: float = 600.0,
-                   extra_args: Sequence[str] = ()) -> Iterator[RunningServer]:
-    """Start ``python -m uvicorn app`` on a free 127.0.0.1 port (or ``uds``), wait until /ready answers 200 (failing
-    at once if the process exits; the limit only ends a hung start, a loaded machine may take minutes), stop it
-    (SIGTERM, then SIGKILL) on exit. Environment: the current one, HF offline, plus ``env``; ``extra_args`` go to
-    uvicorn (e.g. ``--limit-concurrency 8``)."""
+                   extra_args: Sequence[str] = (), wait_for: str = "/ready") -> Iterator[RunningServer]:
+    """Start ``python -m uvicorn app`` on a free 127.0.0.1 port (or ``uds``), wait until ``wait_for`` (/ready: the
+    model is loaded; /health: the port is open) answers 200 (failing at once if the process exits or its model
+    fails to load; the limit only ends a hung start, a loaded machine may take minutes), stop it (SIGTERM, then
+    SIGKILL) on exit. Environment: the current one, HF offline, plus ``env``; ``extra_args`` go to uvicorn (e.g.
+    ``--limit-concurrency 8``)."""
     port = free_port()
     command = [sys.executable, "-m", "uvicorn", app, "--app-dir", str(app_dir), "--workers", str(workers),
                "--log-level", "warning", *extra_args]
@@ -104,7 +106,7 @@ def uvicorn_server(app: str, env: Mapping[str, str], log_path: Path, *, app_dir:
         process = subprocess.Popen(command, env=full_env, cwd=cwd or app_dir, stdout=log, stderr=subprocess.STDOUT)
     server = RunningServer("http://127.0.0.1" if uds else f"http://127.0.0.1:{port}", process, log_path, uds)
     try:
-        _wait_ready(server, startup_timeout_s)
+        _wait_ready(server, startup_timeout_s, wait_for)
         yield server
     finally:
         process.terminate()
@@ -115,8 +117,8 @@ def uvicorn_server(app: str, env: Mapping[str, str], log_path: Path, *, app_dir:
             process.wait(timeout=5)
 
 
-def _wait_ready(server: RunningServer, timeout_s: float) -> None:
-    """Poll /ready; fail with the server log if the process exits or the time runs out."""
+def _wait_ready(server: RunningServer, timeout_s: float, path: str = "/ready") -> None:
+    """Poll ``path``; fail with the server log if the process exits, its model fails to load or the time runs out."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
@@ -124,12 +126,33 @@ def _wait_ready(server: RunningServer, timeout_s: float) -> None:
         if server.uds is None or server.uds.exists():
             try:
                 with server.client(timeout=2.0) as client:
-                    if client.get("/ready").status_code == 200:
+                    if client.get(path).status_code == 200:
                         return
+                    _raise_if_load_failed(client.get("/health"), server.log)
             except httpx.HTTPError:
                 pass
         time.sleep(0.1)
     raise RuntimeError(f"uvicorn did not become ready within {timeout_s:g} s:\n{server.log()}")
+
+
+def _raise_if_load_failed(health: httpx.Response, log: Callable[[], str]) -> None:
+    """RuntimeError with the server's log when /health says the model failed to load."""
+    if health.status_code == 503 and health.json().get("status") == "load_failed":
+        raise RuntimeError(f"the model failed to load: {health.json()['detail']}\n{log()}")
+
+
+@contextmanager
+def ready_client(app: object, startup_timeout_s: float = 600.0) -> Iterator[TestClient]:
+    """A started in-process TestClient of an app once its model is loaded (the load runs in the background after
+    start-up): /ready answers 200. A failed load raises RuntimeError; the limit only ends a hung load."""
+    with TestClient(app) as client:  # type: ignore[arg-type]
+        deadline = time.monotonic() + startup_timeout_s
+        while client.get("/ready").status_code != 200:
+            _raise_if_load_failed(client.get("/health"), lambda: "")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the model did not load within {startup_timeout_s:g} s")
+            time.sleep(0.02)
+        yield client
 
 
 @contextmanager

@@ -214,7 +214,7 @@ def decode_base64_image(text: str) -> bytes:
     try:
         data = base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise HTTPException(422, f"inputs is not valid base64: {plain_text(str(exc), 200)}") from None
+        raise HTTPException(422, f"the field 'inputs' is not valid base64: {plain_text(str(exc), 200)}") from None
     if not data:
-        raise HTTPException(422, "inputs is empty: expected a base64-encoded image")
+        raise HTTPException(422, "the field 'inputs' is empty: expected a base64-encoded image")
     return data

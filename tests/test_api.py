@@ -11,6 +11,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -29,9 +30,10 @@ from serving import (
     create_app,
     load_settings,
 )
-from serving.testing import Answer, FileServer, file_server, image_bytes
+from serving.testing import Answer, FileServer, file_server, image_bytes, ready_client
 from serving.urlguard import host_allowed, is_public_address
 from utils.checkpoint import load_checkpoint_file, state_dict_sha256
+from utils.runtime import resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = image_bytes()
@@ -45,7 +47,7 @@ def png_file(name: str = "a.png", data: bytes = PNG) -> tuple[str, bytes, str]:
 def client(tiny_checkpoint: Path) -> Iterator[TestClient]:
     """api.py's app for the tiny checkpoint, started (lifespan run)."""
     app = api.build_app(environ={"CAPTION_CHECKPOINT": str(tiny_checkpoint), "CAPTION_MAX_WAIT_MS": "1"})
-    with TestClient(app) as test_client:
+    with ready_client(app) as test_client:
         yield test_client
 
 
@@ -77,9 +79,11 @@ class FakeBackend:
                  for i in range(params.num_captions)] for im in images]
 
 
-def fake_client(backend: FakeBackend, **settings: object) -> TestClient:
+@contextmanager
+def fake_client(backend: FakeBackend, **settings: object) -> Iterator[TestClient]:
     app = create_app(lambda: backend, ServingSettings(**{"max_wait_ms": 1.0, **settings}), title="fake")
-    return TestClient(app)
+    with ready_client(app) as client:
+        yield client
 
 
 # ---------------------------------------------------------------- api.py: app object, health, readiness, docs
@@ -99,10 +103,10 @@ def test_api_ready_503_until_loaded_then_model_info(tiny_checkpoint: Path) -> No
     answer = not_started.get("/ready")
     assert answer.status_code == 503 and "Retry-After" in answer.headers and "detail" in answer.json()
     assert not_started.post("/predict", files={"file": png_file()}).status_code == 503
-    with TestClient(app) as started:
+    with ready_client(app) as started:
         info = started.get("/ready").json()
     assert info["status"] == "ready" and info["model"]["backend"] == "expansionnet"
-    assert info["model"]["name"] == "optimizer_expansionnet" and info["limits"]["max_len_limit"] == 24
+    assert info["model"]["name"] == "optimizer_expansionnet" and info["limits"]["max_len_limit"] == 23  # 24 - SOS
     assert info["model"]["kind"] == "onnx" and info["model"]["parameters"] > 1000  # the default CPU runtime
     assert info["model"]["weights_sha256"] == state_dict_sha256(load_checkpoint_file(tiny_checkpoint)[
         "model_state_dict"])
@@ -116,27 +120,75 @@ def test_api_serves_an_ensemble_of_checkpoints_on_the_chosen_backend(tiny_checkp
     config.write_text(json.dumps({"CAPTION_CHECKPOINT": [str(tiny_checkpoint), "second.pth"],
                                   "CAPTION_BACKEND": "torch"}))
     app = api.build_app(environ={"CAPTION_API_CONFIG": str(config)})
-    with TestClient(app) as client:
+    with ready_client(app) as client:
         info = client.get("/ready").json()["model"]
         answer = client.post("/predict", files={"file": png_file()}, params={"beam_size": 2, "max_len": 5})
     assert info["kind"] == "ensemble" and info["members"] == 2
     assert answer.status_code == 200 and isinstance(answer.json()["caption"], str)
 
 
-def test_api_startup_fails_clearly_without_checkpoint() -> None:
+def test_api_startup_fails_clearly_without_checkpoint(tmp_path: Path) -> None:
     app = api.build_app(environ={})
     with pytest.raises(RuntimeError, match="CAPTION_CHECKPOINT is not set"), TestClient(app):
         pass
+    missing = api.build_app(environ={"CAPTION_CHECKPOINT": str(tmp_path / "nowhere.pth")})
+    with pytest.raises(RuntimeError, match="CAPTION_CHECKPOINT: .*nowhere.pth does not exist"), TestClient(missing):
+        pass
+
+
+def test_api_defaults_decode_like_demo_and_test(client: TestClient) -> None:
+    info = client.get("/ready").json()
+    # the model's full length (max_seq_len 24 - SOS), as demo.py and test.py decode (utils.cli.resolve_max_len)
+    assert info["defaults"] == {"beam_size": 5, "max_len": 23, "num_captions": 1}
+    assert api.MODEL_KEYS["DEVICE"] == "auto" and info["model"]["device"].startswith(resolve_device("auto").type)
+    assert not info["repetition_controls"]
+
+
+def test_app_loads_the_model_after_start_up_health_at_once_ready_503_until_loaded() -> None:
+    gate = threading.Event()
+
+    def slow_load() -> FakeBackend:
+        gate.wait(timeout=300)
+        return FakeBackend()
+
+    app = create_app(slow_load, ServingSettings(max_wait_ms=1.0, model_timeout_s=0.2, retry_after_s=3), title="slow")
+    try:
+        with TestClient(app) as client:
+            health, ready = client.get("/health"), client.get("/ready")
+            during = client.post("/predict", files={"file": png_file()})  # waits up to its deadline, then 503
+            gate.set()
+            _wait_for(lambda: client.get("/ready").status_code == 200)
+            after = client.post("/predict", files={"file": png_file()})
+    finally:
+        gate.set()
+    assert health.json() == {"status": "ok"}
+    assert ready.status_code == 503 and ready.json()["detail"] == "the model is loading, retry later"
+    assert during.status_code == 503 and during.headers["retry-after"] == "3" and "loading" in during.json()["detail"]
+    assert after.status_code == 200 and after.json()["caption"].startswith("RGB 48x32")
+
+
+def test_app_model_that_fails_to_load_makes_health_and_ready_503_without_its_paths() -> None:
+    def broken_load() -> FakeBackend:
+        raise OSError("cannot read /secret/models/best.pth")
+
+    with TestClient(create_app(broken_load, ServingSettings(), title="broken")) as client:
+        _wait_for(lambda: client.get("/health").status_code == 503)
+        health, ready = client.get("/health"), client.get("/ready")
+        refused = client.post("/predict", files={"file": png_file()})
+    assert health.json()["status"] == "load_failed" and "OSError" in health.json()["detail"]
+    assert ready.status_code == refused.status_code == 503 and "failed to load" in ready.json()["detail"]
+    assert all("/secret" not in answer.text for answer in (health, ready, refused))
 
 
 def test_api_health_ok(client: TestClient) -> None:
     assert client.get("/health").json() == {"status": "ok"}
 
 
-def test_api_openapi_docs_list_every_endpoint(client: TestClient) -> None:
+def test_api_openapi_docs_list_every_endpoint_that_can_answer(client: TestClient) -> None:
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
-    assert {"/predict", "/predicts", "/captioned", "/v1/caption", "/health", "/ready"} <= set(paths)
+    assert {"/predict", "/predicts", "/v1/caption", "/health", "/ready"} <= set(paths)
+    assert "/captioned" not in paths  # URL fetching is off by default: it only answers 403
     assert "multipart/form-data" in paths["/predict"]["post"]["requestBody"]["content"]
     assert {p["name"] for p in paths["/predict"]["post"]["parameters"]} >= {"beam_size", "max_len", "num_captions"}
 
@@ -178,7 +230,7 @@ def test_predict_query_params_give_num_captions_best_first(client: TestClient) -
     assert all(len(c["caption"].split()) <= 6 for c in captions)
 
 
-@pytest.mark.parametrize("query", ["beam_size=0", "beam_size=11", "max_len=0", "max_len=25", "beam_size=two",
+@pytest.mark.parametrize("query", ["beam_size=0", "beam_size=11", "max_len=0", "max_len=24", "beam_size=two",
                                    "num_captions=4&beam_size=3", "num_captions=0"])
 def test_predict_out_of_bounds_params_422(client: TestClient, query: str) -> None:
     answer = client.post(f"/predict?{query}", files={"file": png_file()})
@@ -217,7 +269,8 @@ def test_predict_bad_image_422_names_the_problem(client: TestClient, name: str) 
 def test_predict_data_in_no_accepted_format_415_lists_the_formats(client: TestClient) -> None:
     answer = client.post("/predict", files={"file": ("text.png", b"hello, not an image", "image/png")})
     detail = answer.json()["detail"]
-    assert answer.status_code == 415 and detail.startswith("text.png: ") and "JPEG, PNG, WebP, GIF, BMP, TIFF" in detail
+    assert answer.status_code == 415 and "JPEG, PNG, WebP, GIF, BMP, TIFF" in detail
+    assert detail.startswith("text.png: not an image in an accepted format; ")
 
 
 def test_predicts_returns_one_entry_per_file_in_order(client: TestClient) -> None:

@@ -25,7 +25,7 @@ from transformers import (
     BlipProcessor,
 )
 
-from serving.testing import image_bytes, uvicorn_server
+from serving.testing import image_bytes, ready_client, uvicorn_server
 
 ROOT = Path(__file__).resolve().parents[1]
 BLIP_DIR = ROOT / "blip-image-captioning-api"
@@ -88,7 +88,7 @@ def main() -> ModuleType:
 @pytest.fixture(scope="module")
 def client(main: ModuleType, blip_dir: Path) -> Iterator[TestClient]:
     app = main.build_app(environ={"BLIP_MODEL_DIR": str(blip_dir), "BLIP_MAX_WAIT_MS": "1"})
-    with TestClient(app) as test_client:
+    with ready_client(app) as test_client:
         yield test_client
 
 
@@ -124,7 +124,8 @@ def test_blip_ready_reports_fp32_on_cpu(client: TestClient, blip_dir: Path) -> N
 
 def test_blip_health_docs_and_page(client: TestClient) -> None:
     assert client.get("/health").json() == {"status": "ok"}
-    assert {"/predict", "/predicts", "/captioned", "/v1/caption"} <= set(client.get("/openapi.json").json()["paths"])
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/predict", "/predicts", "/v1/caption"} <= set(paths) and "/captioned" not in paths  # fetching is off
     assert 'capture="environment"' in client.get("/").text
 
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 
 from serving.context import ServingContext, serving_context
 from serving.params import RawParams, query_params
-from serving.schemas import ERROR_RESPONSES, CaptionedIn, CaptionedOut, captions_json, json_body
+from serving.schemas import ERROR_RESPONSES, CaptionedIn, CaptionedOut, captions_json, json_body, request_body
 from serving.uploads import read_json
 from serving.urlguard import UrlFetchError
 
@@ -19,11 +19,11 @@ RESPONSES = {**ERROR_RESPONSES, 403: {"description": "fetching disabled, host no
              504: {"description": "download timeout, or the model did not answer in time"}}
 
 
-@router.post("/captioned", response_model=CaptionedOut, openapi_extra=json_body(CaptionedIn), responses=RESPONSES,
-             summary="Caption an image fetched from an allowlisted URL (off unless enabled)")
+@router.post("/captioned", response_model=CaptionedOut, openapi_extra=request_body(json_body(CaptionedIn)),
+             responses=RESPONSES, summary="Caption an image fetched from an allowlisted URL (off unless enabled)")
 async def captioned(request: Request, raw: RawParams = Depends(query_params),
                     context: ServingContext = Depends(serving_context)) -> dict[str, Any]:
-    params = context.params(raw)
+    params = await context.params(raw)
     body: CaptionedIn = await read_json(request, CaptionedIn, context.settings)
     data = await download(context, body.imageUrl)
     images = await context.decode([(data, body.imageName or body.imageUrl)])

@@ -42,7 +42,7 @@ async def share(request: Request, context: ServingContext = Depends(serving_cont
 async def caption_shared_photos(request: Request, context: ServingContext) -> list[tuple[str, str, Captions]]:
     """(file name, thumbnail data URL, captions) of each shared photo; any title or text of the share is ignored."""
     settings = context.settings
-    params = context.params(RawParams(num_captions=min(SHARE_CAPTIONS, settings.max_beam_size)))
+    params = await context.params(RawParams(num_captions=min(SHARE_CAPTIONS, settings.max_beam_size)))
     blobs = await read_files(request, SHARE_FIELD, settings.max_files, settings, ignore_text_fields=True)
     prepare = getattr(context.ready_backend(), "prepare", None)
 

@@ -1,4 +1,5 @@
-"""Liveness and readiness: /health (are the process and its model thread answering?) and /ready (which model)."""
+"""Liveness and readiness: /health (are the process and its model thread answering?) and /ready (is the model
+loaded, and which one)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from fastapi.responses import JSONResponse
 from serving.context import ServingContext, serving_context
 from serving.errors import ErrorResponse
 from serving.imageguard import ACCEPTED_FORMATS
+from serving.params import RawParams, resolve_params
 
 router = APIRouter()
 
@@ -17,9 +19,15 @@ LIMIT_KEYS = ("max_body_bytes", "max_pixels", "max_side", "max_aspect_ratio", "m
               "queue_size", "max_beam_size", "body_timeout_s", "model_timeout_s")
 
 
-@router.get("/health", summary="Liveness: 200 while the process answers; 503 when its model thread is stuck",
-            responses={503: {"description": "the model thread has been on one batch longer than a request's deadline"}})
+@router.get("/health", summary="Liveness: 200 while the process answers (the model may still be loading); 503 when "
+                                "its model failed to load or its model thread is stuck",
+            responses={503: {"description": "the model failed to load, or the model thread has been on one batch "
+                                            "longer than a request's deadline"}})
 async def health(context: ServingContext = Depends(serving_context)) -> JSONResponse:
+    if context.load_failed is not None:
+        failed = context.not_ready()
+        return ErrorResponse({"status": "load_failed", "detail": failed.detail}, status_code=503,
+                             headers=failed.headers)
     stuck = context.model_stuck_seconds()
     if stuck is None:
         return JSONResponse({"status": "ok"})
@@ -29,14 +37,17 @@ async def health(context: ServingContext = Depends(serving_context)) -> JSONResp
     return ErrorResponse({"status": "model_stuck", "detail": detail}, status_code=503, headers=context.retry_after)
 
 
-@router.get("/ready", summary="Readiness: 503 until the model is loaded, then its description (never a file path)",
-            responses={503: {"description": "model not loaded yet"}})
+@router.get("/ready", summary="Readiness: 503 while the model loads (in the background, after the port opens) or when "
+                              "it failed to load; then its description (never a file path), limits and defaults",
+            responses={503: {"description": "the model is loading, or failed to load (Retry-After)"}})
 async def ready(context: ServingContext = Depends(serving_context)) -> dict[str, Any]:
     backend, settings = context.ready_backend(), context.settings
+    requests = context.request_limits
     limits: dict[str, Any] = {key: getattr(settings, key) for key in LIMIT_KEYS}
-    limits["max_len_limit"] = min(settings.max_len_limit, backend.max_len)
+    limits["max_len_limit"] = requests.max_len
     limits["image_formats"] = list(ACCEPTED_FORMATS.values())
+    defaults = resolve_params(RawParams(), settings, backend, requests)
     return {"status": "ready", "model": context.model_info, "limits": limits,
-            "defaults": {"beam_size": settings.beam_size, "max_len": min(settings.max_len, backend.max_len),
-                         "num_captions": settings.num_captions},
-            "url_fetch": context.url_fetcher is not None}
+            "defaults": {"beam_size": defaults.beam_size, "max_len": defaults.max_len,
+                         "num_captions": defaults.num_captions},
+            "repetition_controls": requests.repetition_controls, "url_fetch": context.url_fetcher is not None}
