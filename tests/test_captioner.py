@@ -18,12 +18,13 @@ from numerics import TINY_E2E_ROUNDINGS, assert_close_f32
 from PIL import Image
 from processes import run_watched
 
-from captioner import load_captioner
+from captioner import Caption, load_captioner
 from data.images import ImageLoadError
 from engine.checkpoints import read_backbone_file, restore_model, save_backbone_file, save_model_checkpoint
 from models import build_model
 from models.backbone import create_backbone, load_backbone_state_dict
 from utils.checkpoint import CheckpointError, load_checkpoint_file
+from utils.cli import LengthOptions, resolve_max_len
 
 PHOTO = Path(__import__("matplotlib").get_data_path()) / "sample_data" / "grace_hopper.jpg"
 
@@ -150,6 +151,28 @@ def test_caption_accepts_paths_pil_bytes_and_tensors_with_scores(tiny_checkpoint
         # other batch shapes may run other kernels: rounding of a tiny end-to-end captioner's log-probs (<= 6)
         assert_close_f32(torch.tensor([c.score for c in same]), torch.tensor([c.score for c in out[0]]),
                          roundings=6 * TINY_E2E_ROUNDINGS)
+
+
+def test_caption_of_one_image_takes_a_str_path_bytes_pil_or_tensor_and_returns_its_captions(tiny_checkpoint,
+                                                                                            tmp_path):
+    cap = load_captioner(tiny_checkpoint)
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(PHOTO.read_bytes())
+    expected = [c.text for c in cap.caption([photo], beam_size=2, num_captions=2)[0]]
+    tensor = cap.preprocess([photo])[0]
+    for single in (str(photo), photo, photo.read_bytes(), Image.open(photo), tensor):
+        captions = cap.caption(single, beam_size=2, num_captions=2)  # not one result per character of a str
+        assert all(isinstance(c, Caption) for c in captions) and [c.text for c in captions] == expected, single
+    assert [c.text for c in cap.caption((str(photo),), beam_size=2, num_captions=2)[0]] == expected  # a tuple: a list
+    batch = cap.caption(tensor[None].expand(3, -1, -1, -1), beam_size=2)  # (B, 3, H, W): one list per image
+    assert len(batch) == 3 and all(len(captions) == 1 for captions in batch)
+
+
+def test_caption_default_length_cap_is_demos_the_models_full_length(tiny_checkpoint):
+    cap = load_captioner(tiny_checkpoint)
+    assert cap.max_caption_len == resolve_max_len(LengthOptions(), cap.max_seq_len - 1) == 23  # demo.py's cap
+    default, full = cap.caption(PHOTO)[0], cap.caption(PHOTO, max_len=23)[0]
+    assert default.tokens == full.tokens and len(default.tokens) > 20  # the random tiny model never stops early
 
 
 def test_logprobs_are_teacher_forced_distributions(tiny_checkpoint):
