@@ -28,11 +28,11 @@ from common import (  # first: puts the repository root on sys.path
 
 from data.vocab import Vocabulary
 from deploy.onnx_export import export_onnx
-from deploy.runtime import OrtRuntime
+from deploy.runtime import OrtRuntime, TorchRuntime
 from models import build_model, expansionnet_v2_config, optimizer_expansionnet_config
 from models.backbone import backbone_tokens
 from models.decoding import beam_search
-from utils.runtime import autocast, keep_freed_memory
+from utils.runtime import autocast
 
 IDS = {"sos_idx": 79, "eos_idx": 77, "pad_idx": 78}
 
@@ -122,12 +122,10 @@ def bench_cached_vs_full(name: str, device: torch.device, batch: int, beam: int,
     cfg_fn = optimizer_expansionnet_config if name == "optimizer_expansionnet" else expansionnet_v2_config
     torch.manual_seed(0)
     cfg = cfg_fn(end_to_end=False)
-    model = build_model(cfg).to(device).eval()
+    model = build_model(cfg)
     with torch.no_grad():
         model.vocab_linear.bias[IDS["eos_idx"]] = -1e4  # no early stop: every caption runs to max_len
-    if device.type == "cpu":  # as load_captioner prepares a model to caption on the CPU
-        keep_freed_memory()
-        model.prepare_for_cpu_decoding()
+    model = TorchRuntime.for_captioning(model, cfg, device).model  # as load_captioner prepares a model to caption
     feats = torch.randn(batch, 144, model.input_linear.in_features, device=device)
 
     @torch.inference_mode()

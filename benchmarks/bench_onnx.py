@@ -65,9 +65,9 @@ def main() -> None:
         r = export_onnx(model, cfg, vocab, onnx_dir)
         print(f"exported the seed model in {r.seconds:.0f} s (step log-probs within {r.max_abs_logprob_diff:.1g})")
     cpu = torch.device("cpu")
-    keep_freed_memory()  # what load_captioner does for the PyTorch backend on the CPU
+    keep_freed_memory()  # process-wide (load_captioner's PyTorch runtime applies it): every runtime below gets it
     runtimes = {
-        "pytorch fp32": TorchRuntime(copy.deepcopy(model).prepare_for_cpu_decoding(), cfg, cpu, "fp32"),
+        "pytorch fp32": TorchRuntime.for_captioning(copy.deepcopy(model), cfg, cpu, "fp32"),  # as load_captioner
         "onnxruntime fp32": OrtRuntime(onnx_dir, cpu),
         "pytorch bf16 autocast": TorchRuntime(model, cfg, cpu, "bf16"),
         "pytorch int8 decoder": TorchRuntime(quantized_decoder(model), cfg, cpu, "fp32"),

@@ -19,7 +19,7 @@ from deploy.folder import FOLDER_FORMAT, is_model_folder, load_pretrained
 from deploy.runtime import DECODER_FILE, CaptionRuntime, EnsembleRuntime, OrtRuntime, TorchRuntime, read_onnx_manifest
 from models import ExpansionNet, ModelConfig
 from models.decoding import Compile
-from utils.runtime import keep_freed_memory, resolve_device, resolve_precision
+from utils.runtime import resolve_device, resolve_precision
 
 BACKENDS = ("auto", "torch", "onnx")
 Source = str | Path
@@ -132,10 +132,7 @@ def load_one(path: Source, *, backend: str = "auto", device: str | torch.device 
             _export_atomically(model, config, vocab_obj, target, onnx_precision, str(path))
         runtime = OrtRuntime(target, dev, threads=threads)
         return LoadedModel(runtime, vocab_obj, [path], ckpt, official)
-    if dev.type == "cpu":
-        keep_freed_memory()
-        model.prepare_for_cpu_decoding()
-    runtime = TorchRuntime(model.eval().to(dev), config, dev, resolve_precision(precision, dev), compile=compile)
+    runtime = TorchRuntime.for_captioning(model, config, dev, precision, compile=compile)
     return LoadedModel(runtime, vocab_obj, [path], ckpt, official, model=runtime.model)
 
 

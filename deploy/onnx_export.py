@@ -3,13 +3,16 @@
 encoder.onnx       images (B, 3, H, W) [or features (B, N, C)] -> cross_k.i, cross_v.i (B, h, S, d_k) per decoder
                    layer (the encoder memory projected once per image); dynamic batch.
 decoder_step.onnx  tokens (R,), position (1,), beam_index (R,), cross_k.i / cross_v.i (B, ...), and per decoder layer
-                   the past dynamic-expansion caches past.i.{k,va,vb,cond} (R, t, D) and past.i.{ca,cb} (R, t*E, D)
+                   the past dynamic-expansion caches past.i.<name> (R, t * rows, D) for each name and rows per
+                   position of models.dynamic_expansion.cached_rows (k, va, vb, cond: 1; ca, cb: E)
                    -> logprobs (R, V) float32 and present.i.* (the past re-ordered by beam_index, with position t
                    appended). R = B x hypotheses per image; every axis but the model's widths is dynamic.
 
-Both graphs trace ExpansionNet.encode / cross_caches / step (the same code PyTorch decoding runs; the step appends
-to a ConcatExpansionCache instead of preallocated buffers). The export is checked with onnx.checker, run once with
-ONNX Runtime and compared with PyTorch before it is reported.
+Both graphs trace ExpansionNet.encode / cross_caches / step. The step runs on a ConcatExpansionCache, so the graph
+holds RowsCache.step: the step PyTorch runs in training mode and compiled (on other caches of the same rows), not
+the eval-mode ForwardWeightsCache step of eager PyTorch decoding, which equals it up to the rounding of another
+summation order. The export is checked with onnx.checker, run once with ONNX Runtime and compared with PyTorch (up
+to its precision's tolerance) before it is reported.
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ from torch import nn
 from data.vocab import Vocabulary
 from deploy.runtime import DECODER_FILE, ENCODER_FILE, ONNX_FORMAT
 from models import ExpansionNet, ModelConfig, count_parameters
-from models.cache import ConcatExpansionCache, CrossAttentionCache, DynamicExpansionCache
+from models.cache import CrossAttentionCache
+from models.dynamic_expansion import ConcatExpansionCache, cached_rows
 from utils.checkpoint import state_dict_sha256
 
-PAST = DynamicExpansionCache.NAMES
+PAST = tuple(cached_rows(num_exp=1))  # the names of each layer's past / present tensors
 DEFAULT_OPSET = 17
 PRECISIONS = ("fp32", "fp16")
 
@@ -131,8 +135,8 @@ def _random_encoder_input(config: ModelConfig, batch: int, tokens: int, gen: tor
 
 
 def _rows_per_position(past_name: str, num_exp: int) -> int:
-    """Rows a past cache gains per position: E for the expanded rows ca and cb, 1 for the others."""
-    return num_exp if past_name.rsplit(".", 1)[-1] in ("ca", "cb") else 1
+    """Rows a past tensor (past.i.<name>) gains per position (models.dynamic_expansion.cached_rows)."""
+    return cached_rows(num_exp)[past_name.rsplit(".", 1)[-1]]
 
 
 def _export_encoder(graph_model: ExpansionNet, enc_in: str, x: torch.Tensor, path: Path, names: dict[str, Any],

@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from models import ExpansionNet, ModelConfig
+from models.cpu_packing import prepare_for_cpu_decoding
 from models.decoding import Compile, EnsembleStepper, Stepper, TorchStepper, compiled
 from utils.checkpoint import state_dict_sha256
-from utils.runtime import autocast
+from utils.runtime import autocast, keep_freed_memory, resolve_precision
 
 ONNX_FORMAT = "expansionnet-onnx"
 ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder_step.onnx"
@@ -75,7 +76,8 @@ class CaptionRuntime(ABC):
         return torch.stack([stepper.logprobs(tokens[:, :t + 1]) for t in range(tokens.shape[1])], dim=1)
 
     def info(self) -> dict[str, Any]:
-        return {"kind": self.kind, "name": self.config.name, "device": str(self.device), "precision": self.precision}
+        name = self.config.name if self.config is not None else None  # TorchRuntime may not know its config
+        return {"kind": self.kind, "name": name, "device": str(self.device), "precision": self.precision}
 
     @abstractmethod
     def weights(self) -> dict[str, Any]:
@@ -88,6 +90,8 @@ class TorchRuntime(CaptionRuntime):
     compile: torch.compile the encoder (backbone included) and the cached decoding step (True: inductor, or a
     backend name; see models.decoding.Compile). The step runs on fixed-size caches, so it compiles once per batch
     shape, not at every position; the first batches of a new shape pay the compilation (tens of seconds on a GPU).
+    The constructor takes the model as it is (engine.evaluate wraps a model that goes on training);
+    `for_captioning` prepares a loaded one.
     """
 
     kind = "torch"
@@ -100,10 +104,30 @@ class TorchRuntime(CaptionRuntime):
         self.precision = precision
         self.compile = compile
 
+    @classmethod
+    def for_captioning(cls, model: ExpansionNet, config: ModelConfig, device: torch.device, precision: str = "auto",
+                       compile: Compile = False) -> TorchRuntime:
+        """The runtime of a model loaded to caption, what every PyTorch loader calls: the model in eval mode on
+        `device`, precision resolved ("auto"), and on the CPU its decoding step packed
+        (models.cpu_packing.prepare_for_cpu_decoding) with glibc keeping freed memory (utils.runtime)."""
+        model = model.eval().to(device)
+        if device.type == "cpu":
+            keep_freed_memory()
+            prepare_for_cpu_decoding(model)
+        return cls(model, config, device, resolve_precision(precision, device), compile=compile)
+
     # from the module, not the config: engine.evaluate's callers give none
     max_seq_len = property(lambda self: self.model.max_seq_len, doc=CaptionRuntime.max_seq_len.__doc__)
     vocab_size = property(lambda self: self.model.vocab_size, doc=CaptionRuntime.vocab_size.__doc__)
     end_to_end = property(lambda self: self.model.backbone is not None, doc=CaptionRuntime.end_to_end.__doc__)
+
+    @property
+    def preprocessing(self) -> Preprocessing | None:
+        """What the backbone wants (Preprocessing): the config's; a features-only model wants none."""
+        if self.config is None and self.end_to_end:
+            raise ValueError("this TorchRuntime was made without its ModelConfig, so it does not know how its "
+                             "backbone wants images; give TorchRuntime the config")
+        return preprocessing_of(self.config) if self.config is not None else None
 
     def encode(self, images: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
         encode = partial(compiled("encode", self.compile), self.model) if self.compile else self.model.encode
@@ -193,7 +217,6 @@ class OrtRuntime(CaptionRuntime):
         self.encoder_input = io["encoder_input"]
         self.cross_names = io["cross"]
         self.past_names, self.present_names = io["past"], io["present"]
-        self.past_rows = io["past_rows_per_position"]  # 1 for k/va/vb/cond, num_exp_dec for ca/cb
         self.on_cuda = self.providers[0] == "CUDAExecutionProvider"
 
     def _feed(self, array: np.ndarray) -> Any:
@@ -245,7 +268,8 @@ class OrtStepper(Stepper):
         self.index = self.identity
         self.position = 0
 
-    def logprobs(self, prefix: torch.Tensor) -> torch.Tensor:
+    def logprobs(self, prefix: torch.Tensor, per_image: bool = False) -> torch.Tensor:
+        self._check_per_image(per_image)
         if self.position >= self.max_len:
             raise ValueError(f"decoder cache is full ({self.max_len} positions)")
         rt = self.rt

@@ -49,16 +49,22 @@ class Stepper(ABC):
     device: torch.device
 
     @abstractmethod
-    def logprobs(self, prefix: torch.Tensor) -> torch.Tensor:
-        """prefix (batch*group, t) of input tokens (SOS first) -> log-probs (batch*group, V) of token t, float32."""
+    def logprobs(self, prefix: torch.Tensor, per_image: bool = False) -> torch.Tensor:
+        """prefix (batch*group, t) of input tokens (SOS first) -> log-probs (batch*group, V) of token t, float32.
+        per_image (the first call, where first_step_per_image): prefix (batch, 1) holds one row per image, the
+        group's hypotheses being one until the first re-ordering, and so do the log-probs."""
 
     @abstractmethod
     def reorder(self, index: torch.Tensor) -> None:
         """Hypothesis r continues hypothesis index[r] (index (batch*group,), within its own image's group)."""
 
     first_step_per_image = False
-    """Whether the first call may pass one prefix per image (batch rows; it then returns batch rows), the group's
-    hypotheses being one until then: a beam search computes that step once per image."""
+    """Whether logprobs takes per_image=True: a beam search then computes its first step once per image."""
+
+    def _check_per_image(self, per_image: bool) -> None:
+        if per_image and not self.first_step_per_image:
+            raise ValueError(f"{type(self).__name__} computes every hypothesis's first step (first_step_per_image "
+                             "is False): give it one prefix per hypothesis")
 
 
 class StepModel(Protocol):
@@ -109,14 +115,17 @@ class TorchStepper(Stepper):
             with autocast(self.device, precision):  # the cross-attention projections run at the steps' precision
                 self.cache = model.init_cache(memory, key_mask, group, max_len, fixed=self.step is not None,
                                               reorders=reorders)
-            self.first_step_per_image = self.step is None and reorders and group > 1 and not model.training
+            self.first_step_per_image = self.cache.can_share_first_step
         else:
             self.memory = memory.repeat_interleave(group, dim=0)
             self.key_mask = key_mask.repeat_interleave(group, dim=0) if key_mask is not None else None
 
-    def logprobs(self, prefix: torch.Tensor) -> torch.Tensor:
+    def logprobs(self, prefix: torch.Tensor, per_image: bool = False) -> torch.Tensor:
+        self._check_per_image(per_image)
         with autocast(self.device, self.precision):
             if self.use_cache:
+                if per_image:
+                    self.cache.share_first_step()
                 tokens = prefix[:, -1]  # a view of the prefix, whose stride grows with it: a compiled step would
                 if self.step is not None:  # take each step's view for a new input layout, so it gets a fresh copy
                     tokens = tokens.clone()
@@ -146,8 +155,9 @@ class EnsembleStepper(Stepper):
             raise ValueError("ensemble members decode different batches")
         self.batch, self.group, self.device = first.batch, first.group, first.device
 
-    def logprobs(self, prefix: torch.Tensor) -> torch.Tensor:
-        logps = [m.logprobs(prefix.to(m.device)).to(self.device) for m in self.members]
+    def logprobs(self, prefix: torch.Tensor, per_image: bool = False) -> torch.Tensor:
+        self._check_per_image(per_image)
+        logps = [m.logprobs(prefix.to(m.device), per_image).to(self.device) for m in self.members]
         if len(logps) == 1:
             return logps[0]
         return torch.logsumexp(torch.stack(logps), dim=0) - math.log(len(logps))
@@ -200,7 +210,7 @@ def beam_search(model: ExpansionNet | StepModel, memory: Any, key_mask: torch.Te
     num_finished = 0
     for step in range(max_len):
         once = step == 0 and stepper.first_step_per_image  # the k hypotheses of an image are one so far
-        logp = stepper.logprobs(prefix[::k] if once else prefix)
+        logp = stepper.logprobs(prefix[::k], per_image=True) if once else stepper.logprobs(prefix)
         V = logp.shape[-1]
         logp = logp.view(B, -1, V)
         if once and V < k:  # then the first top-k reaches the dead slots' -inf scores too

@@ -11,22 +11,16 @@ import torch
 from torch import nn
 
 from models.backbone import backbone_tokens
-from models.cache import (
+from models.cache import CrossAttentionCache, DecoderCache
+from models.dynamic_expansion import (
     Ancestry,
     ConcatExpansionCache,
-    CrossAttentionCache,
-    DecoderCache,
-    DynamicExpansionCache,
-    FixedExpansionCache,
-)
-from models.layers import (
     DynamicExpansionBlock,
-    EmbeddingLayer,
-    FeedForward,
-    MultiHeadAttention,
-    PackedLinear,
-    StaticExpansionBlock,
+    FixedExpansionCache,
+    ForwardWeightsCache,
+    PrefixExpansionCache,
 )
+from models.layers import EmbeddingLayer, FeedForward, MultiHeadAttention, StaticExpansionBlock
 
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -83,7 +77,8 @@ class DecoderLayer(nn.Module):
         h = h + self.dropout_2(self.mha.attend(self.norm_2(h), cross.k, cross.v, cross.bias))
         return h + self.dropout_3(self.ff(self.norm_3(h)))
 
-    def step(self, h: torch.Tensor, cross: CrossAttentionCache, dyn: DynamicExpansionCache | ConcatExpansionCache
+    def step(self, h: torch.Tensor, cross: CrossAttentionCache,
+             dyn: ForwardWeightsCache | PrefixExpansionCache | FixedExpansionCache | ConcatExpansionCache
              ) -> torch.Tensor:
         """h (B*group, 1, D), one new position; cross holds B images, each shared by the group of hypotheses that
         follow it (rows b*group .. (b+1)*group-1)."""
@@ -210,23 +205,29 @@ class ExpansionNet(nn.Module):
                    max_len: int, fixed: bool = False, reorders: bool = True) -> DecoderCache:
         """State for incremental decoding of `group` hypotheses per image, up to max_len positions (SOS included).
 
-        fixed: buffers whose shapes never change (FixedExpansionCache), for a compiled step. Under autocast the
-        buffers take autocast's dtype, which the step's rows have (CUDA's autocast keeps the memory itself in fp32).
-        reorders=False (sampling, greedy search): the hypotheses never change rows, so each keeps its own plain
-        cache (a group of one in the Ancestry's terms) and no step gathers or weights other hypotheses' rows.
+        The dynamic expansion's cache type (and with it the step that runs) is chosen here, once: fixed: buffers
+        whose shapes never change (FixedExpansionCache), for a compiled step; else in training mode each
+        hypothesis's own rows (PrefixExpansionCache: the dropouts act on them), in eval mode forward weights with
+        a beam's rows shared (ForwardWeightsCache). Under autocast the caches take autocast's dtype, which the
+        step's rows have (CUDA's autocast keeps the memory itself in fp32). reorders=False (sampling, greedy
+        search): the hypotheses never change rows, so each keeps its own plain cache (a group of one in the
+        Ancestry's terms). A search that re-orders (beam search) runs in eval mode.
         """
         if max_len > self.max_seq_len:
             raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {self.max_seq_len}")
+        if reorders and self.training:
+            raise ValueError("a search that re-orders its hypotheses (beam search) decodes in eval mode: call "
+                             "model.eval() first (training-mode caches serve sampling, reorders=False)")
         images, device = memory.shape[0], memory.device
         dtype = _autocast_dtype(device) or memory.dtype
         cross = self.cross_caches(memory, key_mask)
-        if fixed:
-            fixed_dyn = [FixedExpansionCache(images * group, max_len, self.num_exp_dec, self.d_model, device, dtype)
-                         for _ in self.decoders]
-            return DecoderCache(cross, fixed_dyn, group, max_len, reorders=reorders)
+        if fixed or self.training:
+            kind = FixedExpansionCache if fixed else PrefixExpansionCache
+            rows = [kind(images * group, max_len, self.num_exp_dec, self.d_model, device, dtype) for _ in self.decoders]
+            return DecoderCache(cross, rows, group, max_len, reorders=reorders)
         ancestry = Ancestry(images, group, max_len, device) if reorders else \
             Ancestry(images * group, 1, max_len, device)
-        dyn = [DynamicExpansionCache(ancestry, max_len, self.num_exp_dec, self.d_model, device, dtype)
+        dyn = [ForwardWeightsCache(ancestry, max_len, self.num_exp_dec, self.d_model, device, dtype)
                for _ in self.decoders]
         return DecoderCache(cross, dyn, group, max_len, ancestry, reorders)
 
@@ -244,31 +245,14 @@ class ExpansionNet(nn.Module):
         return logits
 
     def step(self, tokens: torch.Tensor, position: torch.Tensor, cross: list[CrossAttentionCache],
-             dyn: list[DynamicExpansionCache] | list[FixedExpansionCache] | list[ConcatExpansionCache]
-             ) -> torch.Tensor:
+             dyn: list[ForwardWeightsCache] | list[PrefixExpansionCache] | list[FixedExpansionCache]
+             | list[ConcatExpansionCache]) -> torch.Tensor:
         """One decoding step: logits (B*group, V) for tokens (B*group,) at position (1,), appending to each layer's
-        dynamic-expansion cache. decode_step runs it on preallocated buffers; an exported decoder-step graph runs it
-        on ConcatExpansionCache (past caches in, present caches out)."""
+        dynamic-expansion cache, whose own step runs. decode_step runs it on init_cache's caches; an exported
+        decoder-step graph runs it on ConcatExpansionCache (past caches in, present caches out)."""
         h = self._embed(tokens[:, None], position)
         outs = []
         for layer, c, d in zip(self.decoders, cross, dyn):
             h = layer.step(h, c, d)
             outs.append(h)
         return self._head(outs)[:, 0]
-
-    def prepare_for_cpu_decoding(self) -> ExpansionNet:
-        """Make the decoding step's linear layers (decoder layers, the reduction, the vocabulary projection) fast for
-        the few rows (images x beam) every step multiplies: PackedLinear (MKL's packed GEMM) over weights stored in
-        (in, out) memory order, which is what MKL's plain GEMM prefers at few rows where packing is not available.
-        Same parameters, values and state dict; 1.5-2.5x faster products at 40 rows (docs/benchmarks.md,
-        "Decoding"). For a model loaded to caption on the CPU: a model in training keeps the layout its optimizer
-        state and DDP buckets were made for."""
-        for part in (self.decoders, self.dec_reduce_group, self.vocab_linear):
-            for module in part.modules():
-                if isinstance(module, nn.Linear) and module.weight.is_contiguous():
-                    module.weight.data = module.weight.data.t().contiguous().t()
-        for name, module in list(self.named_modules()):
-            if type(module) is nn.Linear and name.startswith(("decoders.", "dec_reduce_group", "vocab_linear")):
-                parent, _, attr = name.rpartition(".")
-                setattr(self.get_submodule(parent) if parent else self, attr, PackedLinear.replacing(module))
-        return self

@@ -9,7 +9,15 @@ from conftest import tiny_config
 from numerics import TINY_MODEL_ROUNDINGS, assert_close_f32
 
 from models import build_model
+from models.cpu_packing import (
+    KEPT_PACKINGS,
+    JointPackedLinear,
+    PackedLinear,
+    mkl_packed_gemm_available,
+    prepare_for_cpu_decoding,
+)
 from models.decoding import TorchStepper, _top_k, beam_search, greedy_search, sample
+from models.dynamic_expansion import ConcatExpansionCache, cached_rows
 
 IDS = {"sos_idx": 1, "eos_idx": 2, "pad_idx": 0}
 MODELS = ["optimizer_expansionnet", "expansionnet_v2"]
@@ -130,14 +138,12 @@ def test_decoder_rejects_lengths_beyond_position_embeddings():
 @pytest.mark.parametrize("name", MODELS)
 def test_functional_step_on_concatenated_caches_equals_decode_step_on_buffers(name):
     """The form an exported decoder-step graph runs (past caches in, present out) is the same computation."""
-    from models.cache import ConcatExpansionCache
-
     model = _model(name, seed=7)
     memory = model.encode(features=torch.randn(2, 6, 24))
     tokens = torch.randint(3, model.vocab_size, (6, 5))
     with torch.no_grad():
         cache = model.init_cache(memory, None, group=3, max_len=5)
-        past = [{n: torch.zeros(6, 0, model.d_model) for n in ConcatExpansionCache.NAMES} for _ in model.decoders]
+        past = [{n: torch.zeros(6, 0, model.d_model) for n in cached_rows(model.num_exp_dec)} for _ in model.decoders]
         for j in range(5):
             buffered = model.decode_step(tokens[:, j], cache)
             dyn = [ConcatExpansionCache(p) for p in past]
@@ -145,6 +151,8 @@ def test_functional_step_on_concatenated_caches_equals_decode_step_on_buffers(na
             # another cache layout: another summation order
             assert_close_f32(functional, buffered, roundings=TINY_MODEL_ROUNDINGS)
             past = [d.present for d in dyn]
+        rows = cached_rows(model.num_exp_dec)  # the table the exported graph's tensors follow: rows per position
+        assert {n: t.shape[1] for n, t in past[0].items()} == {n: 5 * r for n, r in rows.items()}
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -169,17 +177,19 @@ def test_reordered_hypotheses_read_their_ancestors_rows_like_a_full_recomputatio
 
 
 def test_preparing_for_cpu_decoding_keeps_the_weights_and_the_captions():
-    """prepare_for_cpu_decoding (packed GEMM, (in, out) memory order) changes how products run, not what they
-    compute: the state dict's values, and the beam's captions and log-probs, stay."""
-    from models.layers import PackedLinear
+    """prepare_for_cpu_decoding (packed GEMM, (in, out) memory order, joint step projections) changes how products
+    run, not what they compute: the state dict's values, and the beam's captions and log-probs, stay."""
     from utils.checkpoint import state_dict_sha256
 
     model = _model("expansionnet_v2", seed=12)
     memory = model.encode(features=torch.randn(3, 6, 24))
     before = beam_search(model, memory, None, beam_size=3, max_len=8, **IDS)
     digest, keys = state_dict_sha256(model.state_dict()), list(model.state_dict())
-    model.prepare_for_cpu_decoding()
+    prepare_for_cpu_decoding(model)
     assert isinstance(model.vocab_linear, PackedLinear) and isinstance(model.decoders[0].ff.linear_1, PackedLinear)
+    block = model.decoders[0].dyn_exp
+    assert block.joint_projections.linears == block.step_projections()
+    assert all(isinstance(linear, PackedLinear) for linear in block.step_projections())
     assert model.vocab_linear.weight.t().is_contiguous()
     assert type(model.encoders[0].ff.linear_1) is torch.nn.Linear  # the encoder's products have many rows
     assert model.encoders[0].ff.linear_1.weight.is_contiguous()
@@ -189,10 +199,8 @@ def test_preparing_for_cpu_decoding_keeps_the_weights_and_the_captions():
     assert_close_f32(after.logprobs, before.logprobs, roundings=TINY_MODEL_ROUNDINGS)  # packed GEMM: other kernels
 
 
-@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="MKL's packed GEMM")
+@pytest.mark.skipif(not mkl_packed_gemm_available(), reason="MKL's packed GEMM (x86 builds of PyTorch with MKL)")
 def test_packed_linear_packs_per_row_count_follows_weight_updates_and_leaves_gradients_to_f_linear():
-    from models.layers import PackedLinear
-
     torch.manual_seed(13)
     linear = torch.nn.Linear(32, 24)
     packed = PackedLinear.replacing(linear)
@@ -202,39 +210,37 @@ def test_packed_linear_packs_per_row_count_follows_weight_updates_and_leaves_gra
         # one product of 32 terms in another kernel: 32 roundings of the largest term (|w x| <= |w| |x|)
         assert_close_f32(packed(x), linear(x), roundings=32, scale=linear.weight.abs().max() * x.abs().max())
         assert_close_f32(packed(x[:3]), linear(x[:3]), roundings=32, scale=linear.weight.abs().max() * x.abs().max())
-        assert {k[0] for k in packed._packings} == {5, 3}
+        assert {k[0] for k in packed.packings.kept} == {5, 3}
         linear.weight.mul_(2.0)  # an in-place update (load_state_dict, an optimizer step) re-packs
         assert_close_f32(packed(x), linear(x), roundings=32, scale=linear.weight.abs().max() * x.abs().max())
         for rows in range(6, 12):
             packed(torch.randn(rows, 32))
-        assert len(packed._packings) == PackedLinear.KEPT_PACKINGS
+        assert len(packed.packings) == KEPT_PACKINGS
     y = packed(x)  # with gradients: F.linear, so they flow to the shared parameters
     y.sum().backward()
     assert linear.weight.grad is not None and y.grad_fn is not None
 
 
-@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="MKL's packed GEMM")
+@pytest.mark.skipif(not mkl_packed_gemm_available(), reason="MKL's packed GEMM (x86 builds of PyTorch with MKL)")
 def test_joint_packed_projections_equal_each_linear_and_follow_weight_and_bias_updates():
-    """linear_outputs: one packed product of several PackedLinears' weights side by side gives each one's output
-    (up to the rounding of another kernel), re-packs when a weight or a bias changes in place, and leaves gradients to
-    the layers themselves."""
-    from models.layers import PackedLinear, linear_outputs
-
+    """JointPackedLinear: one packed product of several layers' weights side by side gives each one's output (up to
+    the rounding of another kernel), re-packs when a weight or a bias changes in place, and leaves gradients to the
+    layers themselves."""
     torch.manual_seed(17)
     linears = tuple(PackedLinear.replacing(torch.nn.Linear(32, out)) for out in (24, 24, 40))
-    x, store = torch.randn(6, 1, 32), {}
+    joint, x = JointPackedLinear(linears), torch.randn(6, 1, 32)
     with torch.no_grad():
         for update in (None, lambda: linears[1].weight.mul_(2.0), lambda: linears[2].bias.add_(1.0)):
             if update is not None:
                 update()
-            joint = linear_outputs(x, linears, store)
-            assert [o.shape[-1] for o in joint] == [24, 24, 40]
-            for out, linear in zip(joint, linears):  # a product of 32 terms (+ bias) by another kernel
+            outs = joint(x)
+            assert [o.shape[-1] for o in outs] == [24, 24, 40]
+            for out, linear in zip(outs, linears):  # a product of 32 terms (+ bias) by another kernel
                 scale = linear.weight.abs().max() * x.abs().max() + linear.bias.abs().max()
                 assert_close_f32(out, linear(x), roundings=33, scale=scale)
-        assert len(store["_joint_packings"]) == 3
-    outs = linear_outputs(x, linears, store)  # with gradients: each layer on its own (F.linear)
-    assert all(o.grad_fn is not None for o in outs) and len(store["_joint_packings"]) == 3
+        assert len(joint.packings) == 3
+    outs = joint(x)  # with gradients: each layer on its own (F.linear)
+    assert all(o.grad_fn is not None for o in outs) and len(joint.packings) == 3
 
 
 def test_a_cache_made_for_a_search_that_never_reorders_keeps_plain_rows_and_refuses_a_reordering():
@@ -252,10 +258,13 @@ def test_a_cache_made_for_a_search_that_never_reorders_keeps_plain_rows_and_refu
             plain.reorder(torch.arange(6))
 
 
-def test_the_growing_cache_keeps_forward_weights_in_eval_and_ca_in_training():
-    """Eval mode: the cache keeps the forward step's weights (T columns) instead of Ca, Cb (D columns), and the
-    log-probs are those of the Ca path (the fixed-size cache always keeps Ca). Training mode (a dropout may act on
-    Ca): the step keeps Ca, Cb, the dropped-out values that the backward step must read."""
+def test_the_cache_type_and_its_step_are_chosen_where_the_cache_is_made():
+    """Eval mode: forward-weights caches, which keep the forward step's weights (T columns) instead of Ca, Cb
+    (D columns), with log-probs of the Ca path (the fixed-size caches keep Ca). Training mode (a dropout may act on
+    Ca): each hypothesis's own rows, Ca and Cb included; no beam re-orderings; a cache made in eval mode refuses a
+    training-mode step."""
+    from models.dynamic_expansion import ForwardWeightsCache, PrefixExpansionCache
+
     torch.manual_seed(16)
     model = build_model(tiny_config("expansionnet_v2", end_to_end=False, dec_drop=0.3)).eval()
     memory = model.encode(features=torch.randn(2, 6, 24))
@@ -266,12 +275,36 @@ def test_the_growing_cache_keeps_forward_weights_in_eval_and_ca_in_training():
         for j in range(5):
             assert_close_f32(model.decode_step(tokens[:, j], growing), model.decode_step(tokens[:, j], fixed),
                              roundings=TINY_MODEL_ROUNDINGS)  # (w Fa) Va vs w (Fa Va): another association
+        assert isinstance(growing.dyn[0], ForwardWeightsCache)
         assert set(growing.dyn[0].tensors) == {"k", "cond", "v", "f"}
         assert growing.dyn[0].tensors["f"].shape[-1] == 2 * 5  # one column per position and class, not d_model
+        stale = model.init_cache(memory, None, group=3, max_len=5)
         model.train()
-        training = model.init_cache(memory, None, group=3, max_len=5)
+        training = model.init_cache(memory, None, group=3, max_len=5, reorders=False)
         model.decode_step(tokens[:, 0], training)
-        assert set(training.dyn[0].tensors) == {"k", "cond", "va", "vb", "ca", "cb"}
+        assert isinstance(training.dyn[0], PrefixExpansionCache)
+        assert {n: t.shape[1] for n, t in training.dyn[0].tensors.items()} == {
+            n: 5 * rows for n, rows in cached_rows(model.num_exp_dec).items()}
+        with pytest.raises(ValueError, match="eval mode"):
+            model.init_cache(memory, None, group=3, max_len=5)
+        with pytest.raises(RuntimeError, match="eval mode only"):
+            model.decode_step(tokens[:, 0], stale)
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("fixed", [False, True])
+def test_training_mode_steps_equal_the_full_prefix_forward_in_training_mode(name, fixed):
+    """The step SCST sampling runs (training mode: each hypothesis's own rows, eager or compiled-shaped) gives, with
+    dropouts at 0, the log-probs of the teacher-forced forward pass over the whole prefix in training mode."""
+    model = _model(name, seed=18).train()
+    memory = model.encode(features=torch.randn(2, 6, 24))
+    tokens = torch.randint(3, model.vocab_size, (6, 7))
+    with torch.no_grad():
+        cache = model.init_cache(memory, None, group=3, max_len=7, fixed=fixed, reorders=False)
+        full = F.log_softmax(model.decode(tokens, memory.repeat_interleave(3, 0)), -1)
+        for j in range(7):
+            step = F.log_softmax(model.decode_step(tokens[:, j], cache), -1)
+            assert_close_f32(step, full[:, j], roundings=TINY_MODEL_ROUNDINGS)  # another summation order
 
 
 @pytest.mark.parametrize("n,k", [(50000, 5), (50035, 5), (30021, 3), (600, 3), (1000, 1), (12, 2)])

@@ -20,7 +20,8 @@ from models import (
     official_model_config,
     optimizer_expansionnet_config,
 )
-from models.layers import DynamicExpansionBlock, MultiHeadAttention, StaticExpansionBlock
+from models.dynamic_expansion import DynamicExpansionBlock
+from models.layers import MultiHeadAttention, StaticExpansionBlock
 
 OFFICIAL = json.loads((Path(__file__).parent / "fixtures" / "expansionnet_v2_state_dict.json").read_text())
 
