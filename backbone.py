@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from data.captions import DatasetError
+from data.records import DatasetError
 from engine.checkpoints import CheckpointError, read_backbone_file, save_backbone_file
 from engine.pretrain import PretrainConfig, pretrain
 from models.backbone import backbone_output_shape, create_backbone, load_backbone_state_dict

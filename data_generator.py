@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from data.captions import DatasetError
+from data.records import DatasetError
 from engine.checkpoints import CheckpointError
 from engine.features import GeneratorConfig, extract_features
 from utils.cli import parse_dataclass, plain_warnings

@@ -12,10 +12,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.captions import CAPTIONS_PATH_HELP, DatasetError, ImageRecord, load_records, split_records
 from data.features import FeatureFileError, FeatureReader
+from data.formats import CAPTIONS_PATH_HELP, load_records
 from data.images import list_images
 from data.loaders import ImageSource
+from data.records import DatasetError, ImageRecord
+from data.splits import split_records
 from deploy.loading import LoadedModel, load_model
 from engine.checkpoints import CheckpointError, backbone_weights_sha256, require_end_to_end
 from engine.evaluate import caption_records, evaluation_report

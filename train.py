@@ -10,9 +10,10 @@ import sys
 
 import torch
 
-from data.captions import DatasetError, split_records
 from data.features import FeatureFileError
 from data.loaders import CaptionDataset, EpochBatchSampler, ImageSource, make_loader
+from data.records import DatasetError
+from data.splits import split_records
 from engine.checkpoints import CheckpointError, load_backbone_into, load_weights
 from engine.setup import (
     TrainConfig,

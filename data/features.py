@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from data.captions import ImageRecord
+    from data.records import ImageRecord
 
 FEATURES_FORMAT = "expansionnet-features"
 FEATURES_VERSION = 1

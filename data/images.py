@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from data.captions import IMAGE_SUFFIXES
+from data.records import IMAGE_SUFFIXES
 
 DEFAULT_MAX_PIXELS = 40_000_000
 _WHITE = (255, 255, 255, 255)

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from data.captions import ImageRecord
 from data.features import FeatureReader
 from data.images import ImageLoadError, load_image_tensor
+from data.records import ImageRecord
 from data.vocab import Vocabulary
 
 if TYPE_CHECKING:

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 from tqdm import tqdm
 
-from data.captions import ImageRecord
 from data.loaders import CaptionBatch, CaptionDataset, ImageSource, ShardSampler, make_loader
+from data.records import ImageRecord
 from data.vocab import Vocabulary
 from deploy.runtime import CaptionRuntime, TorchRuntime
 from eval.caption_stats import caption_stats

@@ -26,7 +26,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from data.captions import CAPTIONS_PATH_HELP, DatasetError, ImageRecord, load_records, missing_image_message
 from data.features import (
     FeatureFileError,
     FeatureWriter,
@@ -39,7 +38,9 @@ from data.features import (
     same_job,
     shard_path,
 )
+from data.formats import CAPTIONS_PATH_HELP, load_records
 from data.images import ImageLoadError, load_image_tensor
+from data.records import DatasetError, ImageRecord, missing_image_message
 from engine.checkpoints import read_backbone_file
 from models.backbone import backbone_output_shape, backbone_tokens, create_backbone, load_backbone_state_dict
 from models.config import BackboneConfig

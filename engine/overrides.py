@@ -6,18 +6,15 @@ config classes before anything runs; values are read with the flag's own type.
 
 from __future__ import annotations
 
-import argparse
-import difflib
 from collections.abc import Sequence
-from dataclasses import MISSING, Field, replace
-from typing import Any
+from dataclasses import Field, replace
 
 from engine.features import GeneratorConfig
 from engine.pipeline import Phase, Recipe
 from engine.pretrain import PretrainConfig
 from engine.setup import TrainConfig
 from models.config import ModelConfig
-from utils.cli import int_list, str2bool
+from utils.cli import closest, read_flag_value
 from utils.fields import described_fields
 
 SCRIPT_CONFIGS: dict[str, tuple[type, ...]] = {
@@ -56,25 +53,6 @@ def parse_override(text: str) -> tuple[int | None, str, str]:
     return phase, key.lstrip("-"), value
 
 
-def typed_value(f: Field, value: str, text: str) -> Any:
-    """The override's text read as the flag would read it."""
-    meta, default = f.metadata, f.default if f.default is not MISSING else None
-    try:
-        if meta["parse"]:
-            parsed = meta["parse"](value)
-        elif isinstance(default, bool):
-            parsed = str2bool(value)
-        elif isinstance(default, tuple):
-            parsed = int_list(value) if all(isinstance(x, int) for x in default) else tuple(value.split(","))
-        else:
-            parsed = type(default)(value) if default is not None else value
-    except (ValueError, argparse.ArgumentTypeError) as e:
-        raise OverrideError(f"--set {text!r}: {e}") from None
-    if meta["choices"] and parsed not in meta["choices"]:
-        raise OverrideError(f"--set {text!r}: choose one of {list(meta['choices'])}")
-    return parsed
-
-
 def apply_overrides(recipe: Recipe, overrides: Sequence[str]) -> Recipe:
     """The recipe with every --set applied (phase-specific ones after the general ones)."""
     settings = {n: dict(s) for n, s in recipe.settings.items()}
@@ -89,13 +67,16 @@ def apply_overrides(recipe: Recipe, overrides: Sequence[str]) -> Recipe:
         hits = [p for p in targets if key in flags_of(p)]
         if not hits:
             known = sorted({k for p in targets for k in flags_of(p)})
-            hint = difflib.get_close_matches(key, known, n=1)
+            hint = closest(key, known)
             raise OverrideError(f"--set {text!r}: no phase takes a setting {key!r}"
-                                + (f"; did you mean {hint[0]}?" if hint else ""))
+                                + (f"; did you mean {hint}?" if hint else ""))
         for p in hits:
             f = flags_of(p)[key]
             name = f.metadata["flag"] or f.name
             for alias in {k for k, v in flags_of(p).items() if v is f}:
                 settings[p.number].pop(alias, None)
-            settings[p.number][name] = typed_value(f, value, text)
+            try:
+                settings[p.number][name] = read_flag_value(f, value)
+            except ValueError as e:
+                raise OverrideError(f"--set {text!r}: {e}") from None
     return replace(recipe, settings=settings)

@@ -11,21 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data.captions import (
-    CAPTION_FILE_KINDS,
-    DEFAULT_SPLIT_RATIO,
-    DatasetError,
-    ImageRecord,
-    ManifestPlan,
-    captions_kind,
-    check_dataset,
-    describe_kind,
-    load_records,
-    plan_manifest,
-    plural,
-    split_records,
-)
+from data.check import check_dataset
+from data.formats import CAPTION_FILE_KINDS, captions_kind, describe_kind, load_records
+from data.records import DatasetError, ImageRecord
+from data.report import plural
+from data.splits import DEFAULT_SPLIT_RATIO, split_records
 from data.synthetic import SyntheticConfig, generate_synthetic_dataset
+from data.to_manifest import ManifestPlan, plan_manifest
 from engine.pipeline import Recipe
 from engine.pretrain import MIN_WORD_IMAGES, word_list
 from models.config import DROPOUTS

@@ -28,8 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from data.captions import DatasetError, ImageRecord, load_records, split_records
+from data.formats import load_records
 from data.images import open_image
+from data.records import DatasetError, ImageRecord
+from data.splits import split_records
 from data.synthetic import BACKGROUNDS, COLOURS, GROUND_TRUTH_NAME, SHAPES, load_ground_truth
 from data.vocab import tokenize
 from engine.checkpoints import read_backbone_file, save_backbone_file

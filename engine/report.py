@@ -10,9 +10,11 @@ from typing import Any
 
 import torch
 
-from data.captions import ImageRecord, load_records, split_records
+from data.formats import load_records
 from data.images import open_image
 from data.loaders import ImageSource
+from data.records import ImageRecord
+from data.splits import split_records
 from data.synthetic import GROUND_TRUTH_NAME, caption_from_ground_truth, load_ground_truth, shape_vocabulary
 from engine.checkpoints import restore_model
 from engine.evaluate import caption_records, evaluation_report

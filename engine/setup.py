@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
-from data.captions import CAPTIONS_PATH_HELP, DatasetError, ImageRecord, load_records
 from data.features import FeatureReader
+from data.formats import CAPTIONS_PATH_HELP, load_records
+from data.records import DatasetError, ImageRecord
 from data.vocab import Vocabulary, build_vocabulary, max_caption_length
 from engine.checkpoints import CheckpointError, RestoredModel, latest_checkpoint, read_backbone_file, restore_model
 from models.backbone import backbone_output_shape

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from data.captions import ImageRecord
 from data.loaders import CaptionBatch, EpochBatchSampler, ImageSource
+from data.records import ImageRecord
 from data.vocab import Vocabulary, tokenize
 from engine.checkpoints import CHECKPOINT_GLOB, save_model_checkpoint, unwrap
 from engine.evaluate import caption_records, quick_cider

@@ -11,16 +11,12 @@ from typing import Any
 import pytest
 from processes import run_watched
 
-from data.captions import (
-    DatasetError,
-    ImageRecord,
-    check_images_exist,
-    folder_to_manifest,
-    load_karpathy_json,
-    load_manifest,
-    load_records,
-    split_records,
-)
+from data.formats import load_records
+from data.formats.karpathy import load_karpathy_json
+from data.formats.manifest import load_manifest
+from data.records import DatasetError, ImageRecord, check_images_exist
+from data.splits import split_records
+from data.to_manifest import plan_manifest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -250,14 +246,16 @@ def _check_manifest(manifest: Path, images: Path) -> list[ImageRecord]:
     return records
 
 
-def test_folder_to_manifest_from_csv(tmp_path: Path, image_folder: Path) -> None:
+def test_to_manifest_from_csv_keeps_quoted_commas_and_writes_relative_paths(tmp_path: Path, image_folder: Path) -> None:
     csv_file = tmp_path / "captions.csv"
     csv_file.write_text(
         'image,caption\na.jpg,"A dog, running."\nb.jpg,A cat.\na.jpg,A puppy.\nnested/c.jpg,"Un ""chat"""\n',
         encoding="utf-8",
     )
     output = tmp_path / "out" / "manifest.jsonl"
-    assert folder_to_manifest(image_folder, csv_file, output, split="val") == 3
+    plan = plan_manifest(image_folder, csv_file, split="val")
+    assert not plan.blocking and len(plan.entries) == 3
+    plan.write(output)
     records = _check_manifest(output, image_folder)
     assert records[0].captions == ("A dog, running.", "A puppy.")
     assert records[2].captions == ('Un "chat"',)
@@ -265,17 +263,17 @@ def test_folder_to_manifest_from_csv(tmp_path: Path, image_folder: Path) -> None
     assert [r.image_id for r in records] == [0, 1, 2]
 
 
-def test_folder_to_manifest_from_tsv_with_flickr_suffix(tmp_path: Path, image_folder: Path) -> None:
+def test_to_manifest_from_tsv_drops_the_flickr_suffix(tmp_path: Path, image_folder: Path) -> None:
     tsv_file = tmp_path / "Flickr8k.token.txt"
     tsv_file.write_text("a.jpg#0\tA dog.\na.jpg#1\tA brown dog.\nb.jpg\tA cat.\nnested/c.jpg#0\tA bird.\n", "utf-8")
     output = tmp_path / "manifest.jsonl"
-    assert folder_to_manifest(image_folder, tsv_file, output) == 3
+    plan_manifest(image_folder, tsv_file).write(output)
     records = _check_manifest(output, image_folder)
     assert records[0].captions == ("A dog.", "A brown dog.")
     assert sorted(r.split for r in records) == ["test", "train", "val"]  # no split given: 0.9,0.05,0.05, one each
 
 
-def test_folder_to_manifest_from_json_with_split_ratio(tmp_path: Path) -> None:
+def test_to_manifest_split_ratio_is_seeded_and_keeps_the_file_order(tmp_path: Path) -> None:
     folder = tmp_path / "imgs"
     folder.mkdir()
     names = [f"{i:02d}.jpg" for i in range(20)]
@@ -283,40 +281,39 @@ def test_folder_to_manifest_from_json_with_split_ratio(tmp_path: Path) -> None:
         (folder / name).write_bytes(b"x")
     captions = _write_json(tmp_path / "captions.json", {name: [f"image {name}", ""] for name in names})
     first, second = tmp_path / "m1.jsonl", tmp_path / "m2.jsonl"
-    assert folder_to_manifest(folder, captions, first, split_ratio="0.9,0.05,0.05", seed=3) == 20
-    folder_to_manifest(folder, captions, second, split_ratio=(0.9, 0.05, 0.05), seed=3)
+    plan_manifest(folder, captions, split_ratio="0.9,0.05,0.05", seed=3).write(first)
+    plan_manifest(folder, captions, split_ratio=(0.9, 0.05, 0.05), seed=3).write(second)
     splits = [r.split for r in load_manifest(first)]
     assert splits == [r.split for r in load_manifest(second)]
     assert (splits.count("train"), splits.count("val"), splits.count("test")) == (18, 1, 1)
     assert [r.path.name for r in load_manifest(first)] == names  # file order kept, only the split is random
     with pytest.raises(DatasetError, match="summing to 1"):
-        folder_to_manifest(folder, captions, tmp_path / "m3.jsonl", split_ratio="0.5,0.2")
+        plan_manifest(folder, captions, split_ratio="0.5,0.2")
 
 
-def test_folder_to_manifest_errors(tmp_path: Path, image_folder: Path) -> None:
+def test_to_manifest_blocks_missing_images_bad_headers_overwrites_and_unknown_splits(
+    tmp_path: Path, image_folder: Path
+) -> None:
     csv_file = tmp_path / "captions.csv"
     csv_file.write_text("image,caption\na.jpg,ok\nmissing.jpg,A ghost.\nb.jpg,ok\nalso_missing.png,x\n", "utf-8")
     output = tmp_path / "manifest.jsonl"
-    with pytest.raises(
-        DatasetError,
-        match=r"captions\.csv: nothing written: 2 caption rows name images not in .*images \(pass --skip-missing.*"
-        r": line 3 'missing\.jpg', line 5 'also_missing\.png'$",
-    ):
-        folder_to_manifest(image_folder, csv_file, output)
-    assert not output.exists()
+    plan = plan_manifest(image_folder, csv_file)
+    assert plan.blocking == (f"nothing written: 2 caption rows name images not in {image_folder} (pass --skip_missing "
+                             "to leave such rows out)")
+    assert plan.report.found["missing_row"] == ["line 3 'missing.jpg'", "line 5 'also_missing.png'"]
     bad_header = tmp_path / "bad.csv"
     bad_header.write_text("file,text\na.jpg,ok\n", "utf-8")
     with pytest.raises(DatasetError, match=r"bad\.csv: line 1: .*'image' and 'caption'"):
-        folder_to_manifest(image_folder, bad_header, output)
+        plan_manifest(image_folder, bad_header)
     good = tmp_path / "good.csv"
     good.write_text("image,caption\na.jpg,ok\n", "utf-8")
-    folder_to_manifest(image_folder, good, output)
+    plan_manifest(image_folder, good).write(output)
     before = output.read_text("utf-8")
     with pytest.raises(FileExistsError, match=r"manifest\.jsonl: output manifest already exists"):
-        folder_to_manifest(image_folder, csv_file, output)
+        plan_manifest(image_folder, good, split="train").write(output)
     assert output.read_text("utf-8") == before
     with pytest.raises(DatasetError, match="split 'dev'"):
-        folder_to_manifest(image_folder, good, output, split="dev", overwrite=True)
+        plan_manifest(image_folder, good, split="dev")
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from data.captions import check_dataset, load_records, main, missing_image_message
+from data.captions import main
+from data.check import check_dataset
+from data.formats import load_records
+from data.records import missing_image_message
 
 
 def _to_manifest(photos: str, output: str) -> None:

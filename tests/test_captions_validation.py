@@ -10,16 +10,12 @@ from pathlib import Path
 import pytest
 from processes import run_watched
 
-from data.captions import (
-    DatasetError,
-    captions_kind,
-    check_dataset,
-    load_manifest,
-    load_records,
-    main,
-    plan_manifest,
-    read_caption_rows,
-)
+from data.captions import main
+from data.check import check_dataset
+from data.formats import captions_kind, load_records, read_caption_rows
+from data.formats.manifest import load_manifest
+from data.records import DatasetError
+from data.to_manifest import plan_manifest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,36 +66,36 @@ def test_to_manifest_summary_names_every_problem_and_writes_nothing_while_images
 ) -> None:
     photos, captions = mistakes
     output = tmp_path / "manifest.jsonl"
-    args = ("to-manifest", "--images", str(photos), "--captions", str(captions), "--output", str(output))
+    args = ("to-manifest", "--images_path", str(photos), "--captions_path", str(captions), "--output", str(output))
     code, out, err = _run(capsys, *args)
     assert code == 2 and not output.exists()
-    assert err == (f"error: nothing written: 1 caption row names an image not in {photos} (pass --skip-missing to "
+    assert err == (f"error: nothing written: 1 caption row names an image not in {photos} (pass --skip_missing to "
                    "leave such rows out)\n")
     assert out.startswith(f"{captions}: CSV with a header, 15 caption rows; images in {photos} -> 10 images")
     assert f"1 caption row names an image not in {photos}: line 14 'ghost.jpg'" in out
-    assert "nothing is written: correct the names, or pass --skip-missing" in out
+    assert "nothing is written: correct the names, or pass --skip_missing" in out
     assert f"1 image in {photos} has no caption row: img10.jpg" in out
     assert "not in the manifest, so training never sees them" in out
     assert "1 image has only empty captions: img11.jpg (line 15)" in out and "needs at least one caption" in out
     assert "1 duplicate caption (same image, same text): line 12 (img03.jpg) 'A photo  number 3'" in out
     assert "count twice in training" in out
     assert "1 empty caption: line 13 (img04.jpg)\n      dropped when read" in out
-    assert "neither --split nor --split-ratio given, so drawn at random 0.9,0.05,0.05 with seed 0" in out
+    assert "neither --split nor --split_ratio given, so drawn at random 0.9,0.05,0.05 with seed 0" in out
     _assert_no_python_noise(out, err)
 
-    code, out, err = _run(capsys, *args, "--skip-missing")
+    code, out, err = _run(capsys, *args, "--skip_missing", "True")
     assert code == 0 and err == ""
-    assert "left out of the manifest (--skip-missing)" in out and out.endswith(f"wrote 10 images to {output}\n")
+    assert "left out of the manifest (--skip_missing)" in out and out.endswith(f"wrote 10 images to {output}\n")
     records = load_manifest(output)
     assert [r.path.name for r in records] == [f"img{i:02d}.jpg" for i in range(10)]
     assert records[3].captions == ("a photo number 3",) and records[4].captions == ("a photo number 4",)
     assert records[5].captions == ("a photo number 5", "a dog, running")
     counts = {s: sum(r.split == s for r in records) for s in ("train", "val", "test")}
-    assert counts == {"train": 8, "val": 1, "test": 1}  # nobody forgets --split-ratio into an all-train manifest
-    assert "splits: neither --split nor --split-ratio given, so drawn at random 0.9,0.05,0.05 with seed 0 (" in out
+    assert counts == {"train": 8, "val": 1, "test": 1}  # nobody forgets --split_ratio into an all-train manifest
+    assert "splits: neither --split nor --split_ratio given, so drawn at random 0.9,0.05,0.05 with seed 0 (" in out
     assert "train 8, val 1, test 1" in out
 
-    code, out, err = _run(capsys, "check", "--captions", str(output))
+    code, out, err = _run(capsys, "check", "--captions_path", str(output))
     assert code == 0 and err == ""
     assert out.splitlines() == [
         f"{output}: a JSON-lines manifest (one image per line); 10 images, 11 captions (1 to 2 per image)",
@@ -126,13 +122,13 @@ def test_empty_splits_say_what_they_mean_for_training(capsys: pytest.CaptureFixt
     captions = tmp_path / "captions.csv"
     captions.write_text("".join(f"img{i:02d}.jpg,photo {i}\n" for i in range(3)), "utf-8")
     output = tmp_path / "m.jsonl"
-    code, out, _ = _run(capsys, "to-manifest", "--images", str(photos), "--captions", str(captions), "--output",
-                        str(output), "--split", "train")
+    code, out, _ = _run(capsys, "to-manifest", "--images_path", str(photos), "--captions_path", str(captions),
+                        "--output", str(output), "--split", "train")
     assert code == 0
     assert "splits: every image in train (--split train): train 3, val 0, test 0" in out
-    for summary in (out, _run(capsys, "check", "--captions", str(output))[1]):
+    for summary in (out, _run(capsys, "check", "--captions_path", str(output))[1]):
         assert "  - no val images\n      training keeps no best.pth: later phases use the last checkpoint; " \
-               "assign a val split with to-manifest --split-ratio 0.9,0.05,0.05" in summary
+               "assign a val split with to-manifest --split_ratio 0.9,0.05,0.05" in summary
         assert "  - no test images\n      test.py has nothing to score" in summary
 
 
@@ -149,7 +145,7 @@ def test_check_reports_every_problem_of_a_manifest_and_exits_1(
     ]
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(line) + "\n" for line in lines), "utf-8")
-    code, out, err = _run(capsys, "check", "--captions", str(manifest))
+    code, out, err = _run(capsys, "check", "--captions_path", str(manifest))
     assert code == 1 and err == ""
     assert out.startswith(f"{manifest}: a JSON-lines manifest (one image per line); 4 images, 5 captions (1 to 2 ")
     assert "splits: train 2, val 2, test 0" in out
@@ -228,29 +224,31 @@ def test_wrong_file_kinds_say_what_the_file_is_and_what_to_give(
     coco = _write(tmp_path / "captions_train2014.json", json.dumps({"info": {}, "annotations": []}))
     empty = _write(tmp_path / "empty.jsonl", "")
     lines_json = _write(tmp_path / "lines.json", manifest.read_text("utf-8"))
+    output = tmp_path / "o.jsonl"
     expectations = [
-        (("check", "--captions", str(tmp_path / "manifest.json")),
+        (("check", "--captions_path", str(tmp_path / "manifest.json")),
          f"{tmp_path / 'manifest.json'}: captions file not found (did you mean {manifest}?)"),
-        (("check", "--captions", str(captions)),
-         f"{captions}: this is a captions CSV (image,caption); check it against its images with --images FOLDER, "
-         f"or make a manifest from it: python -m data.captions to-manifest --images IMAGES_FOLDER --captions "
-         f"{captions} --output manifest.jsonl"),
-        (("to-manifest", "--images", str(photos), "--captions", str(manifest), "--output", str(tmp_path / "o.jsonl")),
+        (("check", "--captions_path", str(captions)),
+         f"{captions}: this is a captions CSV (image,caption); check it against its images with --images_path "
+         f"FOLDER, or make a manifest from it: python -m data.captions to-manifest --images_path IMAGES_FOLDER "
+         f"--captions_path {captions} --output manifest.jsonl"),
+        (("to-manifest", "--images_path", str(photos), "--captions_path", str(manifest), "--output", str(output)),
          f"{manifest}: this is a JSON-lines manifest (one image per line), already what to-manifest writes"),
-        (("to-manifest", "--images", str(photos), "--captions", str(karpathy), "--output", str(tmp_path / "o.jsonl")),
+        (("to-manifest", "--images_path", str(photos), "--captions_path", str(karpathy), "--output", str(output)),
          "the scripts read it as it is (--captions_path"),
-        (("check", "--captions", str(photos / "img00.jpg")), "img00.jpg: this is a JPEG image, not a captions file"),
-        (("check", "--captions", str(coco)), "COCO's caption annotations"),
-        (("check", "--captions", str(empty)), "empty.jsonl: this is an empty file"),
-        (("check", "--captions", str(photos)), "this is a folder of images, not a captions file"),
+        (("check", "--captions_path", str(photos / "img00.jpg")),
+         "img00.jpg: this is a JPEG image, not a captions file"),
+        (("check", "--captions_path", str(coco)), "COCO's caption annotations"),
+        (("check", "--captions_path", str(empty)), "empty.jsonl: this is an empty file"),
+        (("check", "--captions_path", str(photos)), "this is a folder of images, not a captions file"),
     ]
     for args, expected in expectations:
         code, out, err = _run(capsys, *args)
         assert code == 2 and out == "" and err.startswith("error: ") and err.count("\n") == 1, (args, out, err)
         assert expected in err and "Karpathy captions json not found" not in err, (expected, err)
-    code, out, _ = _run(capsys, "check", "--captions", str(lines_json))  # JSON lines named .json: read as a manifest
+    code, out, _ = _run(capsys, "check", "--captions_path", str(lines_json))  # JSON lines named .json: a manifest
     assert code == 0 and out.startswith(f"{lines_json}: a JSON-lines manifest (one image per line); 2 images")
-    code, out, _ = _run(capsys, "check", "--captions", str(captions), "--images", str(photos))
+    code, out, _ = _run(capsys, "check", "--captions_path", str(captions), "--images_path", str(photos))
     assert code == 0 and "(what to-manifest would write; nothing is written by check)" in out
     with pytest.raises(DatasetError, match=r"this is a captions JSON .*not a dataset; make a manifest from it"):
         load_records(_write(tmp_path / "caps.json", json.dumps({"img00.jpg": ["a photo"]})))
@@ -268,21 +266,21 @@ def test_command_line_errors_are_one_line_with_exit_2_and_suggest_the_flag(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     cases = [
-        (("to-manifest", "--images", "p", "--captions", "c.csv", "--output", "m.jsonl", "--skip-mising"),
+        (("to-manifest", "--images_path", "p", "--captions_path", "c.csv", "--output", "m.jsonl", "--skip-mising"),
          "error: unrecognized arguments: --skip-mising; --skip-mising: did you mean --skip-missing? "
          "(python -m data.captions to-manifest --help)\n"),
-        (("check", "--captions", "m.jsonl", "--image", "photos"),
+        (("check", "--captions_path", "m.jsonl", "--image", "photos"),
          "error: unrecognized arguments: --image photos; --image: did you mean --images? "
          "(python -m data.captions check --help)\n"),
-        (("to-manifest", "--images", "p", "--captions", "c.csv", "--output", "m.jsonl", "--split", "train",
-          "--split-ratio", "0.5,0.5,0"), "not allowed with argument --split"),
-        (("to-manifest", "--images", str(tmp_path / "nope"), "--captions", "c.csv", "--output", "m.jsonl"),
+        (("to-manifest", "--images_path", "p", "--captions_path", "c.csv", "--output", "m.jsonl", "--split", "train",
+          "--split_ratio", "0.5,0.5,0"), "not allowed with argument --split"),
+        (("to-manifest", "--images_path", str(tmp_path / "nope"), "--captions_path", "c.csv", "--output", "m.jsonl"),
          f"error: {tmp_path / 'nope'}: images folder not found\n"),
     ]
     for args, expected in cases:
         code, out, err = _run(capsys, *args)
         assert code == 2 and out == "" and err.count("\n") == 1 and expected in err, (args, err)
-    done = run_watched([sys.executable, "-m", "data.captions", "check", "--captions", str(tmp_path / "x.json")],
+    done = run_watched([sys.executable, "-m", "data.captions", "check", "--captions_path", str(tmp_path / "x.json")],
                           cwd=REPO_ROOT)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr == f"error: {tmp_path / 'x.json'}: captions file not found\n"

@@ -9,8 +9,8 @@ from conftest import tiny_config, tiny_vocab
 from numerics import TINY_MODEL_ROUNDINGS, assert_close_f32
 
 from captioner import Captioner, load_captioner
-from data.captions import ImageRecord
 from data.loaders import ImageSource
+from data.records import ImageRecord
 from data.vocab import Vocabulary
 from deploy.runtime import EnsembleRuntime, TorchRuntime
 from engine.checkpoints import save_model_checkpoint

@@ -13,7 +13,8 @@ from conftest import ROOT, make_tiny_dataset, tiny_config
 from processes import run_watched
 from pycocotools.coco import COCO
 
-from data.captions import load_records, split_records
+from data.formats import load_records
+from data.splits import split_records
 from data.vocab import build_vocabulary
 from engine.checkpoints import save_model_checkpoint
 from models import build_model

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from conftest import make_tiny_dataset, tiny_config, tiny_vocab
 
 import data_generator
-from data.captions import ImageRecord
 from data.loaders import CaptionBatch
+from data.records import ImageRecord
 from engine.trainer import LoopSettings, Trainer
 from models import build_model
 from models import decoding as decoding_module
@@ -543,7 +543,7 @@ def test_gpu_pinned_loader_batches_reach_the_device(tmp_path):
     from data.loaders import CaptionDataset, EpochBatchSampler, ImageSource, make_loader
 
     captions, backbone = make_tiny_dataset(tmp_path, num_train=8)
-    from data.captions import load_records
+    from data.formats import load_records
     from models import tiny_swinv2
 
     records = [r for r in load_records(captions, captions.parent) if r.split == "train"]

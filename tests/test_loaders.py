@@ -10,9 +10,9 @@ import torch
 from conftest import tiny_vocab
 from PIL import Image
 
-from data.captions import ImageRecord
 from data.features import FeatureReader, FeatureWriter
 from data.loaders import CaptionDataset, EpochBatchSampler, ImageSource, ShardSampler, make_loader
+from data.records import ImageRecord
 from models.config import tiny_swinv2
 
 

@@ -16,7 +16,9 @@ from PIL import Image
 import api
 import demo
 import pipeline
-from data.captions import DatasetError, load_records, split_records
+from data.formats import load_records
+from data.records import DatasetError
+from data.splits import split_records
 from engine.presets import QUICKSTART_MODEL, SMALL_MANIFEST, small_recipe
 
 
@@ -96,7 +98,7 @@ def test_fatal_data_problems_are_refused_before_anything_runs(tmp_path, capsys):
     names = _photos(tmp_path / "photos", 20)
     rows = [f"{name},{_caption(i)}" for i, name in enumerate(names)]
     (tmp_path / "missing.csv").write_text("\n".join([*rows, "gone.jpg,a photo that is not there"]) + "\n")
-    with pytest.raises(DatasetError, match=r"nothing run: 1 caption row names an image not in .*--skip-missing"):
+    with pytest.raises(DatasetError, match=r"nothing run: 1 caption row names an image not in .*--skip_missing"):
         small_recipe(tmp_path / "photos", tmp_path / "missing.csv", tmp_path / "run")
     assert "'gone.jpg'" in capsys.readouterr().out and not (tmp_path / "run" / "data" / SMALL_MANIFEST).exists()
     recipe = small_recipe(tmp_path / "photos", tmp_path / "missing.csv", tmp_path / "run", skip_missing=True)
@@ -169,7 +171,7 @@ def test_own_photos_end_to_end_from_a_csv_with_mistakes_to_demo_and_api(tmp_path
     assert "CSV with a header" in summary
     assert "assigns no splits, so the images are drawn at random" in summary
     assert re.search(r"1 caption row names an image not in .*: line \d+ 'holiday/missing\.jpg'", summary)
-    assert "left out of the manifest (--skip-missing)" in summary
+    assert "left out of the manifest (--skip_missing)" in summary
     assert f"1 image in {photos} has no caption row: {uncaptioned}" in summary
     assert "1 duplicate caption (same image, same text)" in summary and "img003.jpg" in summary
     assert "1 empty caption" in summary and "img005.jpg" in summary

@@ -10,7 +10,7 @@ import torch
 from conftest import make_tiny_dataset
 
 import backbone as backbone_cli
-from data.captions import ImageRecord
+from data.records import ImageRecord
 from engine.checkpoints import read_backbone_file
 from engine.pretrain import PretrainConfig, Pretrainer, ground_truth_targets, pretrain, word_list, word_targets
 from models.backbone import backbone_output_shape

@@ -10,7 +10,7 @@ import demo
 import pipeline
 import test
 import train
-from data.captions import ImageRecord
+from data.records import ImageRecord
 from engine.checkpoints import CheckpointError
 from engine.setup import (
     TrainConfig,

@@ -1,8 +1,9 @@
 """The command-line vocabulary shared by the root scripts: one name and one meaning per setting.
 
-- argument types that read the seed's spellings (booleans as True/False, lists as [3]);
+- argument types that read the seed's spellings (booleans as True/False, lists as [3]), and `read_flag_value`, which
+  reads a setting's text as its flag would (pipeline.py --set);
 - `ArgumentParser`: flag groups in a fixed order (data, model, optimisation, evaluation, runtime), no abbreviations,
-  and a one-line error with a "did you mean" suggestion for a mistyped flag;
+  and a one-line error with a "did you mean" suggestion for a mistyped flag (`closest`, the one did-you-mean);
 - flags generated from `utils.fields.option(...)` dataclass fields, so a config class is the only home of a setting;
 - the settings several scripts take, as small option dataclasses a script config inherits (CheckpointOptions,
   LengthOptions here, RuntimeOptions in utils.runtime), with the seed's and the reference's spellings as aliases.
@@ -14,8 +15,10 @@ import argparse
 import ast
 import difflib
 import re
+import sys
 import warnings
-from dataclasses import MISSING, dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import MISSING, Field, dataclass
 from typing import Any, TypeVar
 
 from utils.fields import described_fields, option
@@ -51,14 +54,62 @@ def int_list(value: str) -> tuple[int, ...]:
     return tuple(parsed)
 
 
+def _str_tuple(value: str) -> tuple[str, ...]:
+    """'a,b' -> ('a', 'b')."""
+    return tuple(value.split(","))
+
+
+def closest(name: str, known: Iterable[str]) -> str | None:
+    """The known name most like a mistyped one (difflib's similarity at least 0.6), or None: the one "did you mean"
+    behind flags, --set keys and file names."""
+    match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def flag_type(f: Field) -> Callable[[str], Any]:
+    """How an option(...) field's flag reads one value: the field's parse, True/False for a bool, a list of positive
+    integers for a tuple of ints ([3] or 3,5), comma-separated words for another tuple, else the default's type (each
+    item of a several-value flag is read as a string unless the field says how)."""
+    meta, default = f.metadata, f.default if f.default is not MISSING else None
+    if meta["parse"]:
+        return meta["parse"]
+    if meta["nargs"] or default is None:
+        return str
+    if isinstance(default, bool):
+        return str2bool
+    if isinstance(default, tuple):
+        return int_list if all(isinstance(x, int) for x in default) else _str_tuple
+    return type(default)
+
+
+def read_flag_value(f: Field, text: str) -> Any:
+    """A setting's value from its text, read as its flag reads it (a several-value flag's items comma-separated);
+    a ValueError says what is wrong, with the choices when the value is not one of them."""
+    read = flag_type(f)
+    try:
+        value = tuple(read(item) for item in text.split(",")) if f.metadata["nargs"] else read(text)
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(str(e)) from None
+    choices = f.metadata["choices"]
+    if choices and any(v not in choices for v in (value if f.metadata["nargs"] else (value,))):
+        raise ValueError(f"choose one of {list(choices)}")
+    return value
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with named flag groups in a fixed order and short errors that suggest the flag a user meant."""
+    """argparse with named flag groups in a fixed order and short errors that suggest the flag a user meant (among
+    the flags of the sub-command the command line names, if any)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(*args, **kwargs)
         self._groups = {name: self.add_argument_group(name) for name in GROUP_ORDER}
+        self.argv: list[str] = []  # the command line being parsed
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        self.argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(self.argv, namespace)
 
     def group(self, name: str) -> argparse._ArgumentGroup:
         """The flag group called name (data, model, optimisation, evaluation or runtime)."""
@@ -74,19 +125,24 @@ class ArgumentParser(argparse.ArgumentParser):
         finally:
             self._action_groups.extend(hidden)
 
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}{self._suggestion(message)}\n"
-                     f"(python {self.prog} --help lists every option)\n")
+    def command_parser(self) -> argparse.ArgumentParser:
+        """The parser of the sub-command the command line names, or this parser."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return next((action.choices[arg] for arg in self.argv if arg in action.choices), self)
+        return self
 
-    def _suggestion(self, message: str) -> str:
+    def flag_hints(self, message: str) -> str:
+        """'; --num_epoch: did you mean --num_epochs?' for each unrecognized flag of an argparse error message that
+        is close to a flag of the command ('' when none is)."""
         unknown = re.findall(r"(--?[\w-]+)", message.split(":", 1)[-1]) if "unrecognized" in message else []
-        known = [s for s in self._option_string_actions if s.startswith("--")]
-        hints = []
-        for flag in unknown:
-            match = difflib.get_close_matches(flag.split("=")[0], known, n=1, cutoff=0.6)
-            if match:
-                hints.append(f"{flag}: did you mean {match[0]}?")
+        known = [flag for flag in self.command_parser()._option_string_actions if flag.startswith("--")]
+        hints = [f"{flag}: did you mean {match}?" for flag in unknown if (match := closest(flag.split("=")[0], known))]
         return ("; " + "; ".join(hints)) if hints else ""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}{self.flag_hints(message)}\n"
+                     f"(python {self.prog} --help lists every option)\n")
 
 
 def add_bool(group: argparse._ActionsContainer, *names: str, default: bool | None, help: str,
@@ -97,13 +153,16 @@ def add_bool(group: argparse._ActionsContainer, *names: str, default: bool | Non
 
 
 def add_dataclass_flags(parser: ArgumentParser, cls: type, *, unset_default: bool = False,
-                        notes: dict[str, str] | None = None, skip: tuple[str, ...] = ()) -> None:
+                        notes: dict[str, str] | None = None, skip: tuple[str, ...] = (),
+                        exclusive: tuple[str, ...] = ()) -> None:
     """One flag per option(...) field of cls (inherited ones included), in the field's help group; the field name
     is always the dest.
 
     With unset_default the flags default to None ("not given"), so a preset or a checkpoint can supply the value;
-    the help still shows the dataclass default. notes adds a remark to a field's help.
+    the help still shows the dataclass default. notes adds a remark to a field's help. Of the fields named in
+    exclusive, a command line may give one at most.
     """
+    either: argparse._MutuallyExclusiveGroup | None = None
     for f in described_fields(cls):
         if f.name in skip:
             continue
@@ -114,20 +173,19 @@ def add_dataclass_flags(parser: ArgumentParser, cls: type, *, unset_default: boo
         note = f"; {notes[f.name]}" if notes and f.name in notes else ""
         shown = "" if "default:" in meta["help"] or meta["required"] else f"default: {_show(default)}"
         help_text = meta["help"] + (f" ({shown}{note})" if shown or note else "").replace("(; ", "(")
-        group = parser.group(meta["group"] or "runtime")
+        group: argparse._ActionsContainer = parser.group(meta["group"] or "runtime")
+        if f.name in exclusive:
+            either = either or group.add_mutually_exclusive_group()
+            group = either
         value = None if unset_default else default
         if isinstance(default, bool):
             add_bool(group, *names, dest=f.name, default=value, help=help_text)
             continue
         kwargs: dict[str, Any] = {"nargs": meta["nargs"], "required": meta["required"]}
-        if meta["nargs"]:
-            kind = meta["parse"] or str
-            if default == ():  # nothing to extend: a repeated flag adds to the list (--set a=1 --set b=2)
-                kwargs["action"], value = "extend", None
-        else:
-            kind = meta["parse"] or (int_list if isinstance(default, tuple) else type(default))
-        group.add_argument(*names, dest=f.name, type=kind, default=value, choices=meta["choices"], help=help_text,
-                           metavar=None if meta["choices"] else primary.upper(), **kwargs)
+        if meta["nargs"] and default == ():  # nothing to extend: a repeated flag adds to the list (--set a=1 --set b=2)
+            kwargs["action"], value = "extend", None
+        group.add_argument(*names, dest=f.name, type=flag_type(f), default=value, choices=meta["choices"],
+                           help=help_text, metavar=None if meta["choices"] else primary.upper(), **kwargs)
 
 
 def _show(value: Any) -> str:
