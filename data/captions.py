@@ -49,8 +49,9 @@ class ToManifestConfig:
     captions_path: str = option("", "CSV image,caption or TSV image<TAB>caption (header optional), or JSON "
                                 "{image: [...]}", aliases=("--captions",), required=True, group="data")
     output: str = option("", "manifest to write (.jsonl)", aliases=("--output_path",), required=True, group="data")
-    split: str = option("", "put every image in this split", choices=SPLITS, group="data")
-    split_ratio: str = option("", "random train,val,test proportions (default 0.9,0.05,0.05 when --split is not "
+    split: str = option("", "put every image in this split (default: a random split, see --split_ratio)",
+                        choices=SPLITS, group="data")
+    split_ratio: str = option("", "random train,val,test proportions (default: 0.9,0.05,0.05 when --split is not "
                               "given)", aliases=("--split-ratio",), group="data")
     seed: int = option(0, "seed of the random split", group="data")
     skip_missing: bool = option(False, "leave out caption rows whose image is not in --images_path (default: write "
@@ -65,7 +66,8 @@ class CheckConfig:
     captions_path: str = option("", "manifest (.jsonl), Karpathy json or its folder; or a captions file (with "
                                 "--images_path)", aliases=("--captions",), required=True, group="data")
     images_path: str = option("", "image folder: looked up first for a manifest's relative paths; Karpathy's image "
-                              "root", aliases=("--images",), group="data")
+                              "root (default: none: beside the manifest, Karpathy's json's folder)",
+                              aliases=("--images",), group="data")
 
 
 def to_manifest(cfg: ToManifestConfig) -> int:

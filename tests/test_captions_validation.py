@@ -284,3 +284,34 @@ def test_command_line_errors_are_one_line_with_exit_2_and_suggest_the_flag(
                           cwd=REPO_ROOT)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr == f"error: {tmp_path / 'x.json'}: captions file not found\n"
+
+
+@pytest.mark.parametrize(("text", "kind"), [
+    ('{"images": [], "image": "a.jpg"}', "karpathy"),  # an 'images' list is Karpathy's before anything else
+    ('{"annotations": [], "images_note": ["x"]}', "coco-annotations"),
+    ('{"image": "a.jpg", "captions": ["x"], "split": "train"}', "manifest"),  # a manifest of one line
+    ('{"images": ["x"]}\n{"image": "b.jpg"}\n', "manifest"),  # JSON lines, whatever the first line holds
+    ('{"a.jpg": ["a dog"], "b.jpg": "a cat"}', "captions-json"),
+    ('["a.jpg", "b.jpg"]', "json"),
+    ("a.jpg\ta dog, running\n", "tsv"),  # a tab on the first line wins over its comma
+    ("a.jpg,a dog\n", "csv"),
+    ("a.jpg a dog\n", "text"),
+    ("  \n", "empty"),
+])
+def test_the_format_table_settles_which_kind_a_file_is(tmp_path: Path, text: str, kind: str) -> None:
+    assert captions_kind(_write(tmp_path / "captions.data", text)) == kind
+
+
+def test_to_manifest_takes_the_scripts_flag_names_true_false_booleans_and_the_old_names(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    photos = _photos(tmp_path / "photos", 2)
+    captions = _write(tmp_path / "captions.csv", "img00.jpg,a photo\nimg01.jpg,another\n")
+    output = tmp_path / "manifest.jsonl"
+    new = ("to-manifest", "--images_path", str(photos), "--captions_path", str(captions), "--output", str(output))
+    assert _run(capsys, *new, "--split", "train")[0] == 0
+    code, _, err = _run(capsys, *new, "--split", "val", "--overwrite", "False")
+    assert code == 2 and "already exists" in err and {r.split for r in load_manifest(output)} == {"train"}
+    old = ("to-manifest", "--images", str(photos), "--captions", str(captions), "--output_path", str(output))
+    assert _run(capsys, *old, "--split-ratio", "0,1,0", "--overwrite", "--skip-missing", "True")[0] == 0
+    assert {r.split for r in load_manifest(output)} == {"val"}
