@@ -1,12 +1,14 @@
 """utils.cli: settings read the same from a flag and from text (pipeline.py --set), one did-you-mean that knows a
-sub-command's flags, and flags of which one at most may be given."""
+sub-command's flags, flags of which one at most may be given, and export.py on the common checkpoint flags."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import pytest
 
+import export
 from utils.cli import ArgumentParser, add_dataclass_flags, closest, dataclass_values, read_flag_value
 from utils.fields import option
 
@@ -79,3 +81,19 @@ def test_exclusive_flags_refuse_to_be_given_together(capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit):
         _commands().parse_args(["convert", "--split", "train", "--split_ratio", "1,0,0"])
     assert "argument --split_ratio: not allowed with argument --split" in capsys.readouterr().err
+
+
+def test_export_reads_the_common_checkpoint_flags_its_old_name_and_true_false(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = tmp_path / "best.pth"
+    ckpt.write_bytes(b"not read by parse_config")
+    cfg = export.parse_config(["--load_path", str(ckpt), "--output", "out", "--features_only", "False"])
+    assert (cfg.checkpoint, cfg.output, cfg.format, cfg.features_only) == ((str(ckpt),), "out", "onnx", False)
+    assert export.parse_config(["--checkpoint", str(ckpt), "--output", "o", "--features_only"]).features_only
+    for argv, message in ((["--checkpoint", str(ckpt), str(ckpt), "--output", "o"], "exports one model, got 2"),
+                          (["--checkpoint", str(tmp_path / "none.pth"), "--output", "o"], "no such file"),
+                          (["--checkpoint", str(ckpt), "--output", "o", "--opst", "17"], "did you mean --opset?")):
+        with pytest.raises(SystemExit):
+            export.parse_config(argv)
+        assert message in capsys.readouterr().err

@@ -5,8 +5,9 @@
 - `ArgumentParser`: flag groups in a fixed order (data, model, optimisation, evaluation, runtime), no abbreviations,
   and a one-line error with a "did you mean" suggestion for a mistyped flag (`closest`, the one did-you-mean);
 - flags generated from `utils.fields.option(...)` dataclass fields, so a config class is the only home of a setting;
-- the settings several scripts take, as small option dataclasses a script config inherits (CheckpointOptions,
-  LengthOptions here, RuntimeOptions in utils.runtime), with the seed's and the reference's spellings as aliases.
+- the settings several scripts take, as small option dataclasses a script config inherits (ModelSourceOptions,
+  CheckpointOptions, LengthOptions here, RuntimeOptions in utils.runtime), with the seed's and the reference's
+  spellings as aliases.
 """
 
 from __future__ import annotations
@@ -222,7 +223,7 @@ def add_ignored_flags(parser: ArgumentParser, *names: str) -> None:
 
 
 @dataclass(frozen=True)
-class CheckpointOptions:
+class ModelSourceOptions:
     """The model a script reads: --checkpoint (the seed's test.py --save_model_path and the reference's demo.py
     --load_path are aliases) and the vocabulary an official checkpoint needs."""
 
@@ -232,6 +233,12 @@ class CheckpointOptions:
         aliases=("--load_path", "--save_model_path"), group="model")
     vocab: str = option("", "vocabulary file (JSON, or the official demo_coco_tokens.pickle); only the official "
                         "checkpoint needs it", aliases=("--vocab_path",), group="model")
+
+
+@dataclass(frozen=True)
+class CheckpointOptions(ModelSourceOptions):
+    """The model a script reads and decodes with: ModelSourceOptions, and which runtime decodes and how."""
+
     backend: str = option("auto", "what decodes: auto (ONNX Runtime for an exported folder and for fp32 on the CPU "
                           "from images, the fastest path with PyTorch's captions; PyTorch from cached features on the "
                           "CPU, on a GPU or under bf16/fp16), torch or onnx", choices=("auto", "torch", "onnx"),
