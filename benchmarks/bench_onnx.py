@@ -1,5 +1,6 @@
-"""CPU captioning speed by runtime, side by side in one run: PyTorch fp32, ONNX Runtime fp32 (exact), PyTorch bf16
-autocast and dynamic int8 quantisation of the decoder's linear layers (inexact: agreement reported).
+"""CPU captioning speed by runtime, side by side in one run: PyTorch fp32, ONNX Runtime fp32 (the same function up to
+float32 rounding), PyTorch bf16 autocast and dynamic int8 quantisation of the decoder's linear layers (approximations);
+for each, the agreement of its captions with PyTorch fp32's is reported.
 
     python benchmarks/bench_onnx.py                       # seed model, random weights, 384 px, batch 1 and 8, beam 5
     python benchmarks/bench_onnx.py --batches 8 --repeats 3 --onnx_dir /tmp/seed_onnx   # reuse an export

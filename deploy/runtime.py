@@ -107,8 +107,8 @@ class TorchRuntime(CaptionRuntime):
     @classmethod
     def for_captioning(cls, model: ExpansionNet, config: ModelConfig, device: torch.device, precision: str = "auto",
                        compile: Compile = False) -> TorchRuntime:
-        """The runtime of a model loaded to caption, what every PyTorch loader calls: the model in eval mode on
-        `device`, precision resolved ("auto"), and on the CPU its decoding step packed
+        """The runtime of a model loaded to caption (deploy.loading builds its PyTorch runtimes with it): the model
+        in eval mode on `device`, precision resolved ("auto"), and on the CPU its decoding step packed
         (models.cpu_packing.prepare_for_cpu_decoding) with glibc keeping freed memory (utils.runtime)."""
         model = model.eval().to(device)
         if device.type == "cpu":

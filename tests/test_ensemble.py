@@ -137,3 +137,23 @@ def test_evaluation_captions_a_split_with_an_ensemble(tmp_path):
     assert preds_a == {r.image_id: c[0].text for r, c in
                        zip(records, single.caption([r.path for r in records], beam_size=2, max_len=6))}
     assert isinstance(single, Captioner) and single.backend == "torch"
+
+
+def test_for_captioning_prepares_a_loaded_model_and_the_constructor_leaves_a_model_as_it_is():
+    """TorchRuntime.for_captioning (what the loaders build with) puts the model in eval mode and packs its decoding
+    step on the CPU; the plain constructor (engine.evaluate wraps a model that goes on training) changes nothing,
+    and without a config it still describes itself, or says plainly what it cannot know."""
+    from models.cpu_packing import PackedLinear
+
+    torch.manual_seed(0)
+    cfg = tiny_config(end_to_end=False)
+    training = build_model(cfg)
+    plain = TorchRuntime(training, None, CPU, "fp32")
+    assert training.training and type(training.vocab_linear) is torch.nn.Linear
+    assert training.vocab_linear.weight.is_contiguous()
+    assert plain.preprocessing is None and plain.info()["name"] is None  # features only, no config
+    loaded = TorchRuntime.for_captioning(build_model(cfg), cfg, CPU)
+    assert not loaded.model.training and loaded.precision == "fp32"
+    assert isinstance(loaded.model.vocab_linear, PackedLinear) and loaded.model.decoders[0].dyn_exp.joint_projections
+    with pytest.raises(ValueError, match="without its ModelConfig"):
+        TorchRuntime(build_model(tiny_config()), None, CPU, "fp32").preprocessing  # noqa: B018 - the property raises
