@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 import export
-from utils.cli import ArgumentParser, add_dataclass_flags, closest, dataclass_values, read_flag_value
+from utils.cli import (
+    ArgumentParser,
+    CheckpointOptions,
+    add_dataclass_flags,
+    closest,
+    dataclass_values,
+    read_flag_value,
+)
 from utils.fields import option
 
 
@@ -97,3 +104,11 @@ def test_export_reads_the_common_checkpoint_flags_its_old_name_and_true_false(
         with pytest.raises(SystemExit):
             export.parse_config(argv)
         assert message in capsys.readouterr().err
+
+
+def test_a_single_checkpoint_path_is_refused_rather_than_read_as_its_characters() -> None:
+    assert CheckpointOptions(checkpoint=("best.pth",)).checkpoint == ("best.pth",)
+    with pytest.raises(TypeError, match=r"checkpoint takes a tuple of paths .*checkpoint=\(path,\)"):
+        CheckpointOptions(checkpoint="best.pth")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="checkpoint takes a tuple"):
+        export.ExportConfig("best.pth", output="out")  # type: ignore[arg-type]

@@ -234,6 +234,11 @@ class ModelSourceOptions:
     vocab: str = option("", "vocabulary file (JSON, or the official demo_coco_tokens.pickle); only the official "
                         "checkpoint needs it", aliases=("--vocab_path",), group="model")
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.checkpoint, tuple):  # one path would be read as a tuple of its characters
+            raise TypeError(f"checkpoint takes a tuple of paths (several make an ensemble), got {self.checkpoint!r}; "
+                            "build the config with keywords, e.g. checkpoint=(path,)")
+
 
 @dataclass(frozen=True)
 class CheckpointOptions(ModelSourceOptions):
