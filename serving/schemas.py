@@ -7,6 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from serving.imageguard import ACCEPTED_FORMATS
+
 
 class CaptionOut(BaseModel):
     caption: str
@@ -50,7 +52,8 @@ class HFRequest(BaseModel):
     """The Hugging Face image-to-text request: a base64 image (or data URL) and optional parameters."""
 
     model_config = ConfigDict(extra="forbid")
-    inputs: str = Field(description="base64-encoded image bytes, or a data:image/...;base64 URL",
+    inputs: str = Field(description="base64-encoded image bytes (JPEG, PNG, WebP, GIF, BMP or TIFF), or a "
+                                    "data:image/...;base64 URL",
                         json_schema_extra={"contentEncoding": "base64", "contentMediaType": "image/*"})
     parameters: HFParameters | None = Field(None, description="generation parameters; each overrides the query "
                                                               "parameter of the same name")
@@ -99,13 +102,22 @@ def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
     return resolve(schema)
 
 
+IMAGE_MEDIA_TYPES = tuple(f"image/{name.lower()}" for name in ACCEPTED_FORMATS)  # what the upload checks accept
+
+
 def multipart_body(field: str, many: bool) -> dict[str, Any]:
-    """OpenAPI request body of a multipart form with the image(s) in ``field`` and nothing else (serving.openapi
-    sets the most files a request may carry)."""
+    """OpenAPI media type of a multipart form with the image(s) in ``field`` and nothing else (serving.openapi sets
+    the most files a request may carry); the format is read from each file's first bytes, whatever its part says."""
     file_schema: dict[str, Any] = {"type": "string", "format": "binary"}
     prop = {"type": "array", "items": file_schema, "minItems": 1} if many else file_schema
     schema = {"type": "object", "properties": {field: prop}, "required": [field], "additionalProperties": False}
-    return {"multipart/form-data": {"schema": schema}}
+    return {"multipart/form-data": {"schema": schema,
+                                    "encoding": {field: {"contentType": ", ".join(IMAGE_MEDIA_TYPES)}}}}
+
+
+def image_body() -> dict[str, Any]:
+    """OpenAPI media types of a request body that is the image itself."""
+    return {kind: {"schema": {"type": "string", "format": "binary"}} for kind in IMAGE_MEDIA_TYPES}
 
 
 def request_body(content: dict[str, Any]) -> dict[str, Any]:

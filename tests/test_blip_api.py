@@ -40,8 +40,9 @@ def pil_image() -> Image.Image:
     return Image.new("RGB", (50, 40), (200, 30, 30))
 
 
-def build_tiny_blip(directory: Path) -> tuple[BlipForConditionalGeneration, BlipProcessor]:
-    """A random BLIP (vision 32 px, patch 16, hidden 32, one layer) and its processor, saved to directory."""
+def build_tiny_blip(directory: Path, positions: int = 64) -> tuple[BlipForConditionalGeneration, BlipProcessor]:
+    """A random BLIP (vision 32 px, patch 16, hidden 32, one layer, ``positions`` text positions) and its processor,
+    saved to directory."""
     directory.mkdir(parents=True, exist_ok=True)
     vocab_file = directory.parent / "vocab.txt"
     vocab_file.write_text("\n".join(SPECIALS + WORDS) + "\n")
@@ -52,7 +53,7 @@ def build_tiny_blip(directory: Path) -> tuple[BlipForConditionalGeneration, Blip
         vision_config={"image_size": 32, "patch_size": 16, "hidden_size": 32, "intermediate_size": 64,
                        "num_hidden_layers": 1, "num_attention_heads": 2},
         text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
-                     "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 64,
+                     "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": positions,
                      "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.cls_token_id,
                      "eos_token_id": tokenizer.sep_token_id, "sep_token_id": tokenizer.sep_token_id},
         projection_dim=32)

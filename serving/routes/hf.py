@@ -15,6 +15,7 @@ from serving.schemas import (
     ERROR_RESPONSES,
     GeneratedText,
     HFRequest,
+    image_body,
     json_body,
     multipart_body,
     request_body,
@@ -24,8 +25,7 @@ from serving.uploads import decode_base64_image, media_type, read_body, read_fil
 
 router = APIRouter()
 
-HF_BODY = request_body({**json_body(HFRequest), **multipart_body("file", many=False),
-                        "image/*": {"schema": {"type": "string", "format": "binary"}}})
+HF_BODY = request_body({**json_body(HFRequest), **multipart_body("file", many=False), **image_body()})
 
 
 @router.post("/v1/caption", response_model=list[GeneratedText], openapi_extra=HF_BODY, responses=ERROR_RESPONSES,
