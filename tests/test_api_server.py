@@ -1,15 +1,22 @@
-"""A real uvicorn server (subprocess, real HTTP) fed bad inputs, a burst of concurrent requests and a Unix socket."""
+"""A real uvicorn server (subprocess, real HTTP) fed bad inputs, a burst of concurrent requests and a Unix socket;
+its port opens before the model loads."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Iterator
+import os
+import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import httpx
 import pytest
+from fastapi import FastAPI
+from processes import wait_while_progressing
 
+import api
+from serving import Backend
 from serving.testing import RunningServer, checked_client, image_bytes, sparse_png, uvicorn_server
 
 pytestmark = pytest.mark.slow
@@ -146,6 +153,39 @@ def test_server_burst_of_64_requests_gets_200_or_503(http: httpx.Client, server:
         _check_answer(answer)
     assert all(answer.json()["caption"] for answer in answers if answer.status_code == 200)
     assert http.post("/predict", files={"file": ("after.jpg", JPEG, "image/jpeg")}).status_code == 200
+
+
+def gated_app() -> FastAPI:
+    """api.py's app whose model load first waits until the file named by $GATE_FILE exists: a load exactly as slow as
+    the test needs (``uvicorn test_api_server:gated_app --factory``)."""
+    gate, load = Path(os.environ["GATE_FILE"]), api.load_backend
+
+    def load_when_opened(model: Mapping[str, str | None]) -> Backend:
+        while not gate.exists():
+            time.sleep(0.05)
+        return load(model)
+
+    api.load_backend = load_when_opened  # build_app's loader looks the name up when it runs
+    return api.build_app()
+
+
+def test_server_opens_its_port_before_the_model_loads_and_ready_is_503_until_it_has(module_checkpoint: Path,
+                                                                                   tmp_path: Path) -> None:
+    gate = tmp_path / "load-now"
+    env = {"CAPTION_CHECKPOINT": str(module_checkpoint), "GATE_FILE": str(gate), "PYTHONPATH": str(ROOT)}
+    log = ROOT / "test-artifacts" / "api_gated_load.log"
+    with (uvicorn_server("test_api_server:gated_app", env, log, app_dir=ROOT / "tests", cwd=ROOT,
+                         extra_args=("--factory",), wait_for="/health") as server,
+          server.client(timeout=60.0) as client):
+        health, loading = client.get("/health"), client.get("/ready")  # the load is held until the gate opens
+        gate.touch()
+        assert wait_while_progressing(lambda: client.get("/ready").status_code == 200, server.process, [])
+        ready = client.get("/ready")
+        answer = client.post("/predict", files={"file": ("a.jpg", JPEG, "image/jpeg")})
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+    assert loading.status_code == 503 and loading.headers["retry-after"] == "1"
+    assert loading.json() == {"detail": "the model is loading, retry later"}
+    assert ready.json()["status"] == "ready" and answer.status_code == 200 and answer.json()["caption"]
 
 
 def test_server_unix_socket_mode_with_two_workers(module_checkpoint: Path, tmp_path: Path) -> None:
