@@ -19,7 +19,7 @@ from serving import CaptionParams, ServingSettings, create_app, load_settings, w
 ENV_PREFIX = "BLIP"
 MODEL_KEYS: dict[str, str | None] = {"MODEL_DIR": None, "DEVICE": "cpu", "PRECISION": "auto", "PROMPT": None}
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-# the seed's BLIP defaults: 20 new tokens (transformers' default length), at most 64 (BLIP's own length is 511 tokens)
+# the seed's BLIP defaults: 20 new tokens (transformers' default length), at most 64 (BLIP-base's own length: 511)
 DEFAULTS = ServingSettings(max_len=20, max_len_limit=64)
 
 
