@@ -23,6 +23,7 @@ from data.images import ImageLoadError
 from engine.checkpoints import read_backbone_file, restore_model, save_backbone_file, save_model_checkpoint
 from models import build_model
 from models.backbone import create_backbone, load_backbone_state_dict
+from models.cpu_packing import PackedLinear
 from utils.checkpoint import CheckpointError, load_checkpoint_file
 from utils.cli import LengthOptions, resolve_max_len
 
@@ -291,8 +292,6 @@ def test_keep_freed_memory_lets_tensors_reuse_pages_without_faulting_them_in_aga
 
 
 def test_loading_for_the_cpu_prepares_the_decoder_for_few_row_products(tiny_checkpoint):
-    from models.layers import PackedLinear
-
     captioner = load_captioner(tiny_checkpoint, device="cpu", backend="torch")
     model = captioner.runtime.model
     assert isinstance(model.vocab_linear, PackedLinear) and model.vocab_linear.weight.t().is_contiguous()
