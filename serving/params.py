@@ -17,7 +17,6 @@ from utils.cli import LengthOptions, resolve_max_len
 OUR_NAMES = ("beam_size", "max_len", "num_captions", "repetition_penalty", "no_repeat_ngram_size")
 HF_NAMES = ("num_beams", "max_new_tokens", "num_return_sequences", "repetition_penalty", "no_repeat_ngram_size")
 OUR_NAME = dict(zip(HF_NAMES, OUR_NAMES))  # a Hugging Face parameter name -> ours
-REPETITION_CONTROLS = ("repetition_penalty", "no_repeat_ngram_size")
 PENALTY_RANGE = (1.0, 10.0)
 NGRAM_RANGE = (0, 10)
 

@@ -142,7 +142,7 @@ def test_server_burst_of_64_requests_gets_200_or_503(http: httpx.Client, server:
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=server.base_url, timeout=120.0,
                                      limits=httpx.Limits(max_connections=64)) as client:
-            return await asyncio.gather(*(client.post("/predict?beam_size=8&max_len=24",
+            return await asyncio.gather(*(client.post("/predict?beam_size=8&max_len=23",
                                                       files={"file": (f"{i}.jpg", JPEG, "image/jpeg")})
                                           for i in range(64)))
 
