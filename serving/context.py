@@ -40,6 +40,7 @@ class ServingContext:
     model_info: dict[str, Any] = field(default_factory=dict)
     decode_slots: asyncio.Semaphore | None = None  # bounds the full-resolution images in memory at once
     loading: asyncio.Task | None = None
+    loader: ModelThread | None = None  # the thread the model loads in
     load_failed: str | None = None  # the exception's type name when the model could not be loaded
 
     @property
@@ -69,12 +70,13 @@ class ServingContext:
                 import torch
 
                 torch.set_num_threads(self.settings.threads)
-            loader = ModelThread("model-load")  # a daemon thread: an abandoned load never holds the process's exit
+            # a daemon thread: a load that stop() gives up never holds the process's exit
+            self.loader = ModelThread("model-load")
             try:
-                backend = await loader.run(load_backend)
-                self.model_info = await loader.run(backend.info)  # may hash the weights: once, off the loop
+                backend = await self.loader.run(load_backend)
+                self.model_info = await self.loader.run(backend.info)  # may hash the weights: once, off the loop
             finally:
-                loader.stop()
+                self.loader.stop()
             batcher = MicroBatcher(backend.caption_batch, self.settings.max_batch_size, self.settings.max_wait_ms,
                                    self.settings.queue_size)
             await batcher.start()
@@ -86,14 +88,16 @@ class ServingContext:
         self.backend, self.batcher = backend, batcher
         logger.info("model loaded: %s", self.model_info)
 
-    async def stop(self) -> None:
+    async def stop(self, grace_s: float = 10.0) -> None:
         """Refuse new work, fail what waits, let the model thread go (without waiting for a stuck call); a load still
-        running is abandoned (its thread ends on its own)."""
+        running is given up after grace_s (as a batch is: batching.MicroBatcher.stop)."""
         loading, self.loading = self.loading, None
         if loading is not None and not loading.done():
             loading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loading
+            if self.loader is not None and not await asyncio.to_thread(self.loader.join, grace_s):
+                logger.warning("the model is still loading after %g s; leaving its thread behind", grace_s)
         self.backend = None
         batcher, self.batcher = self.batcher, None
         if batcher is not None:
