@@ -17,8 +17,11 @@ from processes import run_watched
 
 import data_generator
 import train
-from data.features import FeatureFileError
-from engine.checkpoints import save_backbone_file
+from data.features import FeatureFileError, FeatureReader
+from data.formats import load_records
+from data.loaders import ImageSource
+from data.splits import split_records
+from engine.checkpoints import restore_model, save_backbone_file
 from engine.trainer import reward_reference, scst_words
 from eval.cider import CiderD
 from losses import scst_loss, scst_rewards
@@ -94,15 +97,39 @@ def test_each_mode_runs_and_learns(tiny_data, tmp_path, mode):
     train.main(train.parse_config(_train_args(d, tmp_path, *args, "--num_epochs", str(epochs))))
     run = tmp_path / mode
     rows = _rows(run)
-    key = "reward" if rl else "loss"
-    first = sum(r[key] for r in rows if r["epoch"] == 0) / sum(r["epoch"] == 0 for r in rows)
-    last = sum(r[key] for r in rows if r["epoch"] == epochs - 1) / sum(r["epoch"] == epochs - 1 for r in rows)
-    assert (last > 1.2 * first) if rl else (last < 0.8 * first), (first, last)
+    if rl:  # the log's per-batch rewards swing +-30% with the samples drawn: measure the policy itself instead
+        start, end = (_expected_reward(path, d) for path in (xe / "xe-features" / "best.pth",
+                                                                next(run.glob("ckpt_*.pth"))))
+        assert end > 1.15 * start, (start, end)  # 1.36-1.83x measured under every kernel variant of make test-kernels
+    else:  # deterministic up to rounding: 0.77-0.78 under every kernel variant; a model that does not learn stays ~1
+        first, last = (sum(r["loss"] for r in rows if r["epoch"] == e) / sum(r["epoch"] == e for r in rows)
+                       for e in (0, epochs - 1))
+        assert last < 0.85 * first, (first, last)
     assert (run / "best.pth").exists() and (run / "curves.png").exists() and len(list(run.glob("ckpt_*.pth"))) == 1
     if rl:
         assert {"baseline", "mean_length", "dangling_share"} <= set(rows[-1])
     ckpt = load_checkpoint_file(run / "best.pth")
     assert ckpt["train_config"]["reinforce"] is rl and ckpt["model_config"]["backbone"] is not None or not e2e
+
+
+def _expected_reward(checkpoint: Path, d: dict[str, Path], samples: int = 20) -> float:
+    """What SCST maximises, measured: the mean CIDEr-D reward (EOS counted) of `samples` captions per training image
+    drawn with a fixed seed, 48 x 20 of them rather than the log's 40 per batch. A features-only checkpoint reads the
+    feature file, an end-to-end one the images (the XE start of an end-to-end run computes those same features)."""
+    restored = restore_model(checkpoint)
+    model, vocab = restored.model.eval(), restored.vocab
+    records = split_records(load_records(d["captions"], d["images"]))["train"]
+    backbone = restored.config.backbone
+    source = ImageSource(backbone=backbone) if backbone else ImageSource(features=FeatureReader(d["features"]))
+    _, images, features, _ = source.load(records)
+    with torch.no_grad():
+        out = sample(model, model.encode(features=features, images=images), None, sos_idx=vocab.sos_idx,
+                     eos_idx=vocab.eos_idx, pad_idx=vocab.pad_idx, num_samples=samples, max_len=6,
+                     generator=torch.Generator().manual_seed(0))
+    refs = [[reward_reference(c) for c in r.captions] for r in records]
+    hyps = [scst_words(t, vocab) for t in out.tokens.flatten(0, 1).tolist()]
+    rewards, _ = scst_rewards(CiderD(df_refs=refs), hyps, [r for r in refs for _ in range(samples)], samples)
+    return rewards.mean().item()
 
 
 @pytest.mark.slow

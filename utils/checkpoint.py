@@ -76,23 +76,6 @@ def load_state_file(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"weights file {path} is not a readable PyTorch file: {str(e).splitlines()[0]}") from e
 
 
-def file_sha256(path: str | Path, limit_bytes: int | None = None) -> str:
-    """Hex digest of a file (the first limit_bytes only when given), to identify checkpoints in results."""
-    h = hashlib.sha256()
-    remaining = limit_bytes
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(1 << 20 if remaining is None else min(1 << 20, remaining))
-            if not chunk:
-                break
-            h.update(chunk)
-            if remaining is not None:
-                remaining -= len(chunk)
-                if remaining <= 0:
-                    break
-    return h.hexdigest()
-
-
 def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
     """Digest of tensor contents in key order (identifies weights independently of the file around them)."""
     h = hashlib.sha256()
