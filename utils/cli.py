@@ -3,7 +3,9 @@
 - argument types that read the seed's spellings (booleans as True/False, lists as [3]), and `read_flag_value`, which
   reads a setting's text as its flag would (pipeline.py --set);
 - `ArgumentParser`: flag groups in a fixed order (data, model, optimisation, evaluation, runtime), no abbreviations,
-  and a one-line error with a "did you mean" suggestion for a mistyped flag (`closest`, the one did-you-mean);
+  and a one-line error with a "did you mean" suggestion for a mistyped flag (`closest`, the one did-you-mean, a few
+  typing edits away at most) or, for a flag of the reference's scripts that the script lacks, its name here
+  (`FOREIGN_FLAGS`);
 - flags generated from `utils.fields.option(...)` dataclass fields, so a config class is the only home of a setting;
 - the settings several scripts take, as small option dataclasses a script config inherits (ModelSourceOptions,
   CheckpointOptions, LengthOptions here, RuntimeOptions in utils.runtime), with the seed's and the reference's
@@ -60,11 +62,67 @@ def _str_tuple(value: str) -> tuple[str, ...]:
     return tuple(value.split(","))
 
 
-def closest(name: str, known: Iterable[str]) -> str | None:
+def closest(name: str, known: Iterable[str], max_edits: int | None = None) -> str | None:
     """The known name most like a mistyped one (difflib's similarity at least 0.6), or None: the one "did you mean"
-    behind flags, --set keys and file names."""
-    match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    behind flags, --set keys and file names. With max_edits, only a name that many typing edits away at most (a
+    letter added, dropped, changed or two swapped; '-' and '_' alike) qualifies: a flag that merely shares a word
+    with another (--show_predictions, --predictions_only) means something else."""
+    candidates = list(known)
+    if max_edits is not None:
+        candidates = [k for k in candidates if typing_edits(name, k) <= max_edits]
+    match = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
     return match[0] if match else None
+
+
+def typing_edits(a: str, b: str) -> int:
+    """Letters added, dropped, changed or swapped with a neighbour to type b instead of a (optimal string alignment
+    distance), ignoring case and counting '-' and '_' as one."""
+    a, b = a.lower().replace("-", "_"), b.lower().replace("-", "_")
+    before, row = None, list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        current = [i] + [0] * len(b)
+        for j, y in enumerate(b, 1):
+            current[j] = min(row[j] + 1, current[j - 1] + 1, row[j - 1] + (x != y))
+            if before is not None and i > 1 and j > 1 and x == b[j - 2] and a[i - 2] == y:
+                current[j] = min(current[j], before[j - 2] + 1)
+        before, row = row, current
+    return row[-1]
+
+
+def flag_typo_budget(flag: str) -> int:
+    """Typing edits a mistyped flag may be from the one it meant: 1, plus 1 per 8 letters of its name."""
+    return 1 + len(flag.lstrip("-")) // 8
+
+
+@dataclass(frozen=True)
+class ForeignFlag:
+    """A flag of the reference's scripts that a script here may not declare: what it meant there, the flags that mean
+    the same here (the first the script has is named), else what to do instead."""
+
+    meaning: str
+    same: tuple[str, ...] = ()
+    instead: str = ""
+
+    def answer(self, flag: str, declared: Iterable[str]) -> str:
+        """One sentence for a command line that gave `flag` to a script declaring `declared`."""
+        here = next((f for f in self.same if f in set(declared)), None)
+        if here:
+            return f"{flag} (the reference's {self.meaning}) is {here} here"
+        return f"{flag} (the reference's {self.meaning}) has no equivalent here: {self.instead or 'not used'}"
+
+
+# Flags of the reference's scripts that some script here does not declare (those a script takes with the reference's
+# meaning are aliases of its fields): answered, never guessed at, since a similar name may mean something else here.
+FOREIGN_FLAGS: dict[str, ForeignFlag] = {
+    "--eval_parallel_batch_size": ForeignFlag("number of images decoded together",
+                                              ("--eval_batch_size", "--batch_size")),
+    "--preproc_images_hdf5_filepath": ForeignFlag(
+        "HDF5 file of pre-resized images", instead="images are decoded from --images_path by --num_workers "
+        "processes; to decode them only once, cache their features with data_generator.py and pass --features_path"),
+    "--max_seq_len": ForeignFlag(
+        "longest caption a model holds", instead="the model's length comes from the training captions (the "
+        "longest + 20, as the reference); --scst_max_len and --eval_max_len cap sampled and validation captions"),
+}
 
 
 def flag_type(f: Field) -> Callable[[str], Any]:
@@ -134,11 +192,17 @@ class ArgumentParser(argparse.ArgumentParser):
         return self
 
     def flag_hints(self, message: str) -> str:
-        """'; --num_epoch: did you mean --num_epochs?' for each unrecognized flag of an argparse error message that
-        is close to a flag of the command ('' when none is)."""
+        """For each unrecognized flag of an argparse error message: what a flag of the seed's or the reference's
+        scripts is called here (FOREIGN_FLAGS), else '--num_epoch: did you mean --num_epochs?' when a flag of the
+        command is a typo away ('' when none is)."""
         unknown = re.findall(r"(--?[\w-]+)", message.split(":", 1)[-1]) if "unrecognized" in message else []
         known = [flag for flag in self.command_parser()._option_string_actions if flag.startswith("--")]
-        hints = [f"{flag}: did you mean {match}?" for flag in unknown if (match := closest(flag.split("=")[0], known))]
+        hints = []
+        for flag in (f.split("=")[0] for f in unknown):
+            if flag in FOREIGN_FLAGS:
+                hints.append(FOREIGN_FLAGS[flag].answer(flag, known))
+            elif match := closest(flag, known, max_edits=flag_typo_budget(flag)):
+                hints.append(f"{flag}: did you mean {match}?")
         return ("; " + "; ".join(hints)) if hints else ""
 
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -179,7 +243,7 @@ def add_dataclass_flags(parser: ArgumentParser, cls: type, *, unset_default: boo
             either = either or group.add_mutually_exclusive_group()
             group = either
         value = None if unset_default else default
-        if isinstance(default, bool):
+        if isinstance(default, bool) or meta["parse"] is str2bool:  # str2bool with default None: True, False or unset
             add_bool(group, *names, dest=f.name, default=value, help=help_text)
             continue
         kwargs: dict[str, Any] = {"nargs": meta["nargs"], "required": meta["required"]}
