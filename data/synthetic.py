@@ -1,4 +1,8 @@
-"""Synthetic shapes captioning dataset: a deterministic, learnable, download-free stand-in for MS-COCO."""
+"""Synthetic shapes captioning dataset: a deterministic, learnable, download-free stand-in for MS-COCO.
+
+Two domains: the quickstart's (8 colours, 6 shapes, 4 backgrounds), and a shifted one that adds colours, shapes and
+backgrounds the quickstart never shows (and words its vocabulary lacks), to measure fine-tuning a trained captioner.
+"""
 
 from __future__ import annotations
 
@@ -51,6 +55,9 @@ COLOUR_SYNONYMS: dict[str, tuple[str, ...]] = {
     "orange": ("orange",),
     "white": ("white",),
     "black": ("black",),
+    "pink": ("pink",),  # the shifted domain's colours from here on
+    "brown": ("brown",),
+    "cyan": ("cyan", "turquoise"),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "star", "cross")
 # canonical shape -> ((singular, plural), ...): the first pair is the canonical word
@@ -61,6 +68,9 @@ SHAPE_NOUNS: dict[str, tuple[tuple[str, str], ...]] = {
     "diamond": (("diamond", "diamonds"), ("rhombus", "rhombuses")),
     "star": (("star", "stars"),),
     "cross": (("cross", "crosses"),),
+    "heart": (("heart", "hearts"),),  # the shifted domain's shapes from here on
+    "ring": (("ring", "rings"),),
+    "arrow": (("arrow", "arrows"),),
 }
 SIZES: tuple[str, ...] = ("small", "large")
 SIZE_SYNONYMS: dict[str, tuple[str, ...]] = {"small": ("small", "little"), "large": ("large", "big")}
@@ -71,26 +81,51 @@ BACKGROUND_WORDS: dict[str, tuple[str, ...]] = {
     "noise": ("noisy", "grainy"),
     "stripes": ("striped",),
     "gradient": ("gradient", "shaded"),
+    "checkered": ("checkered", "checked"),  # the shifted domain's backgrounds from here on
+    "dotted": ("dotted", "spotted"),
 }
 BRIGHTNESS_WORDS: dict[str, tuple[str, ...]] = {"dark": ("dark",), "light": ("light", "pale")}
 RELATIONS: tuple[str, ...] = ("to the left of", "to the right of", "above", "below", "next to")
+
+# The shifted domain's additions: colours, shapes and backgrounds (and their words) the quickstart never shows.
+SHIFTED_COLOURS: dict[str, tuple[int, int, int]] = {"pink": (245, 120, 190), "brown": (140, 85, 40),
+                                                    "cyan": (40, 205, 215)}
+SHIFTED_SHAPES: tuple[str, ...] = ("heart", "ring", "arrow")
+SHIFTED_BACKGROUNDS: tuple[str, ...] = ("checkered", "dotted")
+ALL_COLOURS: dict[str, tuple[int, int, int]] = {**COLOURS, **SHIFTED_COLOURS}
+
+
+@dataclass(frozen=True)
+class Domain:
+    """What a dataset's scenes draw from: colour, shape and background names (keys of the tables above)."""
+
+    colours: tuple[str, ...]
+    shapes: tuple[str, ...]
+    backgrounds: tuple[str, ...]
+
+
+DOMAINS: dict[str, Domain] = {
+    "quickstart": Domain(tuple(COLOURS), SHAPES, BACKGROUNDS),
+    "shifted": Domain(tuple(ALL_COLOURS), SHAPES + SHIFTED_SHAPES, BACKGROUNDS + SHIFTED_BACKGROUNDS),
+}
 
 _SIZE_RADIUS = {"small": (0.10, 0.12), "large": (0.17, 0.20)}  # bounding radius as a share of the image side
 _VOWELS = frozenset("aeiou")
 
 
 def shape_vocabulary() -> dict[str, Any]:
-    """The grammar's word lists, canonical names first, so a report can name what the captions talk about.
+    """The grammar's word lists (both domains), canonical names first, so a report can name what the captions talk
+    about.
 
     Keys: "colours", "shapes", "sizes", "backgrounds" (canonical names), "counts" ({number word: count}),
     "relations" (phrases), "colour_words", "shape_words", "size_words", "background_words" ({word: canonical}),
     "shape_plurals" (the plural nouns).
     """
     return {
-        "colours": list(COLOURS),
-        "shapes": list(SHAPES),
+        "colours": list(ALL_COLOURS),
+        "shapes": list(SHAPE_NOUNS),
         "sizes": list(SIZES),
-        "backgrounds": list(BACKGROUNDS),
+        "backgrounds": list(BACKGROUND_WORDS),
         "counts": {word: count for count, words in COUNT_WORDS.items() for word in words} | {"an": 1},
         "relations": list(RELATIONS),
         "colour_words": {w: c for c, ws in COLOUR_SYNONYMS.items() for w in ws},
@@ -107,7 +142,7 @@ def shape_vocabulary() -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    """How many images per split, their side in pixels, the seed and the number of captions per image."""
+    """How many images per split, their side in pixels, the seed, the number of captions per image and the domain."""
 
     num_train: int = option(4000, "training images", group="data")
     num_val: int = option(500, "validation images", group="data")
@@ -115,6 +150,9 @@ class SyntheticConfig:
     image_size: int = option(64, "image side in pixels (32 to 1024)", group="data")
     seed: int = option(0, "image i depends only on (seed, i)", group="data")
     captions_per_image: int = option(5, "distinct captions per image (1 to 10)", group="data")
+    domain: str = option("quickstart", "the scenes' colours, shapes and backgrounds: quickstart, or shifted (adds "
+                         f"{', '.join([*SHIFTED_COLOURS, *SHIFTED_SHAPES, *SHIFTED_BACKGROUNDS])})",
+                         choices=tuple(DOMAINS), group="data")
 
     def __post_init__(self) -> None:
         """Reject sizes the generator cannot honour, with a message naming the field."""
@@ -130,6 +168,8 @@ class SyntheticConfig:
             raise ValueError(f"SyntheticConfig.seed must be a non-negative int, got {self.seed!r}")
         if not isinstance(self.captions_per_image, int) or not 1 <= self.captions_per_image <= 10:
             raise ValueError(f"SyntheticConfig.captions_per_image must be in [1, 10], got {self.captions_per_image!r}")
+        if self.domain not in DOMAINS:
+            raise ValueError(f"SyntheticConfig.domain must be one of {', '.join(DOMAINS)}, got {self.domain!r}")
 
     @property
     def num_images(self) -> int:
@@ -278,9 +318,9 @@ def _place_objects(
     return placed
 
 
-def _sample_scene(rng: np.random.Generator, size: int) -> _Scene:
-    """One random scene: background, groups of same-coloured same-shaped objects, positions."""
-    background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+def _sample_scene(rng: np.random.Generator, size: int, domain: Domain = DOMAINS["quickstart"]) -> _Scene:
+    """One random scene of a domain: background, groups of same-coloured same-shaped objects, positions."""
+    background = domain.backgrounds[int(rng.integers(len(domain.backgrounds)))]
     brightness = "dark" if rng.random() < 0.6 else "light"
     value = rng.uniform(0.16, 0.32) if brightness == "dark" else rng.uniform(0.68, 0.84)
     bg_rgb = _hsv_to_rgb(float(rng.random()), float(rng.uniform(0.0, 0.18)), float(value))
@@ -296,7 +336,10 @@ def _sample_scene(rng: np.random.Generator, size: int) -> _Scene:
         }
     elif background == "gradient":
         texture = {"angle": float(rng.uniform(0, 360.0)), "amplitude": float(rng.uniform(18.0, 30.0))}
-    palette = [c for c in COLOURS if c != ("white" if brightness == "light" else "black")]
+    elif background in ("checkered", "dotted"):
+        texture = {"period": float(rng.uniform(0.14, 0.22) * size), "amplitude": float(rng.uniform(12.0, 18.0)),
+                   "offset": float(rng.uniform(0.0, 1.0))}
+    palette = [c for c in domain.colours if c != ("white" if brightness == "light" else "black")]
 
     for attempt in range(200):
         counts = _group_structure(rng)
@@ -305,7 +348,7 @@ def _sample_scene(rng: np.random.Generator, size: int) -> _Scene:
         for count in counts:
             while True:
                 colour = palette[int(rng.integers(len(palette)))]
-                shape = SHAPES[int(rng.integers(len(SHAPES)))]
+                shape = domain.shapes[int(rng.integers(len(domain.shapes)))]
                 if (colour, shape) not in combos:
                     break
             combos.add((colour, shape))
@@ -320,9 +363,9 @@ def _sample_scene(rng: np.random.Generator, size: int) -> _Scene:
         objects = []
         for x, y, r, gi in placed:
             g = groups[gi]
-            base = np.array(COLOURS[g.colour], dtype=np.int64)
+            base = np.array(ALL_COLOURS[g.colour], dtype=np.int64)
             rgb = np.clip(base + rng.integers(-12, 13, size=3), 0, 255)
-            angle = float(rng.uniform(-10.0, 10.0)) if g.shape != "circle" else 0.0
+            angle = float(rng.uniform(-10.0, 10.0)) if g.shape not in ("circle", "ring") else 0.0
             objects.append(
                 _Object(g.shape, g.colour, g.size, x, y, r, angle, (int(rgb[0]), int(rgb[1]), int(rgb[2])), gi)
             )
@@ -354,6 +397,16 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> 
             rad = r if i % 2 == 0 else 0.45 * r
             a = math.radians(-90 + 36 * i)
             pts.append((rad * math.cos(a), rad * math.sin(a) + 0.08 * r))
+    elif shape == "heart":  # the classic parametric heart, its bounding radius r, point down
+        pts = []
+        for i in range(24):
+            t = 2 * math.pi * i / 24
+            hx = 16 * math.sin(t) ** 3
+            hy = 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
+            pts.append((r * hx / 17, -r * (hy + 2.5) / 15))
+    elif shape == "arrow":  # pointing right: a shaft and a head
+        s, h = 0.22 * r, 0.65 * r
+        pts = [(-r, -s), (0.15 * r, -s), (0.15 * r, -h), (r, 0.0), (0.15 * r, h), (0.15 * r, s), (-r, s)]
     elif shape == "cross":
         w, a = 0.33 * r, 0.95 * r
         pts = [
@@ -384,6 +437,13 @@ def _render_background(scene: _Scene, size: int) -> np.ndarray:
     if scene.background == "noise":
         noise_rng = np.random.default_rng(int(t["seed"]))
         img += noise_rng.normal(0.0, t["std"], size=(size, size, 1))
+    elif scene.background in ("checkered", "dotted"):
+        yy, xx = (np.mgrid[0:size, 0:size].astype(np.float64) / t["period"]) + t["offset"]
+        if scene.background == "checkered":
+            wave = np.where((np.floor(xx) + np.floor(yy)) % 2 == 0, 1.0, -1.0)
+        else:  # dots of a quarter period's radius on a grid
+            wave = np.where(np.hypot(xx - np.floor(xx) - 0.5, yy - np.floor(yy) - 0.5) < 0.25, 1.0, -0.2)
+        img += (t["amplitude"] * wave)[..., None]
     elif scene.background in ("stripes", "gradient"):
         yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
         a = math.radians(t["angle"])
@@ -409,8 +469,11 @@ def _render(scene: _Scene, size: int) -> np.ndarray:
         mask = Image.new("L", ((x1 - x0) * ss, (y1 - y0) * ss), 0)
         draw = ImageDraw.Draw(mask)
         cx, cy, r = (obj.x - x0) * ss, (obj.y - y0) * ss, obj.radius * ss
-        if obj.shape == "circle":
+        if obj.shape in ("circle", "ring"):
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+            if obj.shape == "ring":
+                hole = 0.55 * r
+                draw.ellipse([cx - hole, cy - hole, cx + hole, cy + hole], fill=0)
         else:
             draw.polygon(_shape_polygon(obj.shape, cx, cy, r, obj.angle), fill=255)
         alpha = np.asarray(mask.reduce(ss), dtype=np.float64)[..., None] / 255.0
@@ -636,8 +699,12 @@ def load_ground_truth(path: str | Path) -> dict[int, dict[str, Any]]:
 
 
 def _marker_payload(config: SyntheticConfig) -> dict[str, Any]:
-    """What the completion marker records: the generator version and the full config."""
-    return {"generator": "data.synthetic", "version": GENERATOR_VERSION, "config": asdict(config)}
+    """What the completion marker records: the generator version and the full config (the quickstart's domain left
+    out, so datasets written before domains existed stay complete)."""
+    recorded = asdict(config)
+    if config.domain == "quickstart":
+        del recorded["domain"]
+    return {"generator": "data.synthetic", "version": GENERATOR_VERSION, "config": recorded}
 
 
 def _read_json(path: Path) -> Any:
@@ -687,8 +754,9 @@ def generate_synthetic_dataset(
     atomic_write_json(out / PARTIAL_MARKER_NAME, payload)
     images, truth = _write_images(out, config, progress)
     atomic_write_json(out / JSON_NAME, {"dataset": DATASET_NAME, "images": images})
+    domain = {} if config.domain == "quickstart" else {"domain": config.domain}  # as the marker: files stay the same
     atomic_write_json(out / GROUND_TRUTH_NAME, {"version": GENERATOR_VERSION, "image_size": config.image_size,
-                                                "images": truth})
+                                                **domain, "images": truth})
     atomic_write_json(out / MARKER_NAME, payload)
     (out / PARTIAL_MARKER_NAME).unlink(missing_ok=True)
     return out / JSON_NAME
@@ -720,7 +788,8 @@ def _write_images(out: Path, config: SyntheticConfig, progress: bool) -> tuple[l
     truth: dict[str, Any] = {}
     for imgid in tqdm(range(config.num_images), desc="synthetic images", disable=not progress, unit="img"):
         split = config.split_of(imgid)
-        scene = _sample_scene(np.random.default_rng([config.seed, imgid, 0]), config.image_size)
+        scene = _sample_scene(np.random.default_rng([config.seed, imgid, 0]), config.image_size,
+                              DOMAINS[config.domain])
         filename = f"{imgid:06d}.png"
         Image.fromarray(_render(scene, config.image_size), mode="RGB").save(
             out / IMAGES_DIR / filename, format="PNG", compress_level=6, optimize=False

@@ -238,6 +238,12 @@ def load_phase0_data(cfg: PretrainConfig, bb: BackboneConfig, grid: int) -> Phas
             raise DatasetError(f"--labels ground_truth needs {truth_file} (the synthetic dataset writes it); use "
                                "--labels words for other datasets")
         truth, side = load_ground_truth(truth_file), int(json.loads(truth_file.read_text())["image_size"])
+        unknown = sorted({name for e in truth.values() for o in e["objects"] for name in (o["colour"], o["shape"])
+                          if name not in COLOUR_NAMES and name not in SHAPE_NAMES}
+                         | {e["background"]["kind"] for e in truth.values()} - set(BACKGROUNDS))
+        if unknown:
+            raise DatasetError(f"--labels ground_truth: {truth_file} has scenes of another domain than the "
+                               f"quickstart's ({', '.join(unknown)}), which its heads do not know; use --labels words")
         make = lambda recs: ground_truth_targets(recs, truth, side, grid)  # noqa: E731
     else:
         words = word_list(splits["train"])

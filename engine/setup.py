@@ -21,6 +21,7 @@ from data.vocab import Vocabulary, build_vocabulary, max_caption_length
 from engine.checkpoints import CheckpointError, RestoredModel, latest_checkpoint, read_backbone_file, restore_model
 from models.backbone import backbone_output_shape
 from models.config import DROPOUTS, HYPERPARAMETERS, MODEL_NAMES, BackboneConfig, ModelConfig, model_config
+from models.vocab_extension import extend_word_rows
 from optims import OPTIMIZERS, SCHEDULES
 from utils.checkpoint import load_checkpoint_file, state_dict_sha256
 from utils.fields import option
@@ -44,8 +45,12 @@ class TrainConfig(RuntimeOptions):
                               "first, then beside the manifest", group="data")
     captions_path: str = option("", f"{CAPTIONS_PATH_HELP} (default: the one recorded in the feature file or "
                                 "in the body checkpoint)", group="data")
-    vocab_path: str = option("", "vocabulary JSON to use (default: built once from the training captions)",
-                             flag="vocab", aliases=("--vocab_path",), group="data")
+    vocab_path: str = option("", "vocabulary JSON to use (default: built once from the training captions); with "
+                             "--init_from an official checkpoint, its vocabulary (.pickle)", flag="vocab",
+                             aliases=("--vocab_path",), group="data")
+    min_word_count: int = option(5, "a word of the training captions enters the vocabulary when it occurs at least "
+                                 "this many times (a fresh vocabulary, or the words --init_from's lacks)",
+                                 group="data")
     grouped: bool = option(False, "XE: put all captions of an image in one batch, so the backbone runs once per image "
                            "(--batch_size then counts images)", group="data")
     # model and weights
@@ -56,7 +61,9 @@ class TrainConfig(RuntimeOptions):
                                      "project, or an end-to-end checkpoint", flag="backbone",
                                      aliases=("--backbone_save_path",), group="model")
     body_save_path: str = option("", "captioner weights from an earlier phase", group="model")
-    init_from: str = option("", "start from these weights only (like --body_save_path)", group="model")
+    init_from: str = option("", "start from this captioner's weights only (like --body_save_path); the training "
+                            "captions' words it lacks (--min_word_count) get new rows, its own keep their ids",
+                            group="model")
     partial_load: bool = option(False, "load the --body_save_path weights that exist in the model, allowing missing "
                                 "ones", group="model")
     resume: str = option("", "continue from this checkpoint (model, optimizer, data position, RNG); by default a run "
@@ -125,7 +132,8 @@ def config_problems(cfg: TrainConfig) -> list[str]:
         problems.append("--is_end_to_end True needs --images_path")
     if not cfg.is_end_to_end and not cfg.features_path:
         problems.append("feature phases (--is_end_to_end False) need --features_path (from data_generator.py)")
-    for name in ("batch_size", "num_accum", "num_epochs", "num_gpus", "scst_samples", "print_every_iter"):
+    for name in ("batch_size", "num_accum", "num_epochs", "num_gpus", "scst_samples", "print_every_iter",
+                 "min_word_count"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name} must be at least 1")
     if cfg.max_steps < 0:
@@ -150,9 +158,11 @@ def run_folder(cfg: TrainConfig) -> Path:
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """'--flag: old -> new' for every setting that changes what a run computes."""
-    return [f"--{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items()
-            if k not in RESUME_NEUTRAL and _plain(old.get(k)) != _plain(v)]
+    """'--flag: old -> new' for every setting that changes what a run computes (a setting the old run predates
+    counts as its default)."""
+    defaults = TrainConfig(model_overrides={}).as_dict()
+    return [f"--{k}: {old.get(k, defaults.get(k))!r} -> {v!r}" for k, v in new.items()
+            if k not in RESUME_NEUTRAL and _plain(old.get(k, defaults.get(k))) != _plain(v)]
 
 
 def find_resume_checkpoint(cfg: TrainConfig, run_dir: Path) -> dict[str, Any] | None:
@@ -208,8 +218,12 @@ def resolve_setup(cfg: TrainConfig, resume: dict[str, Any] | None, run_dir: Path
         model_cfg = body_model_config(body.config, cfg.model_overrides, backbone, str(body.path))
         state = {k: v for k, v in body.model.state_dict().items()
                  if cfg.is_end_to_end or not k.startswith("swin_transf.")}
+        if cfg.init_from and not cfg.body_save_path:  # a captioner meets new captions: their new words join
+            vocab, state = extend_vocabulary(body, state, records, cfg.min_word_count, run_dir, cfg.seed)
+            model_cfg = replace(model_cfg, vocab_size=len(vocab))
+        check_caption_lengths(records, vocab, model_cfg, str(body.path))
     else:
-        vocab = fresh_vocabulary(cfg.vocab_path, records, run_dir)
+        vocab = fresh_vocabulary(cfg.vocab_path, records, run_dir, cfg.min_word_count)
         feature_dim = features.channels if features is not None else backbone_output_shape(backbone)[1]
         model_cfg = fresh_model_config(cfg.model, cfg.model_overrides, vocab, records, feature_dim, backbone)
         state = None
@@ -264,21 +278,60 @@ def fresh_model_config(name: str, overrides: dict[str, Any], vocab: Vocabulary, 
                        feature_dim: int, backbone: BackboneConfig | None) -> ModelConfig:
     """A new captioner: the named model with the flags given; max_seq_len = longest training caption + 20 (the
     reference's rule)."""
-    train_caps = [c for r in records if r.split == "train" for c in r.captions]
+    train_caps = training_captions(records)
     max_len = max_caption_length(train_caps, vocab) + 20
     return model_config(name, **overrides, vocab_size=len(vocab), max_seq_len=max_len, img_feature_dim=feature_dim,
                         backbone=backbone)
 
 
-def fresh_vocabulary(vocab_path: str, records: list[ImageRecord], run_dir: Path) -> Vocabulary:
+def fresh_vocabulary(vocab_path: str, records: list[ImageRecord], run_dir: Path, min_count: int = 5) -> Vocabulary:
     """vocab_path, or built once from the training captions and saved beside the run (the explicit step)."""
     if vocab_path:
         return Vocabulary.load(vocab_path)
-    train_caps = [c for r in records if r.split == "train" for c in r.captions]
-    vocab = build_vocabulary(train_caps, min_count=5)
+    train_caps = training_captions(records)
+    vocab = build_vocabulary(train_caps, min_count=min_count)
     path = vocab.save(run_dir / "vocab.json")
-    print(f"built a vocabulary of {len(vocab)} tokens from {len(train_caps)} training captions (min count 5): {path}")
+    print(f"built a vocabulary of {len(vocab)} tokens from {len(train_caps)} training captions (min count "
+          f"{min_count}): {path}")
     return vocab
+
+
+def new_words(vocab: Vocabulary, records: list[ImageRecord], min_count: int) -> list[str]:
+    """The training captions' words that occur at least min_count times and vocab lacks, in vocabulary order."""
+    return [w for w in build_vocabulary(training_captions(records), min_count=min_count).tokens if w not in vocab]
+
+
+def extend_vocabulary(body: RestoredModel, state: dict[str, torch.Tensor], records: list[ImageRecord],
+                      min_count: int, run_dir: Path, seed: int) -> tuple[Vocabulary, dict[str, torch.Tensor]]:
+    """The starting captioner's vocabulary with the new words appended (old ids unchanged) and its state dict with
+    their rows (models.vocab_extension: its captions stay as they were until training moves them); the vocabulary
+    is saved beside the run and the log names the words."""
+    words = new_words(body.vocab, records, min_count)
+    if not words:
+        print(f"the training captions' words (min count {min_count}) are all in the vocabulary of {body.path} "
+              f"({len(body.vocab)} tokens)", flush=True)
+        return body.vocab, state
+    vocab = Vocabulary((*body.vocab.tokens, *words))
+    path = vocab.save(run_dir / "vocab.json", overwrite=True)
+    shown = ", ".join(words[:20]) + (f" and {len(words) - 20} more" if len(words) > 20 else "")
+    print(f"extended the vocabulary of {body.path} ({len(body.vocab)} tokens) with {len(words)} words of the "
+          f"training captions (min count {min_count}), ids {len(body.vocab)}-{len(vocab) - 1}: {shown}; {path}",
+          flush=True)
+    return vocab, extend_word_rows(state, len(words), seed=seed)
+
+
+def check_caption_lengths(records: list[ImageRecord], vocab: Vocabulary, model_cfg: ModelConfig, source: str) -> None:
+    """Refuse training captions longer than the starting model's positions (its max_seq_len)."""
+    train_caps = training_captions(records)
+    longest = max_caption_length(train_caps, vocab) if train_caps else 0
+    if longest - 1 > model_cfg.max_seq_len:  # teacher forcing reads SOS and the words, one position each
+        raise DatasetError(f"the longest training caption has {longest - 2} words, more than the model of {source} "
+                           f"has positions for ({model_cfg.max_seq_len - 1}); shorten those captions")
+
+
+def training_captions(records: list[ImageRecord]) -> list[str]:
+    """Every caption of the training split."""
+    return [c for r in records if r.split == "train" for c in r.captions]
 
 
 def check_features(features: FeatureReader, model_cfg: ModelConfig, body: RestoredModel | None) -> None:

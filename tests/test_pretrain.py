@@ -10,10 +10,20 @@ import torch
 from conftest import make_tiny_dataset
 
 import backbone as backbone_cli
-from data.records import ImageRecord
+from data.records import DatasetError, ImageRecord
+from data.synthetic import SyntheticConfig, generate_synthetic_dataset
 from engine.checkpoints import read_backbone_file
-from engine.pretrain import PretrainConfig, Pretrainer, ground_truth_targets, pretrain, word_list, word_targets
+from engine.pretrain import (
+    PretrainConfig,
+    Pretrainer,
+    ground_truth_targets,
+    load_phase0_data,
+    pretrain,
+    word_list,
+    word_targets,
+)
 from models.backbone import backbone_output_shape
+from models.config import backbone_preset
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +105,11 @@ def test_backbone_command_creates_converts_and_describes_backbone_files(tmp_path
     assert a[0] == b[0] and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
     with pytest.raises(SystemExit):
         backbone_cli.parse_config(["create", "--size", "huge", "--output", str(made)])
+
+
+def test_ground_truth_labels_refuse_a_shifted_domain_naming_what_the_heads_do_not_know(tmp_path):
+    captions = generate_synthetic_dataset(tmp_path / "data", SyntheticConfig(30, 4, 0, image_size=32,
+                                                                             domain="shifted"), progress=False)
+    cfg = _config(captions, tmp_path / "bb.pth", labels="ground_truth")
+    with pytest.raises(DatasetError, match="another domain than the quickstart's .*pink.*use --labels words"):
+        load_phase0_data(cfg, backbone_preset("quickstart", img_size=32), grid=4)

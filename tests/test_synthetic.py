@@ -14,11 +14,15 @@ from PIL import Image
 from processes import run_watched
 
 from data.synthetic import (
+    ALL_COLOURS,
     GROUND_TRUTH_NAME,
     IMAGES_DIR,
     JSON_NAME,
     MARKER_NAME,
     PARTIAL_MARKER_NAME,
+    SHIFTED_BACKGROUNDS,
+    SHIFTED_COLOURS,
+    SHIFTED_SHAPES,
     SyntheticConfig,
     caption_from_ground_truth,
     generate_synthetic_dataset,
@@ -383,3 +387,44 @@ def test_cli_generates_dataset_and_reports_errors(tmp_path: Path) -> None:
     cmd[cmd.index(str(out))] = str(foreign)
     refused = run_watched(cmd, cwd=REPO_ROOT)
     assert refused.returncode == 2 and "non-empty" in refused.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The shifted domain (fine-tuning experiments)
+
+
+def test_shifted_domain_draws_new_colours_shapes_and_backgrounds_and_captions_them_truthfully(tmp_path: Path) -> None:
+    """domain=shifted adds pink/brown/cyan, hearts/rings/arrows and checkered/dotted backgrounds (words the quickstart
+    never uses) beside the quickstart's; every caption still names exactly the ground-truth groups."""
+    path = generate_synthetic_dataset(tmp_path, SyntheticConfig(120, 0, 0, domain="shifted"), progress=False)
+    truth = load_ground_truth(tmp_path / GROUND_TRUTH_NAME)
+    groups = [g for e in truth.values() for g in e["groups"]]
+    assert {g["colour"] for g in groups} >= set(SHIFTED_COLOURS) and {g["shape"] for g in groups} >= set(SHIFTED_SHAPES)
+    assert {e["background"]["kind"] for e in truth.values()} >= set(SHIFTED_BACKGROUNDS)
+    assert {g["colour"] for g in groups} & {"red", "blue"} and {g["shape"] for g in groups} & {"circle", "star"}
+    images = _load(path)["images"]
+    for k in range(5):
+        scores = _grounded({im["imgid"]: im["sentences"][k]["raw"] for im in images}, tmp_path / GROUND_TRUTH_NAME)
+        assert scores["scene_accuracy"] == 1.0 and scores["hallucination_rate"] == 0.0, (k, scores)
+    words = {t for im in images for s in im["sentences"] for t in s["tokens"]}
+    assert {"pink", "brown", "hearts", "ring", "arrow", "checkered", "dotted"} <= words
+    for imgid, entry in truth.items():  # shapes are drawn in their colour (a ring's centre is its hole: not there)
+        arr = np.asarray(Image.open(tmp_path / IMAGES_DIR / f"{imgid:06d}.png"), dtype=np.int64)
+        for obj in entry["objects"]:
+            if obj["shape"] != "ring":
+                pixel = arr[int(round(obj["y"])), int(round(obj["x"]))]
+                assert np.abs(pixel - np.asarray(ALL_COLOURS[obj["colour"]])).max() <= 20, (imgid, obj, pixel)
+
+
+def test_the_quickstart_domain_writes_the_files_it_wrote_before_domains_existed(tmp_path: Path) -> None:
+    """The default domain is recorded nowhere (marker, ground truth), so earlier quickstart datasets stay complete
+    and the same config gives the same bytes; another domain is recorded, and is another config."""
+    generate_synthetic_dataset(tmp_path / "q", SyntheticConfig(3, 1, 1), progress=False)
+    assert "domain" not in json.loads((tmp_path / "q" / MARKER_NAME).read_text())["config"]
+    assert "domain" not in json.loads((tmp_path / "q" / GROUND_TRUTH_NAME).read_text())
+    with pytest.raises(FileExistsError, match="different config"):
+        generate_synthetic_dataset(tmp_path / "q", SyntheticConfig(3, 1, 1, domain="shifted"), progress=False)
+    generate_synthetic_dataset(tmp_path / "s", SyntheticConfig(3, 1, 1, domain="shifted"), progress=False)
+    assert json.loads((tmp_path / "s" / GROUND_TRUTH_NAME).read_text())["domain"] == "shifted"
+    with pytest.raises(ValueError, match="SyntheticConfig.domain must be one of quickstart, shifted"):
+        SyntheticConfig(domain="moon")

@@ -1,0 +1,104 @@
+"""Fine-tuning a trained captioner on new captions: vocabulary extension (models.vocab_extension, the policy in
+engine.setup) keeps every old row and id, and the model's captions stay the same until training moves the rows."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import make_tiny_dataset, save_tiny_checkpoint, tiny_config, tiny_vocab
+
+from data.formats import load_records
+from data.loaders import ImageSource
+from data.records import DatasetError, ImageRecord
+from data.vocab import Vocabulary
+from engine.evaluate import caption_records
+from engine.setup import TrainConfig, config_differences, new_words, resolve_setup
+from models import build_model
+from models.vocab_extension import EMBEDDING, OUTPUT_BIAS, OUTPUT_WEIGHT, extend_word_rows, new_word_margin
+
+NEW_CAPTION = "a violet hexagon beside a teal ring"  # violet, hexagon, beside, teal, ring: not in the tiny vocabulary
+
+
+def _records(images: list[ImageRecord], captions: dict[str, tuple[str, ...]]) -> list[ImageRecord]:
+    return [ImageRecord(r.image_id, r.path, captions.get(r.split, r.captions), r.split) for r in images]
+
+
+def test_extended_rows_keep_every_old_row_and_append_the_new_ones():
+    torch.manual_seed(0)
+    state = build_model(tiny_config(end_to_end=False)).state_dict()
+    grown = extend_word_rows(state, 3, seed=1)
+    old = state[OUTPUT_WEIGHT].shape[0]
+    for key in (EMBEDDING, OUTPUT_WEIGHT, OUTPUT_BIAS):
+        assert grown[key].shape[0] == old + 3
+        assert torch.equal(grown[key][:old], state[key])  # old ids keep their exact weights
+    assert torch.equal(grown[OUTPUT_WEIGHT][old:], state[OUTPUT_WEIGHT].mean(0).expand(3, -1))
+    assert torch.allclose(grown[OUTPUT_BIAS][old:], state[OUTPUT_BIAS].mean() - new_word_margin(old, 3))
+    assert len({tuple(row.tolist()) for row in grown[EMBEDDING][old:]}) == 3  # the decoder tells them apart
+    assert all(torch.equal(grown[k], v) for k, v in state.items() if k not in (EMBEDDING, OUTPUT_WEIGHT, OUTPUT_BIAS))
+    assert torch.equal(extend_word_rows(state, 3, seed=1)[EMBEDDING], grown[EMBEDDING])  # seeded
+    with pytest.raises(KeyError, match="vocab_linear.weight"):
+        extend_word_rows({EMBEDDING: state[EMBEDDING]}, 1)
+
+
+def test_new_words_hold_a_negligible_share_of_the_probability_for_any_decoder_state():
+    """The bound of the module docstring: K new words hold at most 2^-24 of the old words' mass, whatever h is."""
+    torch.manual_seed(0)
+    weight, bias = torch.randn(40, 16) * 3, torch.randn(40) * 4
+    grown = extend_word_rows({EMBEDDING: torch.randn(40, 16), OUTPUT_WEIGHT: weight, OUTPUT_BIAS: bias}, 5)
+    h = torch.randn(1000, 16) * 5  # decoder states of every scale
+    logits = (h @ grown[OUTPUT_WEIGHT].T + grown[OUTPUT_BIAS]).double()
+    share = logits[:, 40:].exp().sum(1) / logits[:, :40].exp().sum(1)
+    assert share.max().item() <= 2.0 ** -24
+    assert new_word_margin(40, 5) == pytest.approx(math.log(5 / 40) + 24 * math.log(2))
+
+
+def test_init_from_extends_the_vocabulary_keeps_old_ids_and_the_captions_before_training(tmp_path, monkeypatch):
+    captions_path, _ = make_tiny_dataset(tmp_path, num_train=16)
+    ckpt = save_tiny_checkpoint(tmp_path / "start.pth")
+    images = load_records(captions_path, captions_path.parent)
+    records = _records(images, {"train": (NEW_CAPTION,) * 5})
+    cfg = TrainConfig(init_from=str(ckpt), is_end_to_end=True, images_path=str(captions_path.parent),
+                      captions_path=str(captions_path), min_word_count=5)
+    assert new_words(tiny_vocab(), records, 5) == ["beside", "hexagon", "ring", "teal", "violet"]
+    assert new_words(tiny_vocab(), records, 81) == []  # 16 images x 5 captions: each new word 80 times
+    monkeypatch.setattr("engine.setup.load_records", lambda *a, **k: records)  # the new captions for the images
+    setup = resolve_setup(cfg, None, tmp_path / "run")
+    old = tiny_vocab()
+    assert setup.vocab.tokens[:len(old)] == old.tokens  # every old token keeps its id
+    assert setup.vocab.tokens[len(old):] == ("beside", "hexagon", "ring", "teal", "violet")
+    assert setup.model_cfg.vocab_size == len(setup.vocab) == len(old) + 5
+    assert Vocabulary.load(tmp_path / "run" / "vocab.json") == setup.vocab
+
+    grown = build_model(setup.model_cfg).eval()
+    grown.load_state_dict(setup.model_state)
+    torch.manual_seed(0)
+    start = build_model(tiny_config()).eval()  # save_tiny_checkpoint's weights
+    source = ImageSource(backbone=setup.model_cfg.backbone)
+    test = [r for r in images if r.split in ("val", "test")]
+    for beam in (1, 3):
+        before, _ = caption_records(start, test, old, source, beam_size=beam, max_len=12, batch_size=8,
+                                    device=torch.device("cpu"), progress=False)
+        after, _ = caption_records(grown, test, setup.vocab, source, beam_size=beam, max_len=12, batch_size=8,
+                                   device=torch.device("cpu"), progress=False)
+        assert after == before
+
+
+def test_captions_longer_than_the_starting_model_takes_are_refused(tmp_path, monkeypatch):
+    captions_path, _ = make_tiny_dataset(tmp_path, num_train=8)
+    ckpt = save_tiny_checkpoint(tmp_path / "start.pth")  # max_seq_len 24
+    images = load_records(captions_path, captions_path.parent)
+    monkeypatch.setattr("engine.setup.load_records", lambda *a, **k: _records(images, {"train": ("a " * 30,)}))
+    cfg = TrainConfig(init_from=str(ckpt), is_end_to_end=True, images_path=str(captions_path.parent),
+                      captions_path=str(captions_path))
+    with pytest.raises(DatasetError, match="longest training caption has 30 words, more than the model of .* has "
+                                           "positions for \\(23\\)"):
+        resolve_setup(cfg, None, tmp_path / "run")
+
+
+def test_a_setting_a_checkpoint_predates_counts_as_its_default_on_resume():
+    new = TrainConfig(model_overrides={}).as_dict()
+    old = {k: v for k, v in new.items() if k != "min_word_count"}
+    assert config_differences(old, new) == []
+    assert config_differences(old, {**new, "min_word_count": 3}) == ["--min_word_count: 5 -> 3"]
