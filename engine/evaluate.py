@@ -1,8 +1,9 @@
-"""Caption a split (sharded over processes, batch halved on out-of-memory) and score it."""
+"""Caption a split (sharded over processes, batch halved on out-of-memory), score it, and describe what was measured."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -17,6 +18,10 @@ from eval.metrics import MeteorSession, python_tokenize, score_captions
 from models.decoding import beam_search
 from models.expansionnet import ExpansionNet
 from utils.dist import all_gather_objects
+
+# Evaluation decodes in fp32 on every device unless asked otherwise: bf16 changes captions (2 of 4 on the CPU
+# benchmarks), so its CIDEr-D would not compare with the reference's fp32 numbers. Training precision is its own.
+EVAL_PRECISION = "fp32"
 
 
 def as_runtime(model: ExpansionNet | CaptionRuntime, device: torch.device, precision: str) -> CaptionRuntime:
@@ -65,10 +70,9 @@ def decode_with_backoff(model: ExpansionNet | CaptionRuntime, batch: CaptionBatc
 
 @torch.no_grad()
 def caption_records(model: ExpansionNet | CaptionRuntime, records: Sequence[ImageRecord], vocab: Vocabulary,
-                    source: ImageSource, *,
-                    beam_size: int, max_len: int, batch_size: int, device: torch.device, precision: str = "fp32",
-                    rank: int = 0, world: int = 1, num_workers: int = 0, progress: bool = True,
-                    desc: str = "captioning") -> tuple[dict[int, str], list[str]]:
+                    source: ImageSource, *, beam_size: int, max_len: int, batch_size: int, device: torch.device,
+                    precision: str = EVAL_PRECISION, rank: int = 0, world: int = 1, num_workers: int = 0,
+                    progress: bool = True, desc: str = "captioning") -> tuple[dict[int, str], list[str]]:
     """Captions for every record (gathered from all processes) and the names of unreadable images.
 
     Each process decodes every world-th image; the gathered ids are checked to be exactly the records' ids.
@@ -134,3 +138,21 @@ def evaluation_report(predictions: dict[int, str], records: Sequence[ImageRecord
     return {"metrics": {k: 100.0 * v for k, v in report.scores.items()}, "unavailable": report.unavailable,
             "tokenizer": report.tokenizer, "official": report.official, "num_images": len(res),
             "caption_stats": caption_stats(list(res.values()))}
+
+
+def decoding_record(runtime: CaptionRuntime, *, beam_size: int, max_len: int, split: str, split_size: int
+                    ) -> dict[str, Any]:
+    """What an evaluation measured, as each of its metrics and predictions files records it: the weights' digest,
+    the backend and precision that decoded them, the beam size and length cap, and the split with its image count
+    (a PyTorch model: as_runtime(model, device, precision) gives its runtime)."""
+    return {"weights_sha256": runtime.weights()["weights_sha256"], "backend": runtime.kind,
+            "precision": runtime.precision, "beam_size": beam_size, "max_len": max_len, "split": split,
+            "split_size": split_size}
+
+
+def prediction_rows(predictions: dict[int, str], record: dict[str, Any], file_names: dict[int, str] | None = None
+                    ) -> list[dict[str, Any]]:
+    """A predictions file's content: COCO results (image_id, caption; pycocotools' loadRes reads them), each row
+    also carrying its file name when given and the decoding_record, so the file says how it was made."""
+    return [{"image_id": i, "caption": predictions[i], **({"file_name": file_names[i]} if file_names else {}),
+             **record} for i in sorted(predictions)]
