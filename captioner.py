@@ -31,7 +31,7 @@ from deploy.runtime import CaptionRuntime, TorchRuntime
 from engine.checkpoints import require_end_to_end
 from models import ExpansionNet, ModelConfig
 from models.decoding import Compile, SearchOutput, beam_search, greedy_search, sample
-from utils.runtime import resolve_device, resolve_precision
+from utils.runtime import resolve_device
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class Captioner:
                  precision: str = "auto", max_pixels: int | None = DEFAULT_MAX_PIXELS, compile: Compile = False
                  ) -> None:
         dev = resolve_device(device)
-        runtime = TorchRuntime(model.eval().to(dev), config, dev, resolve_precision(precision, dev), compile=compile)
+        runtime = TorchRuntime.for_captioning(model, config, dev, precision, compile=compile)
         self._setup(runtime, vocab, max_pixels)
 
     @classmethod

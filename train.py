@@ -15,6 +15,7 @@ from data.loaders import CaptionDataset, EpochBatchSampler, ImageSource, make_lo
 from data.records import DatasetError
 from data.splits import split_records
 from engine.checkpoints import CheckpointError, load_backbone_into, load_weights
+from engine.regimes import build_regime
 from engine.setup import (
     TrainConfig,
     config_problems,
@@ -23,7 +24,7 @@ from engine.setup import (
     resolve_setup,
     run_folder,
 )
-from engine.trainer import LoopSettings, Trainer
+from engine.trainer import RunPlan, TrainData, Trainer
 from models import build_model, count_parameters
 from models.config import HYPERPARAMETERS, MODEL_VARIANTS, ModelConfig
 from optims import ScheduleConfig, build_optimizer
@@ -86,8 +87,10 @@ def train(cfg: TrainConfig, dist: DistInfo) -> None:
     else:
         source = ImageSource(features=setup.features)
         splits = {k: setup.features.keep_present(v) for k, v in splits.items()}
-    mode = "image" if (cfg.reinforce or cfg.grouped) else "caption"
-    dataset = CaptionDataset(splits["train"], setup.vocab, source, mode=mode)
+    regime = build_regime(cfg.reinforce, vocab=setup.vocab, vocab_size=setup.model_cfg.vocab_size,
+                          train_records=splits["train"], grouped=cfg.grouped, scst_samples=cfg.scst_samples,
+                          scst_max_len=cfg.scst_max_len)
+    dataset = CaptionDataset(splits["train"], setup.vocab, source, mode=regime.unit)
     sampler = EpochBatchSampler(len(dataset), cfg.batch_size, cfg.seed, dist.rank, dist.world,
                                 accumulate=cfg.num_accum)
     optimizer = build_optimizer(model.parameters(), cfg.optim_type, cfg.lr)
@@ -95,25 +98,21 @@ def train(cfg: TrainConfig, dist: DistInfo) -> None:
     if dist.distributed:
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
-    settings = LoopSettings(
-        reinforce=cfg.reinforce, num_epochs=cfg.num_epochs, max_steps=cfg.max_steps, num_accum=cfg.num_accum,
-        schedule=ScheduleConfig(cfg.sched_type, cfg.lr, cfg.warmup, cfg.anneal_coeff, cfg.anneal_every_epoch,
-                                iters_per_epoch=len(sampler), min_lr=cfg.min_lr),
-        precision=resolve_precision(cfg.precision, dist.device), eval_beam_sizes=cfg.eval_beam_sizes,
-        eval_every_iter=cfg.eval_every_iter, eval_batch_size=cfg.eval_batch_size,
-        eval_max_len=eval_max_len(cfg, setup.model_cfg), print_every_iter=cfg.print_every_iter,
-        save_every_minutes=cfg.save_every_minutes, how_many_checkpoints=cfg.how_many_checkpoints, run_dir=run_dir,
-        phase=run_dir.name, scst_samples=cfg.scst_samples, scst_max_len=cfg.scst_max_len,
-        num_workers=cfg.num_workers, eval_at_start=bool(cfg.weights_path()) and not resume, grouped=cfg.grouped)
-    trainer = Trainer(train_model, setup.model_cfg, setup.vocab, optimizer, splits["train"], splits["val"], source,
-                      lambda s: make_loader(dataset, s, cfg.num_workers, pin_memory=dist.device.type == "cuda"),
-                      sampler, settings, dist, {**cfg.as_dict(), "captions_path": setup.captions_path},
-                      setup.checkpoint_extra)
+    plan = RunPlan(run_dir, ScheduleConfig(cfg.sched_type, cfg.lr, cfg.warmup, cfg.anneal_coeff,
+                                           cfg.anneal_every_epoch, iters_per_epoch=len(sampler), min_lr=cfg.min_lr),
+                   precision=resolve_precision(cfg.precision, dist.device),
+                   eval_max_len=eval_max_len(cfg, setup.model_cfg),
+                   eval_at_start=bool(cfg.weights_path()) and not resume,
+                   run_config={**cfg.as_dict(), "captions_path": setup.captions_path},
+                   checkpoint_extra=setup.checkpoint_extra)
+    data = TrainData(splits["train"], splits["val"], source, sampler,
+                     lambda s: make_loader(dataset, s, cfg.num_workers, pin_memory=dist.device.type == "cuda"))
+    trainer = Trainer(train_model, regime, optimizer, data, cfg, plan, dist, setup.model_cfg, setup.vocab)
     if resume:
         trainer.restore(resume)
     if dist.is_main:
         print(f"[{run_dir.name}] {setup.model_cfg.name}: {count_parameters(model) / 1e6:.2f}M parameters, "
-              f"{'end-to-end' if cfg.is_end_to_end else 'cached features'}, {settings.precision}, device "
+              f"{'end-to-end' if cfg.is_end_to_end else 'cached features'}, {plan.precision}, device "
               f"{dist.device}, {dist.world} process(es)", flush=True)
     trainer.train()
 

@@ -24,7 +24,9 @@ from conftest import make_tiny_dataset, tiny_config, tiny_vocab
 import data_generator
 from data.loaders import CaptionBatch
 from data.records import ImageRecord
-from engine.trainer import LoopSettings, Trainer
+from engine.regimes import build_regime
+from engine.setup import TrainConfig
+from engine.trainer import RunPlan, TrainData, Trainer
 from models import build_model
 from models import decoding as decoding_module
 from models.decoding import beam_search, greedy_search, sample
@@ -106,14 +108,15 @@ def make_trainer(model: torch.nn.Module, cfg, mode: str, precision: str, tmp_pat
     reinforce = mode.startswith("scst")
     vocab = tiny_vocab()
     raw = getattr(model, "_orig_mod", model)
-    settings = LoopSettings(reinforce=reinforce, num_epochs=1, num_accum=1,
-                            schedule=ScheduleConfig("fixed", 1e-3, 1, 1.0, 1.0, iters_per_epoch=10),
-                            precision=precision, eval_beam_sizes=(2,), eval_every_iter=0, eval_batch_size=4,
-                            eval_max_len=6, print_every_iter=1, save_every_minutes=100.0, how_many_checkpoints=1,
-                            run_dir=tmp_path, phase=mode, scst_samples=3, scst_max_len=6)
+    run = TrainConfig(reinforce=reinforce, num_epochs=1, eval_beam_sizes=(2,), eval_batch_size=4, print_every_iter=1,
+                      save_every_minutes=100.0, scst_samples=3, scst_max_len=6)
+    plan = RunPlan(tmp_path / mode, ScheduleConfig("fixed", 1e-3, 1, 1.0, 1.0, iters_per_epoch=10), precision,
+                   eval_max_len=6)
     records = [ImageRecord(i, tmp_path / f"{i}.png", refs_of(i), "train") for i in range(len(CAPTIONS))]
-    return Trainer(model, cfg, vocab, build_optimizer(raw.parameters(), "radam", 1e-3), records, [], None,
-                   lambda s: [], None, settings, DistInfo(device=device), {}, {})
+    regime = build_regime(reinforce, vocab=vocab, vocab_size=cfg.vocab_size, train_records=records, scst_samples=3,
+                          scst_max_len=6)
+    return Trainer(model, regime, build_optimizer(raw.parameters(), "radam", 1e-3),
+                   TrainData(records, [], None, None, lambda s: []), run, plan, DistInfo(device=device), cfg, vocab)
 
 
 def one_step(trainer: Trainer, batch: CaptionBatch, seed: int = 0) -> dict[str, float]:
@@ -170,7 +173,7 @@ def test_train_step_compiled_under_bf16_in_every_mode(tmp_path, monkeypatch, dyn
     model, cfg = tiny_model(e2e)
     compiled_model = torch.compile(model)
     trainer = make_trainer(compiled_model, cfg, mode, "bf16", tmp_path / "compiled")
-    assert trainer.compiled
+    assert trainer.step_context.compiled
     before = weights(model)
     terms = one_step(trainer, batch)
     step_checks(before, model, terms, mode)
@@ -356,14 +359,12 @@ def test_data_generator_under_bf16_writes_the_fp32_features_to_bf16_precision(tm
 def test_api_backend_with_bf16_captions_on_pytorch(tiny_checkpoint):
     """CAPTION_PRECISION=bf16: the default backend is then PyTorch (ONNX Runtime serves fp32 only), /ready says bf16
     and /predict answers."""
-    from fastapi.testclient import TestClient
-
     import api
-    from serving.testing import image_bytes
+    from serving.testing import image_bytes, ready_client
 
     app = api.build_app(environ={"CAPTION_CHECKPOINT": str(tiny_checkpoint), "CAPTION_PRECISION": "bf16",
                                  "CAPTION_MAX_WAIT_MS": "1"})
-    with TestClient(app) as client:
+    with ready_client(app) as client:
         ready = client.get("/ready").json()
         assert ready["model"]["precision"] == "bf16" and ready["model"]["kind"] == "torch", ready
         answer = client.post("/predict?beam_size=2&max_len=6", files={"file": ("a.png", image_bytes(), "image/png")})

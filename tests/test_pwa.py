@@ -98,7 +98,7 @@ def test_pwa_installs_captions_shares_and_opens_offline(server: RunningServer, b
     photos[1].write_bytes(image_bytes((200, 300), "PNG", color=(30, 60, 200)))
     base = server.base_url
     with server.client(timeout=60) as client:
-        expected_upload = client.post("/v1/caption?num_beams=3&num_return_sequences=3&max_new_tokens=20",
+        expected_upload = client.post("/v1/caption?num_beams=3&num_return_sequences=3",
                                       content=photos[0].read_bytes(), headers={"content-type": "image/jpeg"}).json()
         expected_share = [client.post("/predict?beam_size=5&num_captions=3", files={"file": (p.name, p.read_bytes())})
                           .json()["captions"] for p in photos]

@@ -22,7 +22,7 @@ from data.formats import load_records
 from data.loaders import ImageSource
 from data.splits import split_records
 from engine.checkpoints import restore_model, save_backbone_file
-from engine.trainer import reward_reference, scst_words
+from engine.regimes import reward_reference, scst_words
 from eval.cider import CiderD
 from losses import scst_loss, scst_rewards
 from models import build_model, tiny_swinv2
@@ -110,6 +110,25 @@ def test_each_mode_runs_and_learns(tiny_data, tmp_path, mode):
         assert {"baseline", "mean_length", "dangling_share"} <= set(rows[-1])
     ckpt = load_checkpoint_file(run / "best.pth")
     assert ckpt["train_config"]["reinforce"] is rl and ckpt["model_config"]["backbone"] is not None or not e2e
+
+
+@pytest.mark.slow
+def test_a_run_writes_tensorboard_events_with_the_logged_figures_and_sample_captions(tiny_data, tmp_path):
+    """Beside metrics.jsonl each phase writes event files that TensorBoard reads: the loss and learning rate of every
+    logged row, the validation CIDEr-D per beam size, and a few validation captions with a reference each."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train.main(train.parse_config(_train_args(tiny_data, tmp_path, "--num_epochs", "2", "--batch_size", "16")))
+    run = tmp_path / "xe-features"
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "val/cider_beam2", "val/mean_length_beam2"} <= scalars, scalars
+    logged = [r for r in _rows(run) if "loss" in r]
+    assert [e.step for e in events.Scalars("train/loss")] == [r["it"] for r in logged]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in logged], rel=1e-6)
+    texts = events.Tensors("val/captions_beam2/text_summary")
+    assert len(texts) == 2 and "reference:" in texts[-1].tensor_proto.string_val[0].decode()
 
 
 def _expected_reward(checkpoint: Path, d: dict[str, Path], samples: int = 20) -> float:

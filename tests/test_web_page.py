@@ -48,7 +48,7 @@ def test_web_page_uploads_image_and_shows_captions(tmp_path: Path) -> None:
         options.add_argument(flag)
     env = {"CAPTION_CHECKPOINT": str(checkpoint), "CAPTION_MAX_WAIT_MS": "1"}
     with uvicorn_server("api:app", env, ARTIFACTS / "web_page_server.log") as server:
-        expected = httpx.post(f"{server.base_url}/v1/caption?num_beams=3&num_return_sequences=3&max_new_tokens=20",
+        expected = httpx.post(f"{server.base_url}/v1/caption?num_beams=3&num_return_sequences=3",
                               content=photo.read_bytes(), headers={"content-type": "image/jpeg"}, timeout=WAIT_S).json()
         driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
         try:
