@@ -35,8 +35,10 @@ from data.splits import split_records
 from data.synthetic import BACKGROUNDS, COLOURS, GROUND_TRUTH_NAME, SHAPES, load_ground_truth
 from data.vocab import tokenize
 from engine.checkpoints import read_backbone_file, save_backbone_file
+from engine.runlog import RunLog
 from models.backbone import backbone_output_shape, backbone_tokens, create_backbone, load_backbone_state_dict
 from models.config import BACKBONE_SIZES, BackboneConfig, backbone_preset
+from optims import warmup_flat_cosine
 from utils.checkpoint import load_state_file
 from utils.fields import option
 from utils.files import atomic_write_json
@@ -278,17 +280,11 @@ class Pretrainer:
         self.folder = Path(cfg.output_path).parent
         self.folder.mkdir(parents=True, exist_ok=True)
         self.state_path = self.folder / "pretrain_state.pth"
-        self.log_path = self.folder / "metrics.jsonl"
+        self.log = RunLog(self.folder, "phase0")
 
     def lr_at(self, step: int) -> float:
-        total = self.cfg.epochs * self.steps_per_epoch
-        warm = max(1, int(self.cfg.warmup_frac * total))
-        decay_start = (1 - self.cfg.decay_frac) * total
-        ramp = min(1.0, (step + 1) / warm)
-        if step < decay_start:
-            return self.cfg.lr * ramp
-        progress = min(1.0, (step - decay_start) / max(1.0, total - decay_start))
-        return self.cfg.lr * ramp * 0.5 * (1 + math.cos(math.pi * progress))
+        return warmup_flat_cosine(step, self.cfg.lr, self.cfg.epochs * self.steps_per_epoch, self.cfg.warmup_frac,
+                                  self.cfg.decay_frac)
 
     def run(self) -> dict[str, float]:
         """Every remaining epoch; returns the last val probe."""
@@ -298,11 +294,12 @@ class Pretrainer:
             loss = self._train_epoch()
             self.epoch += 1
             probe = self.probe(self.data.val)
-            self._log({"type": "train", "epoch": self.epoch, "it": self.epoch * self.steps_per_epoch, "loss": loss})
-            self._log({"type": "probe", "epoch": self.epoch, "it": self.epoch * self.steps_per_epoch, **probe})
+            self.log.row({"type": "train", "epoch": self.epoch, "it": self.epoch * self.steps_per_epoch, "loss": loss})
+            self.log.row({"type": "probe", "epoch": self.epoch, "it": self.epoch * self.steps_per_epoch, **probe})
             print(f"[phase 0] epoch {self.epoch}/{self.cfg.epochs}: loss {loss:.3f}; val "
                   + ", ".join(f"{k} {100 * v:.1f}%" for k, v in probe.items()), flush=True)
             self._checkpoint()
+        self.log.close()
         return probe or self.probe(self.data.val)
 
     def _train_epoch(self) -> float:
@@ -366,13 +363,9 @@ class Pretrainer:
         self.epoch = int(state["epoch"])
         print(f"[phase 0] continuing after epoch {self.epoch} ({self.state_path})", flush=True)
 
-    def _log(self, row: dict[str, Any]) -> None:
-        with open(self.log_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"phase": "phase0", "time": time.time(), **row}) + "\n")
-
     def plot(self) -> None:
         """Loss and val probe accuracies per epoch as curves.png beside the output."""
-        rows = [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
+        rows = self.log.rows()
         series = {"loss": [(r["it"], r["loss"]) for r in rows if r["type"] == "train"]}
         for key in sorted({k for r in rows if r["type"] == "probe" for k in r} - {"type", "epoch", "it", "phase",
                                                                                    "time"}):

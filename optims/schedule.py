@@ -41,3 +41,15 @@ def lr_at(it: int, cfg: ScheduleConfig) -> float:
         return max(floor, value)
     warm = min(1.0, (it + 1) / max(cfg.warmup, 1))
     return cfg.lr * warm * 0.8 ** steps
+
+
+def warmup_flat_cosine(step: int, lr: float, total_steps: int, warmup_frac: float, decay_frac: float) -> float:
+    """Phase 0's schedule (backbone pretraining): a linear warm-up over warmup_frac of the steps to lr, a flat
+    stretch, then a cosine decay to zero over the last decay_frac of the steps."""
+    warm = max(1, int(warmup_frac * total_steps))
+    decay_start = (1 - decay_frac) * total_steps
+    ramp = min(1.0, (step + 1) / warm)
+    if step < decay_start:
+        return lr * ramp
+    progress = min(1.0, (step - decay_start) / max(1.0, total_steps - decay_start))
+    return lr * ramp * 0.5 * (1 + math.cos(math.pi * progress))

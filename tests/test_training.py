@@ -28,7 +28,7 @@ from losses import scst_loss, scst_rewards
 from models import build_model, tiny_swinv2
 from models.backbone import create_backbone
 from models.decoding import sample
-from optims import ScheduleConfig, lr_at
+from optims import ScheduleConfig, lr_at, warmup_flat_cosine
 from utils.checkpoint import load_checkpoint_file
 
 TINY_MODEL = ["--model_dim", "32", "--num_heads", "4", "--ff", "64", "--num_exp_enc_list", "2,4", "--num_exp_dec",
@@ -75,6 +75,15 @@ def test_schedule_values_equal_the_reference_formula():
     floor = ScheduleConfig("custom_warmup_anneal", 1e-6, 1, 0.1, 1, iters_per_epoch=10)
     assert lr_at(100, floor) == pytest.approx(5e-7)  # min_lr once past warm-up
     assert lr_at(0, ScheduleConfig("fixed", 3e-4, 1, 1, 1, 5)) == 3e-4
+
+
+def test_phase0_schedule_warms_up_linearly_stays_flat_then_decays_by_cosine_to_zero():
+    total, lr = 100, 5e-3  # warm-up 5 steps, flat until step 60, cosine over the last 40
+    assert warmup_flat_cosine(0, lr, total, 0.05, 0.4) == pytest.approx(lr / 5)
+    assert warmup_flat_cosine(4, lr, total, 0.05, 0.4) == pytest.approx(lr)
+    assert warmup_flat_cosine(59, lr, total, 0.05, 0.4) == pytest.approx(lr)
+    assert warmup_flat_cosine(80, lr, total, 0.05, 0.4) == pytest.approx(lr / 2)
+    assert warmup_flat_cosine(100, lr, total, 0.05, 0.4) == pytest.approx(0.0, abs=1e-12)
 
 
 @pytest.mark.slow
