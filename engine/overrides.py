@@ -24,7 +24,7 @@ SCRIPT_CONFIGS: dict[str, tuple[type, ...]] = {
 }
 # set by the recipe itself (paths between phases, where each phase writes): an override would break the chain
 MANAGED = frozenset({"images_path", "captions_path", "features_path", "body_save_path", "backbone", "save_path",
-                     "run_name", "output_path", "reinforce", "is_end_to_end"})
+                     "run_name", "output_path", "reinforce", "is_end_to_end", "init_from"})
 
 
 class OverrideError(ValueError):

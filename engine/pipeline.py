@@ -3,18 +3,20 @@
 Each phase is one command of the README (backbone.py pretrain, data_generator.py or train.py) run as a subprocess in
 its own folder of the run directory. A phase's row says which script it runs, which earlier outputs it reads and
 through which flag, and what it writes; a preset gives the settings. The manifest (pipeline.json) records each
-phase's command, status, outputs, metrics and duration, so a finished phase is skipped and an interrupted one
-resumes (every script continues where it stopped).
+phase's command, status, outputs, metrics and duration as it runs, so a finished phase is skipped and an interrupted
+one resumes (every script continues where it stopped). A finished phase asked to run with another command is refused
+with the differences listed, before anything runs, unless the run is told to rerun it (and what reads it).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,13 +78,15 @@ RECIPE: tuple[Phase, ...] = (
 
 @dataclass(frozen=True)
 class Recipe:
-    """What one pipeline run does: the data, the initial backbone (None when phase 0 makes it), and each phase's
-    settings (flag name -> value); a phase without settings is not part of the recipe."""
+    """What one pipeline run does: the data, the initial backbone (None when phase 0 makes it), each phase's
+    settings (flag name -> value; a phase without settings is not part of the recipe), and in a sentence what the
+    run starts from."""
 
     images_path: Path
     captions_path: Path
     backbone: Path | None
     settings: Mapping[int, Mapping[str, Any]]
+    start: str = ""
 
     def phases(self) -> list[Phase]:
         return [p for p in RECIPE if p.number in self.settings]
@@ -145,10 +149,75 @@ class Manifest:
         atomic_write_json(self.path, self.data, indent=1)
 
 
-def run_phases(run_dir: Path, recipe: Recipe, selected: list[int], manifest: Manifest,
-               env: dict[str, str] | None = None) -> dict[int, Path]:
-    """Run the selected phases in order, skipping finished ones; returns every known phase output."""
+class ChangedPhasesError(ValueError):
+    """Finished phases whose new command differs from the one they ran with (refused unless rerun is asked)."""
+
+
+def command_differences(old: Sequence[str], new: Sequence[str]) -> list[str]:
+    """'--flag: old -> new' (or 'added' / 'dropped') between two phase commands of the form [script, (sub-command,)
+    --flag value ...]."""
+
+    def flags(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+        head = [a for a in argv[:2] if not a.startswith("--")]
+        rest = list(argv[len(head):])
+        return head, {rest[i]: rest[i + 1] if i + 1 < len(rest) else "" for i in range(0, len(rest), 2)}
+
+    (old_head, a), (new_head, b) = flags(old), flags(new)
+    out = [f"command: {' '.join(old_head)} -> {' '.join(new_head)}"] if old_head != new_head else []
+    for flag in [*a, *(f for f in b if f not in a)]:
+        if flag not in b:
+            out.append(f"{flag} {a[flag]} dropped")
+        elif flag not in a:
+            out.append(f"{flag} {b[flag]} added")
+        elif a[flag] != b[flag]:
+            out.append(f"{flag}: {a[flag]} -> {b[flag]}")
+    return out
+
+
+def recorded_argv(record: Mapping[str, Any]) -> list[str]:
+    """The command a phase ran with, without 'python' (manifests before 'argv' was kept give only the text)."""
+    if "argv" in record:
+        return list(record["argv"])
+    return shlex.split(record.get("command", ""))[1:]
+
+
+def plan_phases(run_dir: Path, recipe: Recipe, selected: list[int], manifest: Manifest,
+                rerun_changed: bool = False) -> dict[int, list[str]]:
+    """Which selected phases must run again although they started or finished before, with the reasons: their
+    command differs from the recorded one, or a phase they read runs again. Raises ChangedPhasesError listing them
+    all when rerun_changed is False; nothing has run or been written then."""
     outputs = recipe.initial_outputs()
+    again: dict[int, list[str]] = {}
+    for phase in recipe.phases():
+        out = phase.output(run_dir)
+        record = manifest.data["phases"].get(str(phase.number), {})
+        if phase.number not in selected or not record.get("status"):
+            if out.exists() or phase.number in selected:
+                outputs[phase.number] = out
+            continue
+        if any(n not in outputs for n in phase.reads.values()):
+            continue  # run_phases says which input is missing
+        reasons = command_differences(recorded_argv(record), recipe.command(phase, run_dir, outputs))
+        reasons += [f"reads phase {n}, which runs again" for n in sorted(set(phase.reads.values())) if n in again]
+        if reasons:
+            again[phase.number] = reasons
+        outputs[phase.number] = out
+    if again and not rerun_changed:
+        listed = "\n".join(f"  phase {n} ({manifest.data['phases'][str(n)].get('status')}): {'; '.join(r)}"
+                            for n, r in again.items())
+        raise ChangedPhasesError(f"{run_dir} holds phases that ran with other settings than this command gives:\n"
+                                 f"{listed}\nnothing was run. Rerun those phases (their folders are kept under "
+                                 f"{run_dir / 'replaced'}) with --rerun_changed True, or use another --run_dir")
+    return again
+
+
+def run_phases(run_dir: Path, recipe: Recipe, selected: list[int], manifest: Manifest,
+               env: dict[str, str] | None = None, again: Mapping[int, list[str]] | None = None,
+               overrides: Sequence[str] = ()) -> dict[int, Path]:
+    """Run the selected phases in order, skipping finished ones and moving aside those planned to run again
+    (plan_phases); returns every known phase output. Each phase record keeps the overrides it ran with."""
+    outputs = recipe.initial_outputs()
+    again = again or {}
     for phase in recipe.phases():
         out = phase.output(run_dir)
         if phase.number not in selected:
@@ -160,10 +229,13 @@ def run_phases(run_dir: Path, recipe: Recipe, selected: list[int], manifest: Man
             raise FileNotFoundError(f"phase {phase.number} needs the output of phase(s) {missing}, which do not "
                                     f"exist in {run_dir}; run them first (e.g. --phases {missing[0]}-{phase.number})")
         record = manifest.phase(phase.number)
-        if record.get("status") == "done" and out.exists():
+        if phase.number in again:
+            _move_aside(run_dir, phase, record)
+        elif record.get("status") == "done" and out.exists():
             print(f"== phase {phase.number} ({phase.title}): already done, skipping", flush=True)
             outputs[phase.number] = out
             continue
+        record["overrides"] = list(overrides)
         run_phase(phase, recipe.command(phase, run_dir, outputs), run_dir, record, manifest, env)
         outputs[phase.number] = phase.output(run_dir)
         record["output"] = str(outputs[phase.number])
@@ -171,13 +243,29 @@ def run_phases(run_dir: Path, recipe: Recipe, selected: list[int], manifest: Man
     return outputs
 
 
+def _move_aside(run_dir: Path, phase: Phase, record: dict[str, Any]) -> None:
+    """Keep an earlier run of a phase under run_dir/replaced/ and forget its record, so the phase starts afresh."""
+    folder = run_dir / phase.folder
+    if folder.exists():
+        stamp = time.strftime('%Y%m%d-%H%M%S')
+        target = run_dir / "replaced" / f"{phase.folder}-{stamp}"
+        for k in range(2, 100):
+            if not target.exists():
+                break
+            target = run_dir / "replaced" / f"{phase.folder}-{stamp}.{k}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(folder, target)
+        print(f"== phase {phase.number}: its earlier run (other settings) moved to {target}", flush=True)
+    record.clear()
+
+
 def run_phase(phase: Phase, command: list[str], run_dir: Path, record: dict[str, Any], manifest: Manifest,
               env: dict[str, str] | None) -> None:
     """One phase as a subprocess, its progress recorded in the manifest; a failure raises with what to do."""
     print(f"== phase {phase.number} ({phase.title})\n   {' '.join(command)}", flush=True)
     (run_dir / phase.folder).mkdir(parents=True, exist_ok=True)
-    record.update({"title": phase.title, "command": " ".join(["python", *command]), "status": "running",
-                   "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    record.update({"title": phase.title, "command": " ".join(["python", *command]), "argv": list(command),
+                   "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
     manifest.save()
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, str(ROOT / command[0]), *command[1:]], cwd=ROOT,

@@ -1,6 +1,7 @@
 """The recipes' settings, written once: the seed's COCO recipe, the reference's ExpansionNet v2 recipe, the
-quickstart on the embedded synthetic dataset, and the small recipe for your own photos. Each is {phase: {flag:
-value}}; README's six commands are checked against SEED_RECIPE by a test (tests/test_pipeline.py).
+quickstart on the embedded synthetic dataset, and the small recipe for your own photos (from a trained captioner,
+a pretrained backbone or from scratch). Each is {phase: {flag: value}}; README's six commands are checked against
+SEED_RECIPE by a test (tests/test_pipeline.py).
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ from data.report import plural
 from data.splits import DEFAULT_SPLIT_RATIO, split_records
 from data.synthetic import SyntheticConfig, generate_synthetic_dataset
 from data.to_manifest import ManifestPlan, plan_manifest
+from deploy.folder import is_model_folder, load_pretrained
+from engine.checkpoints import read_backbone_file, require_end_to_end, restore_model, save_model_checkpoint
 from engine.pipeline import Recipe
 from engine.pretrain import MIN_WORD_IMAGES, word_list
 from models.config import DROPOUTS
+from utils.checkpoint import CheckpointError, state_dict_sha256
 
 PRESETS = ("quickstart", "small", "coco", "coco-expansionnet-v2")
 
@@ -204,11 +208,123 @@ def _require_trainable(records: list[ImageRecord], source: Path) -> None:
                            "add images or captions")
 
 
+# --preset small --init_from: fine-tune a trained captioner. Its architecture and backbone are kept (the features are
+# extracted with its own backbone, at its image size and normalisation); no phase 0; the captions' new words join its
+# vocabulary (train.py --init_from). Shorter, gentler schedules than from scratch: the model already captions.
+FINETUNE_RECIPE: dict[int, dict[str, Any]] = {
+    1: SMALL_FEATURES,
+    2: {**SMALL_RECIPE[2], "warmup": 10, "lr": 1e-3, **dropouts(0.1), "anneal_coeff": 0.8, "anneal_every_epoch": 3,
+        "num_epochs": 15},
+    3: {**SMALL_RECIPE[3], "lr": 1e-4, **dropouts(0.1), "num_epochs": 2},
+    4: SMALL_FEATURES,
+    5: {**SMALL_RECIPE[5], "lr": 1e-4, "num_epochs": 4},
+    6: {**SMALL_RECIPE[6], "lr": 2e-5, "num_epochs": 1},
+}
+START_FOLDER = "start"  # run_dir/start/captioner.pth: the captioner a fine-tuning run starts from, in our format
+
+
 def small_recipe(images_path: Path, captions_path: Path, run_dir: Path, skip_missing: bool = False,
-                 split_ratio: str = "", seed: int = 0) -> Recipe:
-    """Your own photos: the data prepared in run_dir/data (prepare_own_data), then phase 0 (the quickstart's backbone
-    learning the captions' words) and the six phases with the quickstart's model, schedules for a few hundred images."""
+                 split_ratio: str = "", seed: int = 0, init_from: Path | None = None, vocab: Path | None = None,
+                 backbone: Path | None = None) -> Recipe:
+    """Your own photos: the data prepared in run_dir/data (prepare_own_data), then the phases from the best start
+    given: a trained captioner (init_from, fine-tuned with FINETUNE_RECIPE), else a pretrained backbone file (the six
+    phases with the quickstart's captioner on its features), else from scratch (phase 0: the quickstart's backbone
+    learns the captions' words, then the six phases); Recipe.start says which."""
     data = prepare_own_data(Path(images_path), Path(captions_path), Path(run_dir) / "data", skip_missing, split_ratio,
                             seed)
+    if init_from is not None:
+        start, what = prepare_start(Path(init_from), vocab, Path(run_dir))
+        settings = phase_settings({}, SMALL_COMMON, FINETUNE_RECIPE)
+        settings[2]["init_from"] = str(start)
+        return Recipe(data.images_path, data.captions_path, start, settings,
+                      start=f"fine-tuning the trained captioner {init_from} ({what}; saved as {start})")
+    if backbone is not None:
+        bb, _ = read_backbone_file(backbone)
+        return Recipe(data.images_path, data.captions_path, Path(backbone),
+                      phase_settings(QUICKSTART_MODEL, SMALL_COMMON, {n: v for n, v in SMALL_RECIPE.items() if n}),
+                      start=f"the pretrained backbone {backbone} ({bb.name}, {bb.img_size} px), a new captioner on "
+                            "its features (no phase 0)")
     return Recipe(data.images_path, data.captions_path, None, phase_settings(QUICKSTART_MODEL, SMALL_COMMON,
-                                                                           SMALL_RECIPE))
+                                                                           SMALL_RECIPE),
+                  start="from scratch: phase 0 pretrains the quickstart's backbone on the captions' words (give "
+                        "--init_from a trained captioner, or --backbone a pretrained backbone, to start further on)")
+
+
+def prepare_start(init_from: Path, vocab: Path | None, run_dir: Path) -> tuple[Path, str]:
+    """The captioner to fine-tune (our checkpoint, a model folder, or the official ExpansionNet v2 checkpoint with
+    its vocabulary) written once as our end-to-end checkpoint in run_dir/start/, which every phase reads: its
+    backbone extracts the features. Returns the file and a description. A run folder keeps the start it was made
+    with: another one is refused."""
+    target = run_dir / START_FOLDER / "captioner.pth"
+    if is_model_folder(init_from):
+        if vocab is not None:
+            raise CheckpointError(f"--vocab: {init_from} is a model folder with its own vocab.json; drop --vocab")
+        model, config, words = load_pretrained(init_from)
+        kind = "a model folder"
+    else:
+        restored = restore_model(init_from, vocab_path=vocab)
+        model, config, words = restored.model, restored.config, restored.vocab
+        kind = "the official ExpansionNet v2 checkpoint" if restored.official else "a checkpoint"
+    require_end_to_end(config, init_from, purpose="extract your photos' features with its backbone")
+    digest = state_dict_sha256(model.state_dict())
+    what = (f"{kind}: {config.name}, {config.N_enc} + {config.N_dec} layers, {len(words)} words, backbone "
+            f"{config.backbone.name} at {config.backbone.img_size} px")
+    if target.exists():
+        kept = restore_model(target)
+        if state_dict_sha256(kept.model.state_dict()) != digest or kept.vocab != words:
+            raise CheckpointError(f"{run_dir} was started from another captioner ({kept.checkpoint.get('source')}) "
+                                  f"than --init_from {init_from}; use another --run_dir")
+        return target, what
+    save_model_checkpoint(target, model, config, words, source=str(init_from))
+    print(f"wrote the starting captioner ({what}) to {target}", flush=True)
+    return target, what
+
+
+# Seconds per image on 2 CPU cores (the quickstart's captioner and backbone at 64 px) of each kind of work of the small
+# preset, from the phase durations of the runs in docs/benchmarks.md, "Fine-tuning": a training epoch per training
+# image (phase 0, XE and SCST on features or end to end, validation at each epoch's end included per val image), and
+# feature extraction per image.
+SECONDS_PER_IMAGE = {"phase0": 0.0, "features": 0.0, "xe_features": 0.0, "xe_e2e": 0.0, "scst_features": 0.0,
+                     "scst_e2e": 0.0, "val_features": 0.0, "val_e2e": 0.0, "report": 0.0}
+PHASE_WORK = {2: "xe_features", 3: "xe_e2e", 5: "scst_features", 6: "scst_e2e"}
+
+
+def time_estimate(recipe: Recipe, selected: list[int]) -> str:
+    """A sentence: the selected phases' expected minutes for this data's split sizes, from SECONDS_PER_IMAGE."""
+    sizes = {k: len(v) for k, v in split_records(load_records(recipe.captions_path, recipe.images_path)).items()}
+    total = 0.0
+    for number in selected:
+        settings = recipe.settings.get(number)
+        if settings is None:
+            continue
+        if number == 0:
+            total += settings.get("epochs", 3) * sizes["train"] * SECONDS_PER_IMAGE["phase0"]
+        elif number in (1, 4):
+            total += sum(sizes.values()) * SECONDS_PER_IMAGE["features"]
+        else:
+            e2e = number in (3, 6)
+            epochs = settings.get("num_epochs", 1)
+            total += epochs * (sizes["train"] * SECONDS_PER_IMAGE[PHASE_WORK[number]]
+                               + sizes["val"] * SECONDS_PER_IMAGE["val_e2e" if e2e else "val_features"])
+    total += sizes["test"] * SECONDS_PER_IMAGE["report"]
+    return (f"expected time: about {max(1, round(total / 60))} minutes for {sizes['train']} training, {sizes['val']} "
+            f"val and {sizes['test']} test images (measured per image on 2 CPU cores with the quickstart's captioner "
+            "at 64 px: a larger captioner or larger images take longer, a GPU less)")
+
+
+def schedule_help() -> str:
+    """--help's epilog: each small-preset start's phases with their epochs and learning rates."""
+
+    def line(name: str, recipe: dict[int, dict[str, Any]]) -> str:
+        parts = []
+        for number, settings in recipe.items():
+            if number == 0:
+                parts.append(f"0: {settings['epochs']} epochs at lr {settings['lr']:g}")
+            elif number in PHASE_WORK:
+                parts.append(f"{number}: {settings['num_epochs']} epochs at lr {settings['lr']:g}")
+        return f"  {name}: phases " + "; ".join(parts)
+
+    return "\n".join(["--preset small, the phases by start (--set phaseN.key=value changes one):",
+                      line("from scratch", SMALL_RECIPE),
+                      line("--backbone FILE", {n: v for n, v in SMALL_RECIPE.items() if n}),
+                      line("--init_from CAPTIONER", FINETUNE_RECIPE)])

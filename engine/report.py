@@ -1,13 +1,16 @@
-"""After the phases: test-split metrics of the XE and SCST checkpoints, baselines, grounded accuracies (the
-quickstart) or your own data's captioned images, report.md."""
+"""After the phases: test-split metrics of the XE and SCST checkpoints (and of the starting captioner of a
+fine-tuning run, also on its own data's test split: what it forgot), baselines, grounded accuracies (the synthetic
+data) or your own data's captioned images, a verdict a newcomer can act on, report.md."""
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from data.formats import load_records
@@ -18,7 +21,7 @@ from data.splits import split_records
 from data.synthetic import GROUND_TRUTH_NAME, caption_from_ground_truth, load_ground_truth, shape_vocabulary
 from engine.checkpoints import restore_model
 from engine.evaluate import caption_records, evaluation_report
-from eval.cider import best_constant_caption
+from eval.cider import CiderD, best_constant_caption
 from eval.grounded import GroundingWords, grounded_accuracy
 from eval.metrics import MeteorSession, python_tokenize, shared_meteor
 from utils.plots import save_caption_grid
@@ -29,6 +32,7 @@ def evaluate_checkpoint(path: Path, records: list[ImageRecord], beam_size: int, 
                         ) -> tuple[dict[int, str], dict[str, Any]]:
     """Caption a split end-to-end with a checkpoint and score it with the COCO metrics (x100); meteor: a METEOR
     session shared with other evaluations."""
+    print(f"   captioning {len(records)} images with {path}", flush=True)
     restored = restore_model(path)
     bb = restored.config.backbone
     source = ImageSource(backbone=bb)
@@ -90,25 +94,41 @@ def quickstart_report(run_dir: Path, captions_path: Path, images_path: Path, xe_
 
 
 def own_data_report(run_dir: Path, captions_path: Path, images_path: Path, xe_checkpoint: Path,
-                    final_checkpoint: Path, manifest: dict[str, Any], beam_size: int = 3,
-                    count: int = 16) -> dict[str, Any]:
-    """The quickstart's report for your own data, without grounded accuracies (they need the synthetic scenes'
-    ground truth): test metrics after XE and SCST and the best constant caption when there is a test split, a grid
-    of test images (val images when there is no test split) with the final checkpoint's captions, phase durations."""
+                    final_checkpoint: Path, manifest: dict[str, Any], beam_size: int = 3, count: int = 16,
+                    start_checkpoint: Path | None = None, old_data: tuple[Path, Path] | None = None
+                    ) -> dict[str, Any]:
+    """The quickstart's report for your own data: test metrics after XE and SCST and the best constant caption when
+    there is a test split (with the starting captioner's beside them when the run fine-tuned one), grounded
+    accuracies when the synthetic generator's ground truth lies beside the captions, the starting and the final
+    model on the test split of old_data (captions path, images path: the starting model's own data, to measure what
+    fine-tuning forgot), a grid of test images (val images when there is no test split) with the final checkpoint's
+    captions, phase durations, and a verdict."""
     splits = split_records(load_records(captions_path, images_path))
     shown_split = "test" if splits["test"] else "val"
     results: dict[str, Any] = {"beam_size": beam_size, "xe_checkpoint": str(xe_checkpoint),
                                "final_checkpoint": str(final_checkpoint), "shown_split": shown_split,
+                               "start_checkpoint": str(start_checkpoint) if start_checkpoint else None,
                                "phase0_probe": manifest.get("phases", {}).get("0", {}).get("metrics", {}).get("probe")}
     preds: dict[int, str] = {}
     if splits["test"]:
-        _, preds, scores = test_results(splits, xe_checkpoint, final_checkpoint, beam_size)
+        xe_preds, preds, scores = test_results(splits, xe_checkpoint, final_checkpoint, beam_size)
         results.update(scores)
+        results["test_cider_error"] = cider_standard_error(preds, splits["test"])
+        captions = {"xe": xe_preds, "final": preds}
+        if start_checkpoint is not None:
+            captions["start"], results["test_start"] = evaluate_checkpoint(start_checkpoint, splits["test"],
+                                                                           beam_size)
+        grounded = grounded_by_model(captions_path, captions)
+        if grounded:
+            results["grounded"] = grounded
     elif splits["val"]:
         preds, _ = evaluate_checkpoint(final_checkpoint, splits["val"][:count], beam_size)
+    if old_data is not None and start_checkpoint is not None:
+        results["old_data"] = old_data_results(old_data, start_checkpoint, final_checkpoint, beam_size)
     shown = [r for r in splits[shown_split][:count] if r.image_id in preds]
     results["examples"] = [{"image_id": r.image_id, "image": r.path.name, "caption": preds[r.image_id],
                             "reference": r.captions[0]} for r in shown]
+    results["verdict"] = verdict(results, manifest)
     grid_name = ""
     if shown:
         grid_name = save_caption_grid([open_image(r.path) for r in shown], [preds[r.image_id] for r in shown],
@@ -117,6 +137,120 @@ def own_data_report(run_dir: Path, captions_path: Path, images_path: Path, xe_ch
     write_report(run_dir, results, preds if splits["test"] else {},
                  render_own_data_report(results, manifest, grid_name, captions_path))
     return results
+
+
+def grounded_by_model(captions_path: Path, captions: dict[str, dict[int, str]]) -> dict[str, dict[str, float]]:
+    """Grounded accuracies of each model's captions when the synthetic ground truth lies beside the captions file
+    ({} otherwise: own photos have none)."""
+    truth_file = Path(captions_path).parent / GROUND_TRUTH_NAME
+    if not truth_file.is_file():
+        return {}
+    truth, words = load_ground_truth(truth_file), GroundingWords.from_vocabulary(shape_vocabulary())
+    return {name: grounded_accuracy(preds, truth, words) for name, preds in captions.items()}
+
+
+def old_data_results(old_data: tuple[Path, Path], start_checkpoint: Path, final_checkpoint: Path, beam_size: int
+                     ) -> dict[str, Any]:
+    """The starting and the fine-tuned captioner on the test split of the starting model's own data."""
+    captions_path, images_path = old_data
+    test = split_records(load_records(captions_path, images_path))["test"]
+    if not test:
+        raise ValueError(f"--old_captions_path {captions_path} has no test split to measure forgetting on")
+    print(f"== forgetting: the starting and the fine-tuned captioner on the {len(test)} test images of "
+          f"{captions_path}", flush=True)
+    with shared_meteor() as meteor:
+        start_preds, start = evaluate_checkpoint(start_checkpoint, test, beam_size, meteor=meteor)
+        final_preds, final = evaluate_checkpoint(final_checkpoint, test, beam_size, meteor=meteor)
+    out = {"captions_path": str(captions_path), "num_images": len(test), "start": start, "final": final}
+    grounded = grounded_by_model(captions_path, {"start": start_preds, "final": final_preds})
+    if grounded:
+        out["grounded"] = grounded
+    return out
+
+
+def cider_standard_error(preds: dict[int, str], test: list[ImageRecord]) -> float:
+    """The standard error (x100) of a split's CIDEr-D from its per-image scores: how far the figure of this many
+    images may move between similar models (python tokenizer, as the constant-caption baseline)."""
+    scored = [r for r in test if r.image_id in preds]
+    if len(scored) < 2:
+        return math.inf
+    _, per_image = CiderD().score([python_tokenize(preds[r.image_id]) for r in scored],
+                                  [[python_tokenize(c) for c in r.captions] for r in scored])
+    return 100.0 * float(np.std(per_image, ddof=1)) / math.sqrt(len(scored))
+
+
+SMALL_TEST_SPLIT = 50  # fewer test images than this, and the verdict warns that the scores mean little
+
+
+def verdict(results: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
+    """What a newcomer should take from the run, one sentence a line: the final model against the best constant
+    caption (and the starting captioner), phases that never beat their starting point, what fine-tuning forgot, a
+    warning when the test split is too small to mean much, and what to try next."""
+    lines, tips = [], []
+    final = results.get("test_final", {}).get("metrics", {}).get("CIDEr-D")
+    if final is None:
+        lines.append("No test split, so nothing was scored: give the data a test split (a captions file: "
+                     "--split_ratio 0.8,0.1,0.1) to know whether the model is worth using.")
+    else:
+        constant, n = results["best_constant_cider"], results["test_final"]["num_images"]
+        ratio = final / constant if constant > 0 else math.inf
+        if final > constant:
+            lines.append(f"Better than the best constant caption: test CIDEr-D {final:.1f} against {constant:.1f} "
+                         f"({ratio:.1f}x, +{final - constant:.1f}) on {n} test images.")
+        else:
+            lines.append(f"Worse than the best constant caption: test CIDEr-D {final:.1f} against {constant:.1f} "
+                         f"({final - constant:+.1f}): the model says less about the images than one fixed sentence "
+                         "does.")
+            tips.append("more images help most" + ("" if results.get("start_checkpoint") else
+                                                    "; start from a trained captioner (--init_from) or a pretrained "
+                                                    "backbone (--backbone) instead of from scratch"))
+        start = results.get("test_start", {}).get("metrics", {}).get("CIDEr-D")
+        if start is not None:
+            lines.append(f"Fine-tuning moved test CIDEr-D from {start:.1f} (the starting captioner) to {final:.1f}.")
+        error = results.get("test_cider_error", math.inf)
+        if n < SMALL_TEST_SPLIT:
+            lines.append(f"Warning: only {n} test images; their CIDEr-D has a standard error of about {error:.1f}, "
+                         "so differences smaller than twice that mean little.")
+            tips.append("a larger test split (--split_ratio 0.8,0.1,0.1 for a captions file) or more images")
+    stuck = never_improved(manifest)
+    if stuck:
+        lines.append("Phases that never beat their starting point on val (best.pth kept the weights they started "
+                     f"from): {', '.join(f'phase {n}' for n in stuck)}.")
+        tips.append(f"a lower learning rate or fewer epochs for those phases (--set phase{stuck[0]}.lr=...), or "
+                    "skip them")
+    grounded = results.get("grounded", {})
+    if "final" in grounded:
+        g = grounded["final"]
+        lines.append(f"Of the test images' shape groups, {100 * g['colour_accuracy']:.0f}% are named with the right "
+                     f"colour and shape" + (f" ({100 * grounded['start']['colour_accuracy']:.0f}% by the starting "
+                                            "captioner)" if "start" in grounded else "") + ".")
+    old = results.get("old_data")
+    if old:
+        a, b = old["start"]["metrics"]["CIDEr-D"], old["final"]["metrics"]["CIDEr-D"]
+        kept = f"On the starting model's own test split ({old['num_images']} images) CIDEr-D went {a:.1f} -> {b:.1f}"
+        if "grounded" in old:
+            ga, gb = (old["grounded"][k]["colour_accuracy"] for k in ("start", "final"))
+            kept += (f", colour + shape right {100 * ga:.1f}% -> {100 * gb:.1f}% ({100 * gb / ga:.0f}% kept)"
+                     if ga > 0 else "")
+        lines.append(kept + ".")
+        if b < 0.9 * a:
+            tips.append("to forget less: a lower phase-2 learning rate (--set phase2.lr=3e-4) or some of the old "
+                        "data's images among the new")
+    if final is not None and final > constant and not stuck:
+        tips.append("caption new photos with the final checkpoint (the last line says how)")
+    if tips:
+        lines.append("To try next: " + "; ".join(tips) + ".")
+    return lines
+
+
+def never_improved(manifest: dict[str, Any]) -> list[int]:
+    """Training phases that validated their starting weights (it 0) and never scored above them."""
+    stuck = []
+    for number, record in sorted(manifest.get("phases", {}).items(), key=lambda kv: int(kv[0])):
+        curve = record.get("metrics", {}).get("val_curve") or []
+        if len(curve) > 1 and curve[0][0] == 0 and max(c for _, c in curve[1:]) <= curve[0][1]:
+            stuck.append(int(number))
+    return stuck
 
 
 def caption_examples(test: list[ImageRecord], preds: dict[int, str], truth: dict[int, dict[str, Any]],
@@ -164,14 +298,29 @@ def render_report(results: dict[str, Any], manifest: dict[str, Any], grid_name: 
 
 def render_own_data_report(results: dict[str, Any], manifest: dict[str, Any], grid_name: str,
                            captions_path: Path) -> str:
-    """Markdown: phases with durations, test metrics against the baseline (when there is a test split), the shown
-    images' captions beside a reference, pictures."""
-    lines = [f"# Report: {Path(captions_path).name}", "", *_phase_lines(manifest), ""]
+    """Markdown: the verdict, phases with durations, test metrics against the baseline (when there is a test split,
+    the starting captioner's too), grounded accuracies (synthetic data), forgetting, the shown images' captions
+    beside a reference, pictures."""
+    lines = [f"# Report: {Path(captions_path).name}", "", "## Verdict", "", *results["verdict"], "",
+             *_phase_lines(manifest), ""]
     if "test_final" in results:
         lines += [*_test_lines(results), ""]
     else:
         lines += ["## Test split", "", "The data has no test split, so nothing is scored here; the captions below are "
                   "of val images (which chose best.pth). Assign a test split to score the model.", ""]
+    if results.get("grounded"):
+        lines += ["## Grounded accuracies (test split)", "", *_grounded_lines(results["grounded"]), ""]
+    old = results.get("old_data")
+    if old:
+        names = list(old["final"]["metrics"])
+        lines += [f"## Forgetting: the starting model's own data ({old['num_images']} test images of "
+                  f"{Path(old['captions_path']).name})", "", "| model | " + " | ".join(names) + " |",
+                  "|---|" + "---|" * len(names)]
+        for label, key in (("starting captioner", "start"), ("fine-tuned (phase 6)", "final")):
+            lines.append(f"| {label} | " + " | ".join(f"{old[key]['metrics'][n]:.1f}" for n in names) + " |")
+        if old.get("grounded"):
+            lines += ["", *_grounded_lines(old["grounded"])]
+        lines.append("")
     lines += _probe_lines(results.get("phase0_probe"))
     split = results["shown_split"]
     if results["examples"]:
@@ -182,6 +331,22 @@ def render_own_data_report(results: dict[str, Any], manifest: dict[str, Any], gr
     if "test_final" in results:
         lines += _unavailable_lines(results)
     return "\n".join(lines + _picture_lines(manifest, grid_name, split)) + "\n"
+
+
+MODEL_LABELS = {"start": "starting captioner", "xe": "after XE (phase 3)", "final": "after SCST (phase 6)"}
+
+
+def _grounded_lines(grounded: dict[str, dict[str, float]]) -> list[str]:
+    """One row per model: colour named, colour + shape, shape, count when named, hallucinated mentions."""
+    lines = ["| model | colour named | colour + shape | shape | count (shape named) | hallucination |",
+             "|---|---|---|---|---|---|"]
+    for key in ("start", "xe", "final"):
+        if key in grounded:
+            g = grounded[key]
+            lines.append(f"| {MODEL_LABELS[key]} | {100 * g['colour_named']:.1f}% | {100 * g['colour_accuracy']:.1f}% "
+                         f"| {100 * g['shape_accuracy']:.1f}% | {100 * g['count_when_named']:.1f}% | "
+                         f"{100 * g['hallucination_rate']:.1f}% |")
+    return lines
 
 
 def _phase_lines(manifest: dict[str, Any]) -> list[str]:
@@ -197,12 +362,15 @@ def _phase_lines(manifest: dict[str, Any]) -> list[str]:
 
 
 def _test_lines(results: dict[str, Any]) -> list[str]:
-    """The test metrics after XE and after SCST, and the best constant caption."""
+    """The test metrics (of the starting captioner when there is one,) after XE and after SCST, and the best constant
+    caption."""
     lines = [f"## Test split (beam {results['beam_size']})", ""]
     names = list(results["test_final"]["metrics"])
     lines += ["| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for label, key in (("after XE (phase 3)", "test_xe"), ("after SCST (phase 6)", "test_final")):
-        m = results[key]["metrics"]
+    for key in ("start", "xe", "final"):
+        if f"test_{key}" not in results:
+            continue
+        label, m = MODEL_LABELS[key], results[f"test_{key}"]["metrics"]
         lines.append(f"| {label} | " + " | ".join(f"{m[n]:.1f}" for n in names) + " |")
     return [*lines, "", f"Best constant caption (the training caption scoring highest on every test image): "
                         f"\"{results['best_constant_caption']}\", CIDEr-D {results['best_constant_cider']:.1f}."]

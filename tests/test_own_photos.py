@@ -117,13 +117,19 @@ def test_the_small_preset_needs_its_paths_and_refuses_those_it_would_ignore(tmp_
     given = ["--images_path", str(tmp_path), "--captions_path", str(tmp_path / "c.csv")]
     cfg = _parse(["--preset", "small", *given, "--set", "phase2.num_epochs=5", "--skip_missing"])
     assert cfg.skip_missing and cfg.overrides == ("phase2.num_epochs=5",)
+    assert _parse(["--preset", "small", *given, "--backbone", str(tmp_path / "c.csv")]).backbone  # a start of its own
     cases = [
         (["--preset", "small", "--images_path", str(tmp_path)], "--preset small needs --captions_path"),
         (["--preset", "small", "--captions_path", str(tmp_path / "c.csv")], "--preset small needs --images_path"),
         (["--preset", "small", "--images_path", str(tmp_path / "nope"), "--captions_path", str(tmp_path / "c.csv")],
          "no such file or folder"),
-        (["--preset", "small", *given, "--backbone", str(tmp_path / "c.csv")],
-         "would ignore --backbone; drop it, or start phase 0 from that file with --set phase0.init="),
+        (["--preset", "small", *given, "--init_from", str(tmp_path / "c.csv"), "--backbone", str(tmp_path / "c.csv")],
+         "--init_from fine-tunes a captioner with its own backbone, so --backbone would be ignored"),
+        (["--preset", "small", *given, "--init_from", str(tmp_path / "nope.pth")], "--init_from"),
+        (["--preset", "small", *given, "--vocab", str(tmp_path / "c.csv")], "--vocab belongs to a fine-tuning run"),
+        (["--preset", "small", *given, "--init_from", str(tmp_path / "c.csv"), "--old_images_path", str(tmp_path)],
+         "--old_images_path needs --old_captions_path"),
+        (["--preset", "quickstart", "--init_from", str(tmp_path / "c.csv")], "--init_from is for --preset small"),
         (["--preset", "quickstart", *given], "would ignore --images_path"),
         (["--preset", "quickstart", "--skip_missing"], "--skip_missing is for --preset small"),
         (["--preset", "small", *given, "--skip-mising"], "did you mean"),

@@ -17,7 +17,7 @@ from processes import run_watched, wait_while_progressing
 import pipeline
 import train
 from engine.overrides import OverrideError, apply_overrides
-from engine.pipeline import as_argv, parse_phases
+from engine.pipeline import ChangedPhasesError, as_argv, command_differences, parse_phases
 from engine.presets import coco_recipe
 
 TINY = ["--preset", "quickstart", "--num_train", "40", "--num_val", "8", "--num_test", "8"]
@@ -133,3 +133,55 @@ def test_quickstart_learns_beyond_the_language_prior(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["test_final"]["official"] in (True, False)
     assert set(results["test_final"]["metrics"]) >= {"BLEU-4", "ROUGE-L", "CIDEr-D"}
+
+
+def _fake_phase(phase, command, run_dir, record, manifest, env):
+    """Stands in for a phase's subprocess: writes the phase's output file and records it as the real one does."""
+    folder = run_dir / phase.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / (phase.writes or "best.pth")).write_text(" ".join(command))
+    record.update({"title": phase.title, "command": " ".join(["python", *command]), "argv": list(command),
+                   "status": "done"})
+
+
+def test_command_differences_name_changed_added_and_dropped_flags():
+    old = ["train.py", "--lr", "0.001", "--num_epochs", "6", "--grouped", "True"]
+    new = ["train.py", "--lr", "0.0001", "--num_epochs", "6", "--seed", "1"]
+    assert command_differences(old, new) == ["--lr: 0.001 -> 0.0001", "--grouped True dropped", "--seed 1 added"]
+    assert command_differences(["backbone.py", "pretrain", "--epochs", "4"], ["backbone.py", "pretrain", "--epochs",
+                                                                              "4"]) == []
+
+
+def test_a_finished_phase_asked_to_run_with_other_settings_is_refused_before_anything_is_written(tmp_path, capsys,
+                                                                                                 monkeypatch):
+    monkeypatch.setattr("engine.pipeline.run_phase", _fake_phase)
+    first = [*TINY, "--run_dir", str(tmp_path), "--no_report", "--set", "phase2.num_epochs=2"]
+    assert pipeline.main(pipeline.parse_config(first)) == 0
+    manifest = json.loads((tmp_path / "pipeline.json").read_text())
+    assert all(manifest["phases"][str(n)]["status"] == "done" for n in range(7))
+    assert manifest["phases"]["2"]["overrides"] == ["phase2.num_epochs=2"] and "overrides" not in manifest
+    before = (tmp_path / "pipeline.json").read_bytes()
+
+    changed = [*TINY, "--run_dir", str(tmp_path), "--no_report", "--set", "phase2.num_epochs=3", "phase5.lr=1e-5"]
+    with pytest.raises(ChangedPhasesError) as refused:
+        pipeline.main(pipeline.parse_config(changed))
+    message = str(refused.value)
+    assert "phase 2 (done): --num_epochs: 2 -> 3" in message and "phase 5 (done): --lr: 3e-05 -> 1e-05" in message
+    assert "phase 3 (done): reads phase 2, which runs again" in message and "phase 1" not in message
+    assert "--rerun_changed True" in message
+    assert (tmp_path / "pipeline.json").read_bytes() == before  # nothing ran, nothing recorded
+    assert "already done, skipping" not in capsys.readouterr().out
+
+    assert pipeline.main(pipeline.parse_config([*changed, "--rerun_changed", "True"])) == 0
+    out = capsys.readouterr().out
+    assert "phase 1 (features from the initial backbone): already done, skipping" in out
+    assert "phase 2: its earlier run (other settings) moved to" in out
+    manifest = json.loads((tmp_path / "pipeline.json").read_text())
+    assert "--num_epochs 3" in manifest["phases"]["2"]["command"] and "--lr 1e-05" in manifest["phases"]["5"]["command"]
+    assert manifest["phases"]["6"]["overrides"] == ["phase2.num_epochs=3", "phase5.lr=1e-5"]
+    assert manifest["phases"]["1"].get("overrides") == ["phase2.num_epochs=2"]  # it did not run again
+    replaced = sorted(p.name.rsplit("-", 2)[0] for p in (tmp_path / "replaced").iterdir())
+    assert replaced == ["phase2-xe-features", "phase3-xe-e2e", "phase4-features", "phase5-scst-features",
+                        "phase6-scst-e2e"]
+    assert pipeline.main(pipeline.parse_config(changed)) == 0  # the same command again: all skipped
+    assert capsys.readouterr().out.count("already done, skipping") == 7
