@@ -197,14 +197,15 @@ def folder_records(folder: Path) -> list[ImageRecord]:
 
 def load_split(cfg: TestConfig, train_config: dict[str, Any], features: FeatureReader | None) -> list[ImageRecord]:
     """The split's records, or, with --predictions_only and a folder holding images, that folder's images; the
-    captions file is --captions_path, else the checkpoint's training run's (said so), else the feature file's."""
+    captions file is --captions_path, else the one the checkpoint's training run recorded, else the feature file's
+    (either said so)."""
     folder = Path(cfg.images_path) if cfg.images_path else None
     if cfg.predictions_only and not cfg.captions_path and folder is not None and list_images(folder):
         say(f"captioning every image in {folder} (no references)")
         return folder_records(folder)
     captions = cfg.captions_path
-    for recorder, recorded in (("the checkpoint's training run", train_config.get("captions_path")),
-                               (f"{cfg.features_path}", features.attrs.get("captions_path") if features else None)):
+    for recorder, recorded in ((f"{cfg.checkpoint[0]}'s training run", train_config.get("captions_path")),
+                               (cfg.features_path, features.attrs.get("captions_path") if features else None)):
         if not captions and recorded:
             captions = str(recorded)
             say(f"captions: {captions} (recorded by {recorder}; --captions_path chooses another)")
