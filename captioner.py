@@ -7,7 +7,7 @@
     captioner.logprobs(["photo.jpg"], ["a cat on a sofa"])                       # (B, T, V) teacher-forced
     load_captioner("model_dir/")                         # a model folder (save_pretrained) or an ONNX export
     load_captioner(["a.pth", "b.pth"])                   # an ensemble (one vocabulary)
-    load_captioner("a.pth", backend="onnx")              # ONNX Runtime (exports to a temporary folder first)
+    load_captioner("a.pth", backend="onnx")              # ONNX Runtime (exported once into a cache folder first)
     load_captioner("a.pth", device="cuda", compile=True)  # torch.compile'd encoder and decoding step (PyTorch)
     captioner.save_pretrained("model_dir/")              # config.json, vocab.json, model.safetensors, README.md
 """
@@ -26,7 +26,7 @@ from PIL import Image
 from data.images import DEFAULT_MAX_PIXELS, BatchItem, open_image, to_image_batch
 from data.vocab import Vocabulary
 from deploy.folder import card_facts, save_pretrained
-from deploy.loading import load_model, training_facts
+from deploy.loading import DEFAULT_BACKEND, load_model, training_facts
 from deploy.runtime import CaptionRuntime, TorchRuntime
 from engine.checkpoints import require_end_to_end
 from models import ExpansionNet, ModelConfig
@@ -220,19 +220,19 @@ def is_single_image(images: Any) -> bool:
 
 def load_captioner(path: str | Path | Sequence[str | Path], device: str | torch.device = "cpu",
                    vocab: str | Path | None = None, precision: str = "auto",
-                   max_pixels: int | None = DEFAULT_MAX_PIXELS, backend: str = "auto", threads: int | None = None,
-                   onnx_cache: str | Path | None = None, compile: Compile = False) -> Captioner:
+                   max_pixels: int | None = DEFAULT_MAX_PIXELS, backend: str = DEFAULT_BACKEND,
+                   threads: int | None = None, onnx_cache: str | Path | None = None, compile: Compile = False
+                   ) -> Captioner:
     """Load a captioner from a training checkpoint, an official checkpoint (vocab= its vocabulary pickle), a model
     folder (save_pretrained), an exported ONNX folder (export.py), or a list of any of those: an ensemble averaging
     the members' word probabilities (one vocabulary; backbones may differ).
 
-    backend: auto (ONNX Runtime for exported folders and for fp32 on the CPU, the fastest path from images with
-    PyTorch's captions; PyTorch on a GPU or under bf16/fp16), torch, or onnx. ONNX Runtime on a PyTorch source
-    exports it once into onnx_cache/<weights digest>-<precision>/ (default: deploy.loading.default_onnx_cache()).
-    Use backend='torch' for the PyTorch model itself (captioner.model, save_pretrained). threads: ONNX Runtime's
-    intra-op threads.
+    backend: auto (ONNX Runtime for an exported ONNX folder, PyTorch for everything else: no export is started on
+    its own), torch, or onnx. ONNX Runtime on a PyTorch source exports it once (minutes, about 3x PyTorch's peak
+    memory) into onnx_cache/<weights digest>-<precision>/ (default: deploy.loading.default_onnx_cache(), which keeps
+    the deploy.loading.ONNX_CACHE_KEEP most recently used exports). threads: ONNX Runtime's intra-op threads.
     compile: torch.compile the PyTorch encoder and decoding step (True, or a torch.compile backend name; see
-    deploy.runtime.TorchRuntime); backend 'auto' then means PyTorch. Worth it on a GPU for many batches of one size.
+    deploy.runtime.TorchRuntime). Worth it on a GPU for many batches of one size.
     """
     loaded = load_model(path if isinstance(path, (str, Path)) else list(path), backend=backend, device=device,
                         precision=precision, vocab=vocab, threads=threads, onnx_cache=onnx_cache, compile=compile)

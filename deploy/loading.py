@@ -5,23 +5,36 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
+from tqdm import tqdm
 
 from data.vocab import Vocabulary
 from deploy.folder import FOLDER_FORMAT, is_model_folder, load_pretrained
+from deploy.onnx_export import export_onnx, verify_export
 from deploy.runtime import DECODER_FILE, CaptionRuntime, EnsembleRuntime, OrtRuntime, TorchRuntime, read_onnx_manifest
+from engine.checkpoints import restore_model
 from models import ExpansionNet, ModelConfig
 from models.decoding import Compile
-from utils.runtime import resolve_device, resolve_precision
+from utils.checkpoint import state_dict_sha256
+from utils.cli import CheckpointOptions
+from utils.runtime import resolve_device
 
 BACKENDS = ("auto", "torch", "onnx")
+DEFAULT_BACKEND = CheckpointOptions.backend  # the one default of every entry point (scripts, API, load_captioner)
+ONNX_CACHE_KEEP = 3  # exports a cache folder keeps, the most recently used (each about the size of its weights)
+_EXPORT_NAME = re.compile(r"[0-9a-f]{16}-(fp32|fp16)")  # <weights digest>-<precision>, as load_one names them
+_WORK_NAME = re.compile(r"(?P<name>[0-9a-f]{16}-(fp32|fp16))\.tmp-(?P<pid>\d+)")
 Source = str | Path
 
 
@@ -56,8 +69,6 @@ def source_kind(path: Source) -> str:
 
 def _torch_model(path: Path, kind: str, vocab: Source | None, features_only: bool
                  ) -> tuple[ExpansionNet, ModelConfig, Vocabulary, dict[str, Any], bool]:
-    from engine.checkpoints import restore_model
-
     if kind == "checkpoint":
         r = restore_model(path, vocab_path=vocab, features_only=features_only)
         return r.model, r.config, r.vocab, r.checkpoint, r.official
@@ -72,79 +83,175 @@ def _torch_model(path: Path, kind: str, vocab: Source | None, features_only: boo
     return model, config, folder_vocab, manifest.get("training", {}), False
 
 
+@contextmanager
+def long_step(what: str, stages: Sequence[str], stream: TextIO | None = None) -> Iterator[Callable[[], None]]:
+    """Announce a step that takes seconds to minutes: a line saying what it does, then a bar over its stages on
+    stderr (the running stage named, the seconds counting on a terminal). The yielded function ends a stage."""
+    stream = stream or sys.stderr
+    print(what, file=stream, flush=True)
+    bar = tqdm(total=len(stages), desc=stages[0], file=stream, bar_format="  {desc} |{bar}| {n}/{total} [{elapsed}]")
+    done = threading.Event()
+
+    def tick() -> None:  # tqdm redraws only on updates: a stage of a minute would look frozen
+        while not done.wait(1.0):
+            bar.refresh()
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    if stream.isatty():
+        ticker.start()
+
+    def next_stage() -> None:
+        bar.update(1)
+        if bar.n < len(stages):
+            bar.set_description_str(stages[bar.n])
+
+    try:
+        yield next_stage
+    finally:
+        done.set()
+        if ticker.is_alive():
+            ticker.join()
+        bar.close()
+
+
+def _size(path: Path) -> str:
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+    return f"{size / 1e9:.1f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+
+
 def default_onnx_cache() -> Path:
-    """Where exports made for backend 'auto' / 'onnx' are kept: $XDG_CACHE_HOME (or ~/.cache)/expansionnet/onnx."""
+    """Where exports made for backend 'onnx' are kept: $XDG_CACHE_HOME (or ~/.cache)/expansionnet/onnx."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "expansionnet" / "onnx"
 
 
-def resolve_backend(backend: str, kind: str, device: torch.device, precision: str, features_only: bool = False
-                    ) -> str:
-    """'auto': the fastest path that gives PyTorch's captions (docs/benchmarks.md): ONNX Runtime for an exported
-    folder and for fp32 on the CPU from images (its backbone is faster), PyTorch from cached features on the CPU
-    (features_only: its cached decoding is faster), on a GPU, and under bf16/fp16 autocast."""
+def prune_onnx_cache(cache: Path, keep: int = ONNX_CACHE_KEEP, stream: TextIO | None = None) -> list[Path]:
+    """Remove all but the `keep` most recently used exports of a cache folder, and the unfinished exports of
+    processes that died, saying so for each; returns what was removed. Other files are left alone."""
+    if not cache.is_dir():
+        return []
+    exports, dead_work = [], []
+    for entry in cache.iterdir():
+        work = _WORK_NAME.fullmatch(entry.name)
+        if work and not _process_alive(int(work["pid"])):
+            dead_work.append(entry)
+        elif _EXPORT_NAME.fullmatch(entry.name) and (entry / "config.json").is_file():
+            exports.append(entry)
+    exports.sort(key=lambda p: p.stat().st_mtime, reverse=True)  # load_one touches an export when it uses it
+    removed = []
+    for entry in exports[keep:]:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.stat().st_mtime))
+        print(f"removed the ONNX export {entry} ({_size(entry)}, last used {used}): {cache} keeps the {keep} most "
+              "recently used exports", file=stream or sys.stderr)
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    for entry in dead_work:
+        print(f"removed {entry} ({_size(entry)}), an export left unfinished by a process that ended",
+              file=stream or sys.stderr)
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def resolve_backend(backend: str, kind: str) -> str:
+    """'auto': ONNX Runtime for an exported ONNX folder, PyTorch for everything else. An export of a checkpoint
+    costs minutes and about 3x PyTorch's peak memory once, for about 1.1x the speed from images at batch 1 on the CPU
+    (and less than PyTorch's cached decoding from features), so it is made only when backend 'onnx' asks for it
+    (docs/benchmarks.md, "First caption")."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
-    cpu_fp32 = device.type == "cpu" and resolve_precision(precision, device) == "fp32"
-    if kind == "onnx" or (cpu_fp32 and not features_only):
-        return "onnx"
-    return "torch"
+    return "onnx" if kind == "onnx" else "torch"
 
 
-def load_one(path: Source, *, backend: str = "auto", device: str | torch.device = "cpu", precision: str = "auto",
-             vocab: Source | None = None, features_only: bool = False, threads: int | None = None,
-             onnx_cache: Source | None = None, compile: Compile = False) -> LoadedModel:
+def load_one(path: Source, *, backend: str = DEFAULT_BACKEND, device: str | torch.device = "cpu",
+             precision: str = "auto", vocab: Source | None = None, features_only: bool = False,
+             threads: int | None = None, onnx_cache: Source | None = None, compile: Compile = False) -> LoadedModel:
     """One model source on one backend (see resolve_backend for 'auto'). ONNX Runtime on a PyTorch source exports
     it first (fp32, or fp16 when precision is fp16) into onnx_cache/<weights digest>-<precision>/ (default:
-    default_onnx_cache()), reused by later loads of the same weights. compile: torch.compile the PyTorch encoder
-    and decoding step (see TorchRuntime); backend 'auto' then means PyTorch."""
+    default_onnx_cache()), reused by later loads of the same weights; the cache keeps the ONNX_CACHE_KEEP most
+    recently used exports. compile: torch.compile the PyTorch encoder and decoding step (see TorchRuntime)."""
     path = Path(path)
     kind = source_kind(path)
     dev = resolve_device(device)
-    if compile:
-        if backend not in ("auto", "torch"):
-            raise ValueError(f"compile applies to the PyTorch backend, not {backend!r}")
-        backend = "torch"
-    backend = resolve_backend(backend, kind, dev, precision, features_only)
+    if compile and backend not in ("auto", "torch"):
+        raise ValueError(f"compile applies to the PyTorch backend, not {backend!r}")
+    backend = resolve_backend(backend, kind)
     if kind == "onnx":
         if backend == "torch":
             raise ValueError(f"{path} is an exported ONNX folder: it holds no PyTorch weights; load it with "
                              "backend='onnx' (or convert the training checkpoint with export.py --format folder)")
+        if compile:
+            raise ValueError(f"compile applies to the PyTorch backend; {path} is an exported ONNX folder")
         if features_only and read_onnx_manifest(path)["io"]["encoder_input"] == "images":
             raise ValueError(f"{path} was exported end to end (its encoder graph takes images), so it cannot caption "
                              "cached features; export the features model (export.py --features_only)")
-        runtime = OrtRuntime(path, dev, threads=threads)
+        with long_step(f"loading {path} ({_size(path)}) with ONNX Runtime on {dev}", ["opening the sessions"]) as done:
+            runtime = OrtRuntime(path, dev, threads=threads)
+            done()
         vocab_obj = Vocabulary.load(path / "vocab.json")
         if len(vocab_obj) != runtime.vocab_size:
             raise ValueError(f"{path}: vocab.json has {len(vocab_obj)} tokens, the model {runtime.vocab_size}")
         return LoadedModel(runtime, vocab_obj, [path], read_onnx_manifest(path).get("training", {}))
-    model, config, vocab_obj, ckpt, official = _torch_model(path, kind, vocab, features_only)
     if backend == "onnx":
-        from utils.checkpoint import state_dict_sha256
-
-        onnx_precision = "fp16" if precision == "fp16" else "fp32"
-        cache = Path(onnx_cache) if onnx_cache is not None else default_onnx_cache()
-        target = cache / f"{state_dict_sha256(model.state_dict())[:16]}-{onnx_precision}"
-        if not (target / "config.json").is_file():  # config.json is written last: a finished export
-            print(f"exporting {path} to ONNX once, into {target} (later loads of these weights reuse it)",
-                  file=sys.stderr, flush=True)
-            _export_atomically(model, config, vocab_obj, target, onnx_precision, str(path))
-        runtime = OrtRuntime(target, dev, threads=threads)
-        return LoadedModel(runtime, vocab_obj, [path], ckpt, official)
-    runtime = TorchRuntime.for_captioning(model, config, dev, precision, compile=compile)
+        return _load_exported(path, kind, dev, precision, vocab, features_only, threads, onnx_cache)
+    prepare = ["preparing it to decode on the CPU (packed weights)"] if dev.type == "cpu" else []
+    with long_step(f"loading {path} ({_size(path)}) with PyTorch on {dev}",
+                   ["reading the weights and building the network", *prepare]) as done:
+        model, config, vocab_obj, ckpt, official = _torch_model(path, kind, vocab, features_only)
+        done()
+        runtime = TorchRuntime.for_captioning(model, config, dev, precision, compile=compile)
+        done()
     return LoadedModel(runtime, vocab_obj, [path], ckpt, official, model=runtime.model)
 
 
-def _export_atomically(model: ExpansionNet, config: ModelConfig, vocab: Vocabulary, target: Path, precision: str,
-                       source: str) -> None:
-    """Export into a folder of this process, then rename it into place: processes that load the same weights at once
-    (evaluation shards, server workers) never see half an export, and the first to finish wins."""
-    from deploy.onnx_export import export_onnx
+def _load_exported(path: Path, kind: str, dev: torch.device, precision: str, vocab: Source | None,
+                   features_only: bool, threads: int | None, onnx_cache: Source | None) -> LoadedModel:
+    """A PyTorch source on ONNX Runtime: its export from the cache, made there first when missing (once per weights
+    and precision), then the cache pruned to its ONNX_CACHE_KEEP most recently used exports."""
+    onnx_precision = "fp16" if precision == "fp16" else "fp32"
+    cache = Path(onnx_cache) if onnx_cache is not None else default_onnx_cache()
+    with long_step(f"loading {path} ({_size(path)}) with PyTorch, to find or make its ONNX export",
+                   ["reading the weights and building the network"]) as done:
+        model, config, vocab_obj, ckpt, official = _torch_model(path, kind, vocab, features_only)
+        done()
+    target = cache / f"{state_dict_sha256(model.state_dict())[:16]}-{onnx_precision}"
+    if not (target / "config.json").is_file():  # config.json is written last: a finished export
+        with long_step(f"exporting {path} to ONNX ({onnx_precision}) once, into {target}: later loads of these "
+                       f"weights reuse it; {cache} keeps the {ONNX_CACHE_KEEP} most recently used exports",
+                       ["tracing the encoder and decoder-step graphs", "checking the graphs against PyTorch"]) as done:
+            _export_atomically(model, config, vocab_obj, target, onnx_precision, str(path), done)
+    del model  # the graphs hold their own copy of the weights: PyTorch's is not kept beside the sessions
+    os.utime(target)  # the most recently used export, for prune_onnx_cache
+    with long_step(f"loading {target} ({_size(target)}) with ONNX Runtime on {dev}",
+                   ["opening the sessions"]) as done:
+        runtime = OrtRuntime(target, dev, threads=threads)
+        done()
+    prune_onnx_cache(cache)
+    return LoadedModel(runtime, vocab_obj, [path], ckpt, official)
 
+
+def _export_atomically(model: ExpansionNet, config: ModelConfig, vocab: Vocabulary, target: Path, precision: str,
+                       source: str, next_stage: Callable[[], None] = lambda: None) -> None:
+    """Export into a folder of this process, check it, then rename it into place: processes that load the same weights
+    at once (evaluation shards, server workers) never see half an export, and the first to finish wins."""
     work = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
-    export_onnx(model, config, vocab, work, precision=precision, source=source)
+    model.eval()  # export_onnx gives the model back in the mode it got it; verify_export decodes in eval mode
+    export_onnx(model, config, vocab, work, precision=precision, source=source, verify=False)
+    next_stage()
+    verify_export(work, model, config)
+    next_stage()
     try:
         os.rename(work, target)
     except OSError:
@@ -186,4 +293,5 @@ def training_facts(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(keep, default=str))
 
 
-__all__ = ["BACKENDS", "FOLDER_FORMAT", "LoadedModel", "load_model", "load_one", "source_kind", "training_facts"]
+__all__ = ["BACKENDS", "DEFAULT_BACKEND", "FOLDER_FORMAT", "ONNX_CACHE_KEEP", "LoadedModel", "load_model", "load_one",
+           "prune_onnx_cache", "source_kind", "training_facts"]

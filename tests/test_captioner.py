@@ -229,12 +229,32 @@ def test_bf16_autocast_on_the_cpu_captions_close_to_fp32(tiny_checkpoint):
     assert [c[0].score for c in out] == pytest.approx([c[0].score for c in fp32], abs=0.1)
 
 
-def test_the_default_cpu_backend_is_onnx_runtime_with_pytorchs_captions_exported_once(tiny_checkpoint, tmp_path):
+def test_the_default_backend_is_pytorch_for_a_checkpoint_and_exports_nothing(tiny_checkpoint, tmp_path):
+    """backend 'auto' never starts an export on its own: PyTorch for checkpoints (any precision), ONNX Runtime only for
+    a folder that already is an export; every entry point's default is the one option field's."""
+    import demo
+    import test as test_script
+    from deploy.loading import DEFAULT_BACKEND
+    from utils.cli import CheckpointOptions
+
     cache = tmp_path / "cache"
-    fast = load_captioner(tiny_checkpoint, onnx_cache=cache)
+    assert load_captioner(tiny_checkpoint, onnx_cache=cache).backend == "torch" and not cache.exists()
+    assert load_captioner(tiny_checkpoint, precision="bf16", onnx_cache=cache).backend == "torch"
+    folder = load_captioner(tiny_checkpoint, backend="onnx", onnx_cache=cache).runtime.folder
+    assert load_captioner(folder).backend == "onnx"
+    args = ["--checkpoint", str(tiny_checkpoint), "--image_paths", str(PHOTO)]
+    assert DEFAULT_BACKEND == CheckpointOptions.backend == demo.parse_config(args).backend == "auto"
+    assert test_script.parse_config(["--checkpoint", str(tiny_checkpoint), "--images_path", str(tmp_path)]
+                                    ).backend == DEFAULT_BACKEND
+
+
+def test_backend_onnx_gives_pytorchs_captions_from_an_export_made_once(tiny_checkpoint, tmp_path):
+    cache = tmp_path / "cache"
+    fast = load_captioner(tiny_checkpoint, backend="onnx", onnx_cache=cache)
     assert fast.backend == "onnx" and len(list(cache.iterdir())) == 1  # one export, keyed by the weights
-    assert load_captioner(tiny_checkpoint, onnx_cache=cache).backend == "onnx" and len(list(cache.iterdir())) == 1
-    exact = load_captioner(tiny_checkpoint, backend="torch")
+    again = load_captioner(tiny_checkpoint, backend="onnx", onnx_cache=cache)
+    assert again.backend == "onnx" and len(list(cache.iterdir())) == 1
+    exact = load_captioner(tiny_checkpoint)
     images = [Image.open(PHOTO)]
     got, want = fast.caption(images, beam_size=3, max_len=8)[0], exact.caption(images, beam_size=3, max_len=8)[0]
     assert [c.tokens for c in got] == [c.tokens for c in want]
@@ -242,7 +262,6 @@ def test_the_default_cpu_backend_is_onnx_runtime_with_pytorchs_captions_exported
     assert_close_f32(torch.tensor([c.score for c in got]), torch.tensor([c.score for c in want]),
                      roundings=8 * TINY_E2E_ROUNDINGS)
     assert fast.runtime.weights() == exact.runtime.weights()  # the export records which weights it holds
-    assert load_captioner(tiny_checkpoint, precision="bf16").backend == "torch"  # autocast runs in PyTorch
 
 
 def test_the_default_cpu_backend_for_cached_features_is_pytorch(tiny_checkpoint):

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import subprocess
+import sys
+import time
 
 import onnx
 import pytest
@@ -12,6 +16,7 @@ from conftest import tiny_config, tiny_vocab
 from numerics import SEED_MODEL_ROUNDINGS, TINY_E2E_ROUNDINGS, assert_close_f32
 
 from captioner import load_captioner
+from deploy.loading import prune_onnx_cache
 from deploy.onnx_export import export_onnx
 from deploy.runtime import OrtRuntime, TorchRuntime
 from engine.checkpoints import save_model_checkpoint
@@ -188,3 +193,59 @@ def test_real_size_seed_model_onnx_matches_pytorch(tmp_path):
     b = beam_search(ort_rt, ort_rt.encode(features=feats), None, beam_size=3, max_len=5, **IDS)
     assert torch.equal(a.tokens, b.tokens)
     assert_close_f32(b.logprobs, a.logprobs, roundings=SEED_MODEL_ROUNDINGS)  # the full-size model, other kernels
+
+
+def _fake_export(cache, name, age_s):
+    """A finished export's folder (config.json and 1 MB of graph) last used age_s seconds ago."""
+    folder = cache / name
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "encoder.onnx").write_bytes(bytes(1 << 20))
+    stamp = time.time() - age_s
+    os.utime(folder, (stamp, stamp))
+    return folder
+
+
+def _ended_pid():
+    """The id of a process that has ended."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_onnx_cache_keeps_the_most_recently_used_exports_and_names_what_it_removes(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    exports = [_fake_export(cache, f"{i:016x}-fp32", age_s=100 * i) for i in range(1, 6)]  # [0] most recent
+    dead = cache / f"{7:016x}-fp32.tmp-{_ended_pid()}"
+    live = cache / f"{8:016x}-fp16.tmp-{os.getpid()}"  # an export this process is making
+    for folder in (dead, live, cache / "notes"):
+        folder.mkdir()
+    (cache / "readme.txt").write_text("mine")
+    removed = prune_onnx_cache(cache, keep=3)
+    assert set(removed) == {exports[3], exports[4], dead}
+    assert sorted(p.name for p in cache.iterdir()) == sorted([*(e.name for e in exports[:3]), live.name, "notes",
+                                                              "readme.txt"])
+    err = capsys.readouterr().err
+    assert err.count("keeps the 3 most recently used exports") == 2 and str(exports[4]) in err and "1.0 MB" in err
+    assert f"{dead} " in err and "unfinished" in err
+    assert prune_onnx_cache(tmp_path / "absent") == []
+
+
+def test_loading_through_the_cache_marks_its_export_as_the_most_recent_and_prunes_the_rest(tmp_path, capsys):
+    torch.manual_seed(3)
+    cfg = tiny_config()
+    ckpt = save_model_checkpoint(tmp_path / "tiny.pth", build_model(cfg), cfg, tiny_vocab())
+    cache = tmp_path / "cache"
+    older = [_fake_export(cache, f"{i:016x}-fp32", age_s=100 * i) for i in range(1, 4)]
+    first = load_captioner(ckpt, backend="onnx", onnx_cache=cache).runtime.folder
+    assert sorted(cache.iterdir()) == sorted([first, *older[:2]])  # the new export and the two most recent others
+    err = capsys.readouterr().err
+    assert f"removed the ONNX export {older[2]}" in err
+    assert "exporting" in err and "tracing the encoder and decoder-step graphs" in err and "checking the graphs" in err
+    os.utime(first, (0, 0))  # as if last used in 1970
+    os.utime(older[0], (1, 1))
+    load_captioner(ckpt, backend="onnx", onnx_cache=cache)  # reused (not exported again), so the most recent now
+    assert "exporting" not in capsys.readouterr().err
+    _fake_export(cache, f"{9:016x}-fp32", age_s=1)
+    load_captioner(ckpt, backend="onnx", onnx_cache=cache)
+    assert sorted(cache.iterdir()) == sorted([first, older[1], cache / f"{9:016x}-fp32"])  # older[0]: the oldest
