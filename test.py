@@ -50,9 +50,9 @@ class TestConfig(CheckpointOptions, LengthOptions, RuntimeOptions):
     captions_path: str = option("", f"{CAPTIONS_PATH_HELP} (default: the one recorded in the checkpoint)",
                                 group="data")
     split: str = option("test", "which split to evaluate", choices=("val", "test"), group="data")
-    is_end_to_end: bool | None = option(None, "evaluate images (True) or cached features (False); without "
-                                        "--images_path or --features_path it picks which data the checkpoint's "
-                                        "training run recorded is used (default: what that run read)",
+    is_end_to_end: bool | None = option(None, "evaluate images (True) or cached features (False): without "
+                                        "--images_path or --features_path, which of the data the checkpoint's "
+                                        "training run recorded to use (default: what that run read)",
                                         parse=str2bool, group="data")
     is_ensemble: bool = option(False, "the reference's ensemble: every .pth file of the --checkpoint folder (several "
                                "--checkpoint paths make one too)", group="model")
@@ -141,12 +141,15 @@ def recorded_facts(source: Path) -> tuple[dict[str, Any], dict[str, Any] | None]
         manifest = source / "config.json"
         if not manifest.is_file():
             return {}, None  # not a model folder: loading says so
-        facts = json.loads(manifest.read_text())
+        try:
+            facts = json.loads(manifest.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return {}, None  # loading says what is wrong with it
         return facts.get("training") or {}, facts.get("model_config")
     try:
         ckpt = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, pickle.UnpicklingError, OSError, EOFError):
-        return {}, None  # a file of the older torch format (the official release) records nothing; loading reads it
+        return {}, None  # torch cannot memory-map it (the older, non-zip format): nothing recorded; loading reads it
     if not isinstance(ckpt, dict):
         return {}, None
     return {k: ckpt[k] for k in ("phase", "train_config") if k in ckpt}, ckpt.get("model_config")
