@@ -2,6 +2,8 @@
 pretrain one on a dataset's own labels (the quickstart's phase 0), or describe one.
 
     python backbone.py create --size quickstart --output backbone.pth
+    python backbone.py create --timm convnext_tiny --pretrained --output convnext_tiny.pth   # timm's weights
+    python backbone.py create --timm convnext_tiny --pretrained --weights model.safetensors --output convnext_tiny.pth
     python backbone.py convert --weights swinv2_base_patch4_window12to24_192to384_22kto1k_ft.pth --output swinv2_b.pth
     python backbone.py pretrain --init quickstart --images_path data/ --captions_path data/captions.json \\
         --output_path phase0/backbone.pth
@@ -19,8 +21,8 @@ import torch
 
 from data.records import DatasetError
 from engine.checkpoints import CheckpointError, read_backbone_file, save_backbone_file
-from engine.pretrain import PretrainConfig, pretrain
-from models.backbone import backbone_output_shape, create_backbone, load_backbone_state_dict
+from engine.pretrain import PretrainConfig, pretrain, published_backbone
+from models.backbone import backbone_output_shape, create_backbone, load_backbone_state_dict, timm_backbone_config
 from models.config import BACKBONE_SIZES, BackboneConfig, backbone_preset
 from utils.cli import ArgumentParser, add_dataclass_flags, dataclass_values, plain_warnings
 from utils.fields import option
@@ -28,13 +30,29 @@ from utils.fields import option
 
 @dataclass(frozen=True)
 class CreateConfig:
-    """`backbone.py create`: a named size with random weights."""
+    """`backbone.py create`: a named size with random weights, or any timm model by name (its input size and
+    normalisation from timm's data config), random or with its published weights."""
 
-    size: str = option("quickstart", "the backbone", choices=tuple(sorted(BACKBONE_SIZES)), required=True,
-                       group="model")
-    img_size: int = option(0, "input side in pixels (0: the size's own)", group="model")
+    size: str = option("", "a named backbone (random weights)", choices=("", *sorted(BACKBONE_SIZES)), group="model")
+    timm: str = option("", "any timm model that gives a feature map or tokens (convnext_tiny, resnet50, "
+                       "efficientnet_b0, vit_small_patch16_224, swinv2_tiny_window8_256, ...)", group="model")
+    pretrained: bool = option(False, "--timm: load the model's published weights through timm (from --weights, else "
+                              "from timm's source when the network allows)", group="model")
+    weights: str = option("", "--timm --pretrained: a local file of those weights (.safetensors, .bin or .pth as "
+                          "published)", group="data")
+    img_size: int = option(0, "input side in pixels (0: the model's own)", group="model")
     seed: int = option(0, "random seed of the weights", group="model")
     output: str = option("", "backbone file to write", required=True, group="data")
+
+    def problem(self) -> str:
+        """What is wrong with the combination of flags, or ''."""
+        if bool(self.size) == bool(self.timm):
+            return "give one of --size (a named backbone) or --timm NAME (any timm model)"
+        if self.pretrained and not self.timm:
+            return "--pretrained loads a timm model's published weights: use it with --timm NAME"
+        if self.weights and not self.pretrained:
+            return "--weights is the file of --pretrained's weights: add --pretrained"
+        return ""
 
 
 @dataclass(frozen=True)
@@ -67,7 +85,10 @@ def parse_config(argv: list[str] | None = None) -> tuple[str, object]:
                                            description=cls.__doc__), cls)
     args = parser.parse_args(argv)
     cls = COMMANDS[args.command]
-    return args.command, cls(**dataclass_values(args, cls))
+    cfg = cls(**dataclass_values(args, cls))
+    if isinstance(cfg, CreateConfig) and cfg.problem():
+        parser.error(f"create: {cfg.problem()}")
+    return args.command, cfg
 
 
 def describe(bb: BackboneConfig, backbone: torch.nn.Module) -> str:
@@ -79,9 +100,10 @@ def describe(bb: BackboneConfig, backbone: torch.nn.Module) -> str:
 
 def create(cfg: CreateConfig) -> Path:
     torch.manual_seed(cfg.seed)
-    bb = backbone_preset(cfg.size, img_size=cfg.img_size)
-    backbone = create_backbone(bb)
-    print(describe(bb, backbone))
+    bb = timm_backbone_config(cfg.timm, cfg.img_size) if cfg.timm else backbone_preset(cfg.size, img_size=cfg.img_size)
+    backbone = published_backbone(bb, cfg.weights) if cfg.pretrained else create_backbone(bb)
+    print(describe(bb, backbone) + (f", mean {bb.mean} std {bb.std}" if cfg.timm else "")
+          + (", published weights" if cfg.pretrained else ", random weights"))
     return save_backbone_file(cfg.output, backbone, bb)
 
 

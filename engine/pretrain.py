@@ -36,7 +36,14 @@ from data.synthetic import BACKGROUNDS, COLOURS, GROUND_TRUTH_NAME, SHAPES, load
 from data.vocab import tokenize
 from engine.checkpoints import read_backbone_file, save_backbone_file
 from engine.runlog import RunLog
-from models.backbone import backbone_output_shape, backbone_tokens, create_backbone, load_backbone_state_dict
+from models.backbone import (
+    BackboneWeightsError,
+    backbone_output_shape,
+    backbone_tokens,
+    create_backbone,
+    load_backbone_state_dict,
+    published_source,
+)
 from models.config import BACKBONE_SIZES, BackboneConfig, backbone_preset
 from optims import warmup_flat_cosine
 from utils.checkpoint import load_state_file
@@ -392,6 +399,27 @@ def initial_backbone(cfg: PretrainConfig) -> tuple[nn.Module, BackboneConfig]:
     backbone = create_backbone(bb)
     load_backbone_state_dict(backbone, state, cfg.init)
     return backbone, bb
+
+
+def published_backbone(bb: BackboneConfig, weights: str = "") -> nn.Module:
+    """bb's timm model with its published weights, loaded by timm's own code: from a local copy of them (weights),
+    else from where timm publishes them when the network allows; one line saying what to do when neither works."""
+    where = published_source(bb.name)
+    if weights and not Path(weights).is_file():
+        raise BackboneWeightsError(f"--weights {weights}: no such file")
+    if not weights:
+        print(f"fetching the published weights of {bb.name} through timm ({where or 'its default source'}); without "
+              "a network this fails after timm's retries", flush=True)
+    try:
+        return create_backbone(bb, published={"file": str(weights)} if weights else {})
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        reason = f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0][:300]
+        if weights:
+            raise BackboneWeightsError(f"--weights {weights}: timm could not load it into {bb.name} "
+                                       f"({reason})") from None
+        raise BackboneWeightsError(f"--pretrained: timm could not fetch the published weights of {bb.name} "
+                                   f"({reason}); download them where the network allows ({where or 'see timm'}) and "
+                                   "pass the file with --weights") from None
 
 
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:

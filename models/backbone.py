@@ -1,35 +1,74 @@
-"""timm Swin backbones: creation without downloads and adapters for foreign weights (Microsoft, timm, ours)."""
+"""timm backbones: the named sizes (Swin, SwinV2, the quickstart's ResNet) or any timm model by name that gives a
+feature map or tokens, created without downloads, and adapters for foreign weights (Microsoft, timm, ours)."""
 
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 import torch
 from torch import nn
 
 from models.config import BackboneConfig, backbone_preset
 from utils.checkpoint import state_dict_differences
+from utils.cli import closest
 
 
 class BackboneWeightsError(ValueError):
     """A backbone state dict that does not fit the configured backbone."""
 
 
-def create_backbone(cfg: BackboneConfig) -> nn.Module:
-    """A timm model with no classifier head and random weights (pretrained weights come from local files only).
+def create_backbone(cfg: BackboneConfig, published: dict[str, Any] | None = None) -> nn.Module:
+    """A timm model with no classifier head: random weights, or with published given, the model's published weights
+    loaded by timm's own code (pretrained=True; published is timm's pretrained_cfg overlay, {} for its default
+    source, {"file": ...} for a local copy).
 
     Transformers are built for cfg.img_size; convolutional families take any input size and no img_size argument.
     """
     import timm  # here, not at the top: timm and the torchvision behind it take 2 s to import, which the feature
     # phases and every --help would pay without building a backbone
 
-    kwargs = {"pretrained": False, "num_classes": 0, "drop_path_rate": cfg.drop_path_rate, **cfg.overrides}
+    kwargs = {"pretrained": published is not None, "num_classes": 0, "drop_path_rate": cfg.drop_path_rate,
+              **({"pretrained_cfg_overlay": published} if published else {}), **cfg.overrides}
     try:
         return timm.create_model(cfg.name, img_size=cfg.img_size, **kwargs)
     except TypeError as e:
         if "img_size" not in str(e):
             raise
         return timm.create_model(cfg.name, **kwargs)
+
+
+def timm_backbone_config(name: str, img_size: int = 0) -> BackboneConfig:
+    """Any timm model as a backbone: its input side, mean and std from timm's data config for its published weights
+    (resolve_model_data_config), the side changed to img_size when given (transformers are then built for it).
+    Refused with one line: a name timm does not know (with the closest it does), a model whose features are a
+    pooled vector rather than a feature map or tokens."""
+    import timm  # here, not at the top: see create_backbone
+
+    if not timm.is_model(name):
+        hint = closest(name, timm.list_models())
+        raise ValueError(f"--timm {name}: timm {timm.__version__} has no such model"
+                         + (f"; did you mean {hint}?" if hint else " (timm.list_models() lists them)"))
+    with torch.device("meta"):
+        data = timm.data.resolve_model_data_config(timm.create_model(name, pretrained=False, num_classes=0))
+    cfg = BackboneConfig(name=name, img_size=img_size or int(data["input_size"][-1]),
+                         mean=tuple(float(v) for v in data["mean"]), std=tuple(float(v) for v in data["std"]))
+    with torch.device("meta"):
+        features = create_backbone(cfg).forward_features(torch.empty(1, 3, cfg.img_size, cfg.img_size))
+    if features.dim() not in (3, 4):
+        raise ValueError(f"--timm {name}: its forward_features gives a {tuple(features.shape)} tensor, not a feature "
+                         "map (B, C, H, W) or tokens (B, N, C) a captioner can attend over")
+    return cfg
+
+
+def published_source(name: str) -> str:
+    """Where timm publishes a model's weights (a Hugging Face Hub page or a URL), or '' when it names none."""
+    import timm  # here, not at the top: see create_backbone
+
+    cfg = timm.get_pretrained_cfg(name)
+    if cfg is None:
+        return ""
+    return f"https://huggingface.co/{cfg.hf_hub_id}" if cfg.hf_hub_id else (cfg.url or "")
 
 
 def backbone_output_shape(cfg: BackboneConfig) -> tuple[int, int]:
