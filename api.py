@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI
 from PIL import Image
 
+from captioner import Captioner, load_captioner
+from deploy.checkpoints import require_end_to_end
 from serving import Backend, CaptionParams, ServingSettings, create_app, load_settings
 from serving.settings import convert_setting
 from utils.cli import CheckpointOptions
@@ -16,8 +18,6 @@ from utils.runtime import RuntimeOptions
 
 if TYPE_CHECKING:
     import torch
-
-    from captioner import Captioner
 
 ENV_PREFIX = "CAPTION"
 # defaults from the scripts' option fields: the API decodes what demo.py and test.py decode (CAPTION_MAX_LEN too, in
@@ -32,8 +32,6 @@ class ExpansionNetBackend:
     ensemble, behind the serving Backend protocol."""
 
     def __init__(self, captioner: Captioner, checkpoint: str) -> None:
-        from engine.checkpoints import require_end_to_end
-
         require_end_to_end(captioner.config, checkpoint, "be served (the API captions images)")
         self.captioner = captioner
         self.max_len = int(captioner.max_caption_len)  # the model's full length, demo.py's and test.py's cap
@@ -43,8 +41,6 @@ class ExpansionNetBackend:
     def load(cls, model: Mapping[str, str | None], max_pixels: int | None = None) -> ExpansionNetBackend:
         """Load CAPTION_CHECKPOINT (several, comma-separated: an ensemble; + CAPTION_VOCAB for official checkpoints)
         on CAPTION_DEVICE with CAPTION_BACKEND (CAPTION_COMPILE=true: torch.compile'd PyTorch)."""
-        from captioner import load_captioner
-
         paths = checkpoint_paths(model)
         compile_model = convert_setting(f"{ENV_PREFIX}_COMPILE", model.get("COMPILE") or False, False)
         setting = {key: model.get(key) or MODEL_KEYS[key] for key in ("DEVICE", "PRECISION", "BACKEND")}

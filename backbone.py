@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from data.records import DatasetError
-from engine.checkpoints import CheckpointError, read_backbone_file, save_backbone_file
+from deploy.checkpoints import CheckpointError, read_backbone_file, save_backbone_file
 from engine.pretrain import PretrainConfig, pretrain, published_backbone
 from models.backbone import backbone_output_shape, create_backbone, load_backbone_state_dict, timm_backbone_config
 from models.config import BACKBONE_SIZES, BackboneConfig, backbone_preset

@@ -25,10 +25,10 @@ from PIL import Image
 
 from data.images import DEFAULT_MAX_PIXELS, BatchItem, open_image, to_image_batch
 from data.vocab import Vocabulary
+from deploy.checkpoints import require_end_to_end
 from deploy.folder import card_facts, save_pretrained
 from deploy.loading import DEFAULT_BACKEND, load_model, training_facts
 from deploy.runtime import CaptionRuntime, TorchRuntime
-from engine.checkpoints import require_end_to_end
 from models import ExpansionNet, ModelConfig
 from models.decoding import Compile, SearchOutput, beam_search, greedy_search, sample
 from utils.runtime import resolve_device

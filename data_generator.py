@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from data.records import DatasetError
-from engine.checkpoints import CheckpointError
+from deploy.checkpoints import CheckpointError
 from engine.features import GeneratorConfig, extract_features
 from utils.cli import parse_dataclass, plain_warnings
 

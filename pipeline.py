@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.checkpoints import CheckpointError
+from deploy.checkpoints import CheckpointError
 from engine.overrides import OverrideError, apply_overrides
 from engine.pipeline import Manifest, Recipe, parse_phases, plan_phases, run_phases
 from engine.presets import PRESETS, coco_recipe, quickstart_recipe, schedule_help, small_recipe, time_estimate

@@ -27,8 +27,8 @@ from data.images import list_images
 from data.loaders import ImageSource
 from data.records import DatasetError, ImageRecord
 from data.splits import split_records
+from deploy.checkpoints import CheckpointError, backbone_weights_sha256, require_end_to_end
 from deploy.loading import LoadedModel, load_model
-from engine.checkpoints import CheckpointError, backbone_weights_sha256, require_end_to_end
 from engine.evaluate import EVAL_PRECISION, caption_records, decoding_record, evaluation_report, prediction_rows
 from models.config import ModelConfig
 from utils.cli import CheckpointOptions, LengthOptions, parse_dataclass, plain_warnings, resolve_max_len, str2bool

@@ -14,7 +14,7 @@ from data.features import FeatureFileError
 from data.loaders import CaptionDataset, EpochBatchSampler, ImageSource, make_loader
 from data.records import DatasetError
 from data.splits import split_records
-from engine.checkpoints import CheckpointError, load_backbone_into, load_weights
+from deploy.checkpoints import CheckpointError, load_backbone_into, load_weights
 from engine.regimes import build_regime
 from engine.setup import (
     TrainConfig,

@@ -69,7 +69,7 @@ def make_checkpoint(directory: Path, img_size: int) -> Path:
     import torch
 
     from data.vocab import build_vocabulary
-    from engine.checkpoints import save_model_checkpoint
+    from deploy.checkpoints import save_model_checkpoint
     from models import ModelConfig, build_model, tiny_swinv2
 
     vocab = build_vocabulary([" ".join(f"word{i}" for i in range(500))], min_count=1)

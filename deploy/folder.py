@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from data.vocab import Vocabulary
+from deploy.checkpoints import load_weights
 from models import ExpansionNet, ModelConfig, build_model, count_parameters
 
 FOLDER_FORMAT = "expansionnet-captioning-model"
@@ -62,8 +63,6 @@ def load_pretrained(folder: str | Path) -> tuple[ExpansionNet, ModelConfig, Voca
     """Rebuild the model of a folder written by save_pretrained (strictly: every weight present, right shapes)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from engine.checkpoints import load_weights
 
     folder = Path(folder)
     cfg_path = folder / "config.json"

@@ -20,10 +20,10 @@ import torch
 from tqdm import tqdm
 
 from data.vocab import Vocabulary
+from deploy.checkpoints import restore_model
 from deploy.folder import FOLDER_FORMAT, is_model_folder, load_pretrained
 from deploy.onnx_export import export_onnx, verify_export
 from deploy.runtime import DECODER_FILE, CaptionRuntime, EnsembleRuntime, OrtRuntime, TorchRuntime, read_onnx_manifest
-from engine.checkpoints import restore_model
 from models import ExpansionNet, ModelConfig
 from models.decoding import Compile
 from utils.checkpoint import state_dict_sha256

@@ -30,9 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from data.vocab import Vocabulary
-from deploy.runtime import DECODER_FILE, ENCODER_FILE, ONNX_FORMAT
+from deploy.folder import write_model_card
+from deploy.runtime import DECODER_FILE, ENCODER_FILE, ONNX_FORMAT, OrtRuntime
 from models import ExpansionNet, ModelConfig, count_parameters
 from models.cache import CrossAttentionCache
+from models.decoding import TorchStepper
 from models.dynamic_expansion import ConcatExpansionCache, cached_rows
 from utils.checkpoint import state_dict_sha256
 
@@ -175,8 +177,6 @@ def _write_folder(out: Path, model: ExpansionNet, config: ModelConfig, vocab: Vo
                   names: dict[str, Any], *, precision: str, opset: int, source: str,
                   card_extra: dict[str, Any] | None, training: dict[str, Any] | None) -> None:
     """vocab.json, README.md, then config.json (the manifest: written last, it marks a complete export)."""
-    from deploy.folder import write_model_card
-
     manifest = {
         "format": ONNX_FORMAT, "format_version": 1, "precision": precision, "opset": opset,
         "model_config": config.to_dict(), "source": source, "training": training or {},
@@ -196,9 +196,6 @@ def verify_export(folder: Path, model: ExpansionNet, config: ModelConfig, batch:
     """Run the exported graphs once with ONNX Runtime (greedy steps on random inputs) and return the largest
     absolute difference of step log-probs against PyTorch fp32; raise when the graphs cannot run or disagree
     beyond what their precision allows (1e-3 fp32, 0.5 fp16)."""
-    from deploy.runtime import OrtRuntime
-    from models.decoding import TorchStepper
-
     rt = OrtRuntime(folder, "cpu")
     name, value = _random_encoder_input(config, batch, 7, torch.Generator().manual_seed(1))
     x = {name: value}

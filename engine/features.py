@@ -41,7 +41,7 @@ from data.features import (
 from data.formats import CAPTIONS_PATH_HELP, load_records
 from data.images import ImageLoadError, load_image_tensor
 from data.records import DatasetError, ImageRecord, missing_image_message
-from engine.checkpoints import read_backbone_file
+from deploy.checkpoints import read_backbone_file
 from models.backbone import backbone_output_shape, backbone_tokens, create_backbone, load_backbone_state_dict
 from models.config import BackboneConfig
 from utils.checkpoint import state_dict_sha256

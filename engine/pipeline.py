@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.checkpoints import best_or_last
+from deploy.checkpoints import best_or_last
 from utils.files import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,8 +19,8 @@ from data.report import plural
 from data.splits import DEFAULT_SPLIT_RATIO, split_records
 from data.synthetic import SyntheticConfig, generate_synthetic_dataset
 from data.to_manifest import ManifestPlan, plan_manifest
+from deploy.checkpoints import read_backbone_file, require_end_to_end, restore_model, save_model_checkpoint
 from deploy.folder import is_model_folder, load_pretrained
-from engine.checkpoints import read_backbone_file, require_end_to_end, restore_model, save_model_checkpoint
 from engine.pipeline import Recipe
 from engine.pretrain import MIN_WORD_IMAGES, word_list
 from models.config import DROPOUTS

@@ -34,7 +34,7 @@ from data.records import DatasetError, ImageRecord
 from data.splits import split_records
 from data.synthetic import BACKGROUNDS, COLOURS, GROUND_TRUTH_NAME, SHAPES, load_ground_truth
 from data.vocab import tokenize
-from engine.checkpoints import read_backbone_file, save_backbone_file
+from deploy.checkpoints import read_backbone_file, save_backbone_file
 from engine.runlog import RunLog
 from models.backbone import (
     BackboneWeightsError,
@@ -46,7 +46,7 @@ from models.backbone import (
 )
 from models.config import BACKBONE_SIZES, BackboneConfig, backbone_preset
 from optims import warmup_flat_cosine
-from utils.checkpoint import load_state_file
+from utils.checkpoint import atomic_save, load_state_file
 from utils.fields import option
 from utils.files import atomic_write_json
 from utils.plots import save_curves
@@ -350,8 +350,6 @@ class Pretrainer:
         return {k: hit / max(n, 1) for k, (hit, n) in sums.items()}
 
     def _checkpoint(self) -> None:
-        from utils.checkpoint import atomic_save
-
         atomic_save({"epoch": self.epoch, "config": asdict(self.cfg), "backbone": self.backbone.state_dict(),
                      "heads": self.heads.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "rng": torch.get_rng_state()}, self.state_path)

@@ -19,7 +19,7 @@ from data.loaders import ImageSource
 from data.records import ImageRecord
 from data.splits import split_records
 from data.synthetic import GROUND_TRUTH_NAME, caption_from_ground_truth, load_ground_truth, shape_vocabulary
-from engine.checkpoints import restore_model
+from deploy.checkpoints import restore_model
 from engine.evaluate import caption_records, evaluation_report
 from eval.cider import CiderD, best_constant_caption
 from eval.grounded import GroundingWords, grounded_accuracy

@@ -18,7 +18,7 @@ from data.features import FeatureReader
 from data.formats import CAPTIONS_PATH_HELP, load_records
 from data.records import DatasetError, ImageRecord
 from data.vocab import Vocabulary, build_vocabulary, max_caption_length
-from engine.checkpoints import CheckpointError, RestoredModel, latest_checkpoint, read_backbone_file, restore_model
+from deploy.checkpoints import CheckpointError, RestoredModel, latest_checkpoint, read_backbone_file, restore_model
 from models.backbone import backbone_output_shape
 from models.config import DROPOUTS, HYPERPARAMETERS, MODEL_NAMES, BackboneConfig, ModelConfig, model_config
 from models.vocab_extension import extend_word_rows

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from data.loaders import CaptionBatch, EpochBatchSampler, ImageSource
 from data.records import ImageRecord
 from data.vocab import Vocabulary
-from engine.checkpoints import CHECKPOINT_GLOB, save_model_checkpoint, unwrap
+from deploy.checkpoints import CHECKPOINT_GLOB, save_model_checkpoint, unwrap
 from engine.evaluate import caption_records, quick_cider
 from engine.regimes import Regime, StepContext
 from engine.runlog import RunLog

@@ -8,6 +8,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
 
+from utils.checkpoint import state_dict_sha256
+
 
 @dataclass(frozen=True)
 class CaptionParams:
@@ -48,7 +50,5 @@ class Backend(Protocol):
 def weights_summary(module: Any) -> dict[str, Any]:
     """Parameter count and the SHA-256 of a torch module's weights (utils.checkpoint.state_dict_sha256, the digest
     checkpoints and feature files record): which weights are served, without saying where they came from."""
-    from utils.checkpoint import state_dict_sha256
-
     return {"parameters": sum(p.numel() for p in module.parameters()),
             "weights_sha256": state_dict_sha256(module.state_dict())}

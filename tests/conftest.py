@@ -55,7 +55,7 @@ def vocab() -> Vocabulary:
 
 def save_tiny_checkpoint(path: Path) -> Path:
     """An end-to-end Optimizer-ExpansionNet checkpoint with random weights (seed 0), saved in our format."""
-    from engine.checkpoints import save_model_checkpoint
+    from deploy.checkpoints import save_model_checkpoint
 
     torch.manual_seed(0)
     cfg = tiny_config()
@@ -76,7 +76,7 @@ def module_checkpoint(tmp_path_factory) -> Path:
 def make_tiny_dataset(root: Path, num_train: int = 48) -> tuple[Path, Path]:
     """A synthetic dataset at 32 px (num_train / 8 / 8 images) and a from-scratch tiny SwinV2 backbone file."""
     from data.synthetic import SyntheticConfig, generate_synthetic_dataset
-    from engine.checkpoints import save_backbone_file
+    from deploy.checkpoints import save_backbone_file
     from models.backbone import create_backbone
 
     captions = generate_synthetic_dataset(root / "data", SyntheticConfig(num_train=num_train, num_val=8, num_test=8,

@@ -91,7 +91,7 @@ def fake_client(backend: FakeBackend, **settings: object) -> Iterator[TestClient
 
 def test_api_import_loads_no_model() -> None:
     code = ("import sys, api; assert api.app.state.serving.backend is None; "
-            "loaded = {'captioner', 'models', 'engine.checkpoints'} & set(sys.modules); assert not loaded, loaded")
+            "loaded = {'captioner', 'models', 'deploy.checkpoints'} & set(sys.modules); assert not loaded, loaded")
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
     result = run_watched([sys.executable, "-c", code], cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr

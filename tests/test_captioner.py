@@ -20,7 +20,7 @@ from processes import run_watched
 
 from captioner import Caption, load_captioner
 from data.images import ImageLoadError
-from engine.checkpoints import read_backbone_file, restore_model, save_backbone_file, save_model_checkpoint
+from deploy.checkpoints import read_backbone_file, restore_model, save_backbone_file, save_model_checkpoint
 from models import build_model
 from models.backbone import create_backbone, load_backbone_state_dict
 from models.cpu_packing import PackedLinear

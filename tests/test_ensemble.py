@@ -12,8 +12,8 @@ from captioner import Captioner, load_captioner
 from data.loaders import ImageSource
 from data.records import ImageRecord
 from data.vocab import Vocabulary
+from deploy.checkpoints import save_model_checkpoint
 from deploy.runtime import EnsembleRuntime, TorchRuntime
-from engine.checkpoints import save_model_checkpoint
 from engine.evaluate import caption_records
 from models import build_model
 from models.decoding import beam_search, greedy_search, sample

@@ -17,7 +17,7 @@ from pycocotools.coco import COCO
 from data.formats import load_records
 from data.splits import split_records
 from data.vocab import build_vocabulary
-from engine.checkpoints import save_model_checkpoint
+from deploy.checkpoints import save_model_checkpoint
 from engine.evaluate import as_runtime, decoding_record, prediction_rows
 from models import build_model
 from utils.checkpoint import state_dict_sha256

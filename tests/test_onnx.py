@@ -16,10 +16,10 @@ from conftest import tiny_config, tiny_vocab
 from numerics import SEED_MODEL_ROUNDINGS, TINY_E2E_ROUNDINGS, assert_close_f32
 
 from captioner import load_captioner
+from deploy.checkpoints import save_model_checkpoint
 from deploy.loading import prune_onnx_cache
 from deploy.onnx_export import export_onnx
 from deploy.runtime import OrtRuntime, TorchRuntime
-from engine.checkpoints import save_model_checkpoint
 from export import ExportConfig
 from export import main as export_main
 from models import build_model, optimizer_expansionnet_config

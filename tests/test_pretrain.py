@@ -12,7 +12,7 @@ from conftest import make_tiny_dataset
 import backbone as backbone_cli
 from data.records import DatasetError, ImageRecord
 from data.synthetic import SyntheticConfig, generate_synthetic_dataset
-from engine.checkpoints import read_backbone_file
+from deploy.checkpoints import read_backbone_file
 from engine.pretrain import (
     PretrainConfig,
     Pretrainer,

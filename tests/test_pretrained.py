@@ -10,8 +10,8 @@ import torch
 from conftest import tiny_config, tiny_vocab
 
 from captioner import load_captioner
+from deploy.checkpoints import save_model_checkpoint
 from deploy.folder import ModelFolderError, load_pretrained
-from engine.checkpoints import save_model_checkpoint
 from export import ExportConfig
 from export import main as export_main
 from models import build_model, count_parameters

@@ -17,7 +17,7 @@ from conftest import tiny_config, tiny_vocab
 from PIL import Image
 from test_web_page import CHROMEDRIVER, CHROMIUM, CHROMIUM_FLAGS
 
-from engine.checkpoints import save_model_checkpoint
+from deploy.checkpoints import save_model_checkpoint
 from models import build_model
 from serving.testing import RunningServer, image_bytes, uvicorn_server
 

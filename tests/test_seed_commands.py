@@ -23,7 +23,7 @@ import train
 from data.formats import load_records
 from data.records import DatasetError
 from data.vocab import build_vocabulary
-from engine.checkpoints import save_model_checkpoint
+from deploy.checkpoints import save_model_checkpoint
 from models import build_model
 from utils.checkpoint import load_checkpoint_file, state_dict_sha256
 from utils.cli import ArgumentParser, closest, typing_edits

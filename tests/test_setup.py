@@ -11,7 +11,7 @@ import pipeline
 import test
 import train
 from data.records import ImageRecord
-from engine.checkpoints import CheckpointError
+from deploy.checkpoints import CheckpointError
 from engine.setup import (
     TrainConfig,
     body_model_config,

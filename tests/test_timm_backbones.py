@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 import backbone as backbone_cli
 from data.images import preprocess
 from data.synthetic import SyntheticConfig, generate_synthetic_dataset
-from engine.checkpoints import read_backbone_file
+from deploy.checkpoints import read_backbone_file
 from engine.pretrain import published_backbone
 from models.backbone import BackboneWeightsError, backbone_output_shape, create_backbone, timm_backbone_config
 

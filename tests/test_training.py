@@ -21,7 +21,7 @@ from data.features import FeatureFileError, FeatureReader
 from data.formats import load_records
 from data.loaders import ImageSource
 from data.splits import split_records
-from engine.checkpoints import restore_model, save_backbone_file
+from deploy.checkpoints import restore_model, save_backbone_file
 from engine.regimes import reward_reference, scst_words
 from eval.cider import CiderD
 from losses import scst_loss, scst_rewards

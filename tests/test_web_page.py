@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import tiny_config, tiny_vocab
 
-from engine.checkpoints import save_model_checkpoint
+from deploy.checkpoints import save_model_checkpoint
 from models import build_model
 from serving.testing import image_bytes, uvicorn_server
 
