@@ -9,7 +9,7 @@ from pathlib import Path
 
 from captioner import load_captioner
 from data.images import ImageLoadError, list_images, open_image
-from engine.checkpoints import CheckpointError, require_end_to_end
+from deploy.checkpoints import CheckpointError, require_end_to_end
 from utils.cli import CheckpointOptions, LengthOptions, parse_dataclass, plain_warnings, resolve_max_len
 from utils.fields import option
 from utils.plots import save_caption_grid
