@@ -91,18 +91,23 @@ def backbone_tokens(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 def filter_backbone_state_dict(state_dict: dict[str, torch.Tensor], backbone: nn.Module) -> dict[str, torch.Tensor]:
-    """Microsoft or timm Swin weights -> the timm layout of `backbone`.
+    """Microsoft or timm weights -> the timm layout of `backbone`.
 
-    The classifier head is dropped and non-learned buffers are skipped; timm's own checkpoint_filter_fn moves the
-    downsample layers of Microsoft's layout and resizes relative-position tables when the window differs.
+    The classifier (head keys the backbone lacks) is dropped and non-learned buffers are skipped; timm's own
+    checkpoint_filter_fn moves the downsample layers of Microsoft's layout and resizes relative-position tables when
+    the window differs.
     """
-    state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+    own = backbone.state_dict().keys()  # a head's norm that pooling uses (ConvNeXt's head.norm) stays
+
+    def drop_classifier(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in weights.items() if not k.startswith("head.") or k in own}
+
     family = importlib.import_module(type(backbone).__module__)
     filter_fn = getattr(family, "checkpoint_filter_fn", None)
+    state_dict = drop_classifier(state_dict)
     if filter_fn is not None:
         state_dict = filter_fn(state_dict, backbone)
-    state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
-    return state_dict
+    return drop_classifier(state_dict)
 
 
 def load_backbone_state_dict(backbone: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
