@@ -107,7 +107,7 @@ def test_api_ready_503_until_loaded_then_model_info(tiny_checkpoint: Path) -> No
         info = started.get("/ready").json()
     assert info["status"] == "ready" and info["model"]["backend"] == "expansionnet"
     assert info["model"]["name"] == "optimizer_expansionnet" and info["limits"]["max_len_limit"] == 23  # 24 - SOS
-    assert info["model"]["kind"] == "onnx" and info["model"]["parameters"] > 1000  # the default CPU runtime
+    assert info["model"]["kind"] == "torch" and info["model"]["parameters"] > 1000  # backend auto, a checkpoint
     assert info["model"]["weights_sha256"] == state_dict_sha256(load_checkpoint_file(tiny_checkpoint)[
         "model_state_dict"])
     assert "checkpoint" not in info["model"] and str(tiny_checkpoint.parent) not in json.dumps(info)

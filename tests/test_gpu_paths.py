@@ -578,7 +578,8 @@ def test_compile_option_reaches_the_pytorch_runtime_from_scripts_and_api(tiny_ch
                                    "--compile", "True"]).compile
     loaded = load_model(tiny_checkpoint, compile="aot_eager")
     assert loaded.runtime.kind == "torch" and loaded.runtime.info()["compile"] == "aot_eager"
-    assert load_model(tiny_checkpoint).runtime.kind == "onnx"  # the CPU fp32 default stays ONNX Runtime
+    default = load_model(tiny_checkpoint).runtime  # backend auto: PyTorch for a checkpoint, uncompiled
+    assert default.kind == "torch" and "compile" not in default.info()
     with pytest.raises(ValueError, match="PyTorch backend"):
         load_model(tiny_checkpoint, backend="onnx", compile=True)
     with pytest.raises(SettingsError, match="CAPTION_COMPILE"):
