@@ -249,7 +249,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation, saving, logs
     def evaluate(self) -> float | None:
-        """Beam-search the val split at each eval beam size; keeps best.pth by CIDEr-D of the first beam size."""
+        """Beam-search the val split at each eval beam size (fp32 like test.py, whatever precision training runs in);
+        keeps best.pth by CIDEr-D of the first beam size."""
         cfg, state = self.cfg, self.state
         if not self.data.val:
             return None
@@ -257,7 +258,7 @@ class Trainer:
         for beam in cfg.eval_beam_sizes:
             preds, skipped = caption_records(self.raw, self.data.val, self.vocab, self.data.source, beam_size=beam,
                                              max_len=self.plan.eval_max_len, batch_size=cfg.eval_batch_size,
-                                             device=self.device, precision=self.plan.precision, rank=self.dist.rank,
+                                             device=self.device, rank=self.dist.rank,
                                              world=self.dist.world, num_workers=cfg.num_workers,
                                              desc=f"val beam {beam}")
             cider = quick_cider(preds, self.data.val)

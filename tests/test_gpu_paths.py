@@ -10,7 +10,9 @@ cores); the gpu tests use inductor itself. No test asserts a time.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import inspect
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,8 +24,10 @@ import torch.nn.functional as F
 from conftest import make_tiny_dataset, tiny_config, tiny_vocab
 
 import data_generator
+import engine.trainer as engine_trainer
 from data.loaders import CaptionBatch
 from data.records import ImageRecord
+from engine.evaluate import EVAL_PRECISION
 from engine.regimes import build_regime
 from engine.setup import TrainConfig
 from engine.trainer import RunPlan, TrainData, Trainer
@@ -186,6 +190,23 @@ def test_train_step_compiled_under_bf16_in_every_mode(tmp_path, monkeypatch, dyn
     eager_terms = one_step(make_trainer(eager, cfg, mode, "bf16", tmp_path / "eager"), batch)
     if mode.startswith("xe"):
         assert terms["loss_sum"] == pytest.approx(eager_terms["loss_sum"], rel=0.01)
+
+
+def test_validation_decodes_in_fp32_while_training_runs_under_bf16(tmp_path, monkeypatch):
+    """The trainer's validation captions at evaluation's precision (fp32, like test.py), not training's bf16, so the
+    CIDEr-D that picks best.pth is comparable with test.py's."""
+    model, cfg = tiny_model(False)
+    trainer = make_trainer(model, cfg, "xe-features", "bf16", tmp_path)
+    trainer.data = dataclasses.replace(trainer.data, val=trainer.data.train[:2])
+    asked, default = [], inspect.signature(engine_trainer.caption_records).parameters["precision"].default
+
+    def caption_records_spy(*args, **kwargs):
+        asked.append(kwargs.get("precision", default))
+        return {r.image_id: CAPTIONS[0] for r in trainer.data.val}, []
+
+    monkeypatch.setattr(engine_trainer, "caption_records", caption_records_spy)
+    trainer.evaluate()
+    assert asked == [EVAL_PRECISION] and EVAL_PRECISION == "fp32"
 
 
 def test_is_compiled_sees_through_wrappers():
