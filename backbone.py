@@ -1,10 +1,12 @@
 """Backbone files (the format phases 1 and 3 read): create one from scratch, convert a timm or Microsoft checkpoint,
 pretrain one on a dataset's own labels (the quickstart's phase 0), or describe one.
 
-    python backbone.py create --size quickstart --output backbone.pth
-    python backbone.py create --timm convnext_tiny --pretrained --output convnext_tiny.pth   # timm's weights
-    python backbone.py create --timm convnext_tiny --pretrained --weights model.safetensors --output convnext_tiny.pth
-    python backbone.py convert --weights swinv2_base_patch4_window12to24_192to384_22kto1k_ft.pth --output swinv2_b.pth
+    python backbone.py create --size quickstart --output_path backbone.pth
+    python backbone.py create --timm convnext_tiny --pretrained --output_path convnext_tiny.pth   # timm's weights
+    python backbone.py create --timm convnext_tiny --pretrained --weights model.safetensors \
+        --output_path convnext_tiny.pth
+    python backbone.py convert --weights swinv2_base_patch4_window12to24_192to384_22kto1k_ft.pth \
+        --output_path swinv2_b.pth
     python backbone.py pretrain --init quickstart --images_path data/ --captions_path data/captions.json \\
         --output_path phase0/backbone.pth
     python backbone.py info --path backbone.pth
@@ -42,7 +44,7 @@ class CreateConfig:
                           "published)", group="data")
     img_size: int = option(0, "input side in pixels (0: the model's own)", group="model")
     seed: int = option(0, "random seed of the weights", group="model")
-    output: str = option("", "backbone file to write", required=True, group="data")
+    output_path: str = option("", "backbone file to write", aliases=("--output",), required=True, group="data")
 
     def problem(self) -> str:
         """What is wrong with the combination of flags, or ''."""
@@ -63,7 +65,7 @@ class ConvertConfig:
     weights: str = option("", "the weights to convert", required=True, group="data")
     img_size: int = option(0, "input side in pixels (0: 384 for the full-size Swins, else the file's own)",
                            group="model")
-    output: str = option("", "backbone file to write", required=True, group="data")
+    output_path: str = option("", "backbone file to write", aliases=("--output",), required=True, group="data")
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,7 @@ def create(cfg: CreateConfig) -> Path:
     backbone = published_backbone(bb, cfg.weights) if cfg.pretrained else create_backbone(bb)
     print(describe(bb, backbone) + (f", mean {bb.mean} std {bb.std}" if cfg.timm else "")
           + (", published weights" if cfg.pretrained else ", random weights"))
-    return save_backbone_file(cfg.output, backbone, bb)
+    return save_backbone_file(cfg.output_path, backbone, bb)
 
 
 def convert(cfg: ConvertConfig) -> Path:
@@ -114,7 +116,7 @@ def convert(cfg: ConvertConfig) -> Path:
     backbone = create_backbone(bb)
     load_backbone_state_dict(backbone, state, cfg.weights)
     print(describe(bb, backbone))
-    return save_backbone_file(cfg.output, backbone, bb)
+    return save_backbone_file(cfg.output_path, backbone, bb)
 
 
 def info(cfg: InfoConfig) -> None:

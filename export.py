@@ -1,8 +1,8 @@
 """Export a captioner for deployment: ONNX graphs (ONNX Runtime, CPU or CUDA) or a shareable model folder.
 
-    python export.py --checkpoint ckpt.pth --output model_onnx/ [--opset 17 --precision fp32|fp16]
-    python export.py --checkpoint rf_model.pth --vocab demo_coco_tokens.pickle --output official_onnx/
-    python export.py --checkpoint ckpt.pth --output model_dir/ --format folder     # safetensors, no pickle
+    python export.py --checkpoint ckpt.pth --output_path model_onnx/ [--opset 17 --precision fp32|fp16]
+    python export.py --checkpoint rf_model.pth --vocab demo_coco_tokens.pickle --output_path official_onnx/
+    python export.py --checkpoint ckpt.pth --output_path model_dir/ --format folder     # safetensors, no pickle
 
 (--load_path, the reference's name for --checkpoint, is read too.)
 """
@@ -25,7 +25,8 @@ class ExportConfig(ModelSourceOptions):
     """Every export.py setting: the model to read (--checkpoint, --vocab, as in test.py and demo.py) and what to
     write."""
 
-    output: str = option("", "folder to write (created if needed)", required=True, group="data")
+    output_path: str = option("", "folder to write (created if needed)", aliases=("--output",), required=True,
+                              group="data")
     format: str = option("onnx", "onnx: encoder + decoder-step graphs; folder: config.json, vocab.json, "
                          "model.safetensors", choices=("onnx", "folder"), group="data")
     precision: str = option("fp32", "ONNX weights and activations", choices=PRECISIONS, group="model")
@@ -54,11 +55,11 @@ def main(cfg: ExportConfig) -> Path:
     training = training_facts(loaded.checkpoint)
     config = loaded.runtime.config
     if cfg.format == "folder":
-        out = save_pretrained(cfg.output, loaded.model, config, loaded.vocab, source=str(source),
+        out = save_pretrained(cfg.output_path, loaded.model, config, loaded.vocab, source=str(source),
                               card_extra=card_facts(training), training=training)
         print(f"wrote model folder {out} (config.json, vocab.json, model.safetensors, README.md)")
         return out
-    result = export_onnx(loaded.model, config, loaded.vocab, cfg.output, precision=cfg.precision, opset=cfg.opset,
+    result = export_onnx(loaded.model, config, loaded.vocab, cfg.output_path, precision=cfg.precision, opset=cfg.opset,
                          source=str(source), card_extra=card_facts(training), training=training)
     sizes = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in onnx_sizes(result.folder).items())
     print(f"exported {source} to {result.folder} ({sizes}; opset {cfg.opset}, {cfg.precision}) in "

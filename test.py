@@ -61,9 +61,9 @@ class TestConfig(CheckpointOptions, LengthOptions, RuntimeOptions):
     metrics: tuple[str, ...] = option(("BLEU", "METEOR", "ROUGE_L", "CIDEr"), "metrics to compute (SPICE needs "
                                       "--spice_dir)", nargs="+", choices=METRIC_NAMES, group="evaluation")
     spice_dir: str = option("", "folder with the Stanford CoreNLP 3.6.0 jars, for SPICE", group="evaluation")
-    results_json: str = option("", "COCO results file to write (default: in --output_dir)", group="evaluation")
-    output_dir: str = option("", "where metrics and predictions go (default: beside the checkpoint)",
-                             group="evaluation")
+    results_json: str = option("", "COCO results file to write (default: in --output_path)", group="evaluation")
+    output_path: str = option("", "folder where metrics and predictions go (default: beside the checkpoint)",
+                              aliases=("--output_dir",), group="evaluation")
     predictions_only: bool = option(False, "caption the split (or a plain image folder) without scoring, for the "
                                     "COCO server", group="evaluation")
     show_predictions: bool = option(False, "also write each caption with its references as text, "
@@ -278,7 +278,7 @@ def image_source(cfg: TestConfig, loaded: LoadedModel) -> ImageSource:
 
 
 def output_dir(cfg: TestConfig) -> Path:
-    return Path(cfg.output_dir or Path(cfg.checkpoint[0]).parent)
+    return Path(cfg.output_path or Path(cfg.checkpoint[0]).parent)
 
 
 def output_paths(cfg: TestConfig, out_dir: Path, beam: int) -> dict[str, Path]:
@@ -294,7 +294,7 @@ def output_paths(cfg: TestConfig, out_dir: Path, beam: int) -> dict[str, Path]:
     existing = [p for p in paths.values() if p.exists()]
     if existing and not cfg.overwrite:
         raise FileExistsError(f"{existing[0]} holds an earlier evaluation; pass --overwrite to replace it or "
-                              "--output_dir / --results_json to write elsewhere")
+                              "--output_path / --results_json to write elsewhere")
     return paths
 
 

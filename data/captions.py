@@ -2,7 +2,8 @@
 
 Command line::
 
-    python -m data.captions to-manifest --images_path photos/ --captions_path captions.csv --output manifest.jsonl \\
+    python -m data.captions to-manifest --images_path photos/ --captions_path captions.csv \\
+        --output_path manifest.jsonl \\
         [--split_ratio 0.9,0.05,0.05 --seed 0 | --split train] [--skip_missing True] [--overwrite True]
     python -m data.captions check --captions_path manifest.jsonl [--images_path photos/]
 
@@ -48,7 +49,7 @@ class ToManifestConfig:
                               aliases=("--images",), required=True, group="data")
     captions_path: str = option("", "CSV image,caption or TSV image<TAB>caption (header optional), or JSON "
                                 "{image: [...]}", aliases=("--captions",), required=True, group="data")
-    output: str = option("", "manifest to write (.jsonl)", aliases=("--output_path",), required=True, group="data")
+    output_path: str = option("", "manifest to write (.jsonl)", aliases=("--output",), required=True, group="data")
     split: str = option("", "put every image in this split (default: a random split, see --split_ratio)",
                         choices=SPLITS, group="data")
     split_ratio: str = option("", "random train,val,test proportions (default: 0.9,0.05,0.05 when --split is not "
@@ -72,15 +73,15 @@ class CheckConfig:
 
 def to_manifest(cfg: ToManifestConfig) -> int:
     """Print the summary and write the manifest unless a problem blocks it (exit status 2)."""
-    refuse_existing(Path(cfg.output), cfg.overwrite)
+    refuse_existing(Path(cfg.output_path), cfg.overwrite)
     plan = plan_manifest(cfg.images_path, cfg.captions_path, cfg.split or None, cfg.split_ratio or None, cfg.seed,
                          cfg.skip_missing)
     print(plan.report.text(), flush=True)
     if plan.blocking:
         print(f"error: {plan.blocking}", file=sys.stderr)
         return 2
-    plan.write(cfg.output, cfg.overwrite)
-    print(f"wrote {plural(len(plan.entries), 'image')} to {cfg.output}")
+    plan.write(cfg.output_path, cfg.overwrite)
+    print(f"wrote {plural(len(plan.entries), 'image')} to {cfg.output_path}")
     return 0
 
 

@@ -808,19 +808,19 @@ def _write_images(out: Path, config: SyntheticConfig, progress: bool) -> tuple[l
 class _Command(SyntheticConfig):
     """The command line: the dataset's config plus where to write it."""
 
-    out: str = option("", "output directory (created; must be empty or hold this generator's files)", required=True,
-                      group="data")
-    overwrite: bool = option(False, "replace this generator's files in --out", group="data")
+    output_path: str = option("", "output directory (created; must be empty or hold this generator's files)",
+                              aliases=("--out",), required=True, group="data")
+    overwrite: bool = option(False, "replace this generator's files in --output_path", group="data")
     quiet: bool = option(False, "no progress bar", group="runtime")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: generate the dataset into --out and print the json path."""
+    """Command line: generate the dataset into --output_path and print the json path."""
     try:
         cmd, _ = parse_dataclass(_Command, list(argv) if argv is not None else None,
                                  "Generate the synthetic shapes captioning dataset (Karpathy json).")
         config = SyntheticConfig(**{f.name: getattr(cmd, f.name) for f in fields(SyntheticConfig)})
-        path = generate_synthetic_dataset(cmd.out, config, overwrite=cmd.overwrite, progress=not cmd.quiet)
+        path = generate_synthetic_dataset(cmd.output_path, config, overwrite=cmd.overwrite, progress=not cmd.quiet)
     except (ValueError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

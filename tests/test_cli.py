@@ -8,7 +8,12 @@ from pathlib import Path
 
 import pytest
 
+import backbone
 import export
+import test as test_script
+from data import captions, synthetic
+from engine.features import GeneratorConfig
+from engine.pretrain import PretrainConfig
 from utils.cli import (
     ArgumentParser,
     CheckpointOptions,
@@ -96,7 +101,7 @@ def test_export_reads_the_common_checkpoint_flags_its_old_name_and_true_false(
     ckpt = tmp_path / "best.pth"
     ckpt.write_bytes(b"not read by parse_config")
     cfg = export.parse_config(["--load_path", str(ckpt), "--output", "out", "--features_only", "False"])
-    assert (cfg.checkpoint, cfg.output, cfg.format, cfg.features_only) == ((str(ckpt),), "out", "onnx", False)
+    assert (cfg.checkpoint, cfg.output_path, cfg.format, cfg.features_only) == ((str(ckpt),), "out", "onnx", False)
     assert export.parse_config(["--checkpoint", str(ckpt), "--output", "o", "--features_only"]).features_only
     for argv, message in ((["--checkpoint", str(ckpt), str(ckpt), "--output", "o"], "exports one model, got 2"),
                           (["--checkpoint", str(tmp_path / "none.pth"), "--output", "o"], "no such file"),
@@ -111,4 +116,17 @@ def test_a_single_checkpoint_path_is_refused_rather_than_read_as_its_characters(
     with pytest.raises(TypeError, match=r"checkpoint takes a tuple of paths .*checkpoint=\(path,\)"):
         CheckpointOptions(checkpoint="best.pth")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="checkpoint takes a tuple"):
-        export.ExportConfig("best.pth", output="out")  # type: ignore[arg-type]
+        export.ExportConfig("best.pth", output_path="out")  # type: ignore[arg-type]
+
+
+def test_every_script_names_what_it_writes_output_path_with_the_older_names_as_aliases():
+    """One family of names for output locations: the field (and flag) is output_path everywhere a script writes a
+    file or folder; --output, --out and --output_dir still read, as aliases."""
+    writers = {backbone.CreateConfig: ("--output",), backbone.ConvertConfig: ("--output",),
+               export.ExportConfig: ("--output",), captions.ToManifestConfig: ("--output",),
+               synthetic._Command: ("--out",), test_script.TestConfig: ("--output_dir",), GeneratorConfig: (),
+               PretrainConfig: ()}
+    for cls, aliases in writers.items():
+        named = {f.name: f for f in fields(cls)}
+        assert "output_path" in named and not {"output", "out", "output_dir"} & set(named), cls.__name__
+        assert named["output_path"].metadata["aliases"] == aliases, cls.__name__

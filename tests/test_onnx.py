@@ -35,7 +35,7 @@ def exported(tmp_path_factory):
     torch.manual_seed(0)
     cfg = tiny_config()
     ckpt = save_model_checkpoint(root / "tiny.pth", build_model(cfg), cfg, tiny_vocab())
-    folder = export_main(ExportConfig(checkpoint=(str(ckpt),), output=str(root / "exp")))
+    folder = export_main(ExportConfig(checkpoint=(str(ckpt),), output_path=str(root / "exp")))
     return ckpt, folder
 
 
@@ -141,8 +141,8 @@ def test_official_checkpoint_exports_with_its_vocabulary(tmp_path):
     vocab.write_bytes(pickle.dumps({"word2idx_dict": {w: i for i, w in enumerate(tokens)}, "idx2word_list": tokens,
                                     "sos_str": "SOS", "eos_str": "EOS"}))
     with pytest.raises(ValueError, match="--vocab"):
-        export_main(ExportConfig(checkpoint=(str(official),), output=str(tmp_path / "x")))
-    folder = export_main(ExportConfig(checkpoint=(str(official),), vocab=str(vocab), output=str(tmp_path / "off")))
+        export_main(ExportConfig(checkpoint=(str(official),), output_path=str(tmp_path / "x")))
+    folder = export_main(ExportConfig(checkpoint=(str(official),), vocab=str(vocab), output_path=str(tmp_path / "off")))
     onnx_cap = load_captioner(folder)
     assert list(onnx_cap.vocab.tokens) == tokens and onnx_cap.config.name == "expansionnet_v2"
     feats = torch.randn(3, 7, 24)

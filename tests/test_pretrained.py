@@ -41,7 +41,7 @@ def test_save_pretrained_round_trip_gives_identical_weights_and_captions(trained
 
 
 def test_model_folder_holds_no_pickle_only_json_and_safetensors(trained_checkpoint, tmp_path):
-    folder = export_main(ExportConfig(checkpoint=(str(trained_checkpoint),), output=str(tmp_path / "model"),
+    folder = export_main(ExportConfig(checkpoint=(str(trained_checkpoint),), output_path=str(tmp_path / "model"),
                                       format="folder"))
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors", "vocab.json"]
     for name in ("config.json", "vocab.json"):
