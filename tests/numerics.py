@@ -46,3 +46,11 @@ def assert_close_f32(actual: torch.Tensor, expected: torch.Tensor, *, roundings:
     atol = float32_atol(expected if scale is None else scale, roundings)
     torch.testing.assert_close(actual, expected, rtol=0, atol=atol, msg=msg)
 
+
+
+def linear_error_scale(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """|x| |W|^T (+ |b|): the magnitudes whose sum bounds a float32 linear layer's rounding error elementwise (Higham's
+    |fl(w . x) - w . x| <= gamma_n sum_i |w_i x_i|, n the input width); two kernels differ by at most twice that, so
+    roundings=2 * (n + 1) with this scale is a worst-case bound, not a tuned one."""
+    magnitudes = x.detach().abs() @ weight.detach().abs().T
+    return magnitudes + bias.detach().abs() if bias is not None else magnitudes
