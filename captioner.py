@@ -1,7 +1,7 @@
 """The Python API: caption images with a checkpoint, in a notebook, in demo.py or behind the HTTP API.
 
     from captioner import load_captioner
-    captioner = load_captioner("phase6/best.pth", device="cpu")
+    captioner = load_captioner("phase6/best.pth")  # the scripts' defaults: device auto, backend auto, precision auto
     captioner.caption("photo.jpg")                       # [Caption(text, score, tokens)]: one image, its captions
     captioner.caption(["a.jpg", pil_image, jpeg_bytes], beam_size=5, num_captions=3)  # one list per image
     captioner.logprobs(["photo.jpg"], ["a cat on a sofa"])                       # (B, T, V) teacher-forced
@@ -31,7 +31,8 @@ from deploy.loading import DEFAULT_BACKEND, load_model, training_facts
 from deploy.runtime import CaptionRuntime, TorchRuntime
 from models import ExpansionNet, ModelConfig
 from models.decoding import Compile, SearchOutput, beam_search, greedy_search, sample
-from utils.runtime import resolve_device
+from utils.cli import CheckpointOptions
+from utils.runtime import RuntimeOptions, resolve_device
 
 
 @dataclass(frozen=True)
@@ -53,9 +54,9 @@ class Captioner:
     any deploy.runtime.CaptionRuntime. caption / caption_features / logprobs work the same for every kind.
     """
 
-    def __init__(self, model: ExpansionNet, config: ModelConfig, vocab: Vocabulary, device: str | torch.device = "cpu",
-                 precision: str = "auto", max_pixels: int | None = DEFAULT_MAX_PIXELS, compile: Compile = False
-                 ) -> None:
+    def __init__(self, model: ExpansionNet, config: ModelConfig, vocab: Vocabulary,
+                 device: str | torch.device = RuntimeOptions.device, precision: str = RuntimeOptions.precision,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, compile: Compile = CheckpointOptions.compile) -> None:
         dev = resolve_device(device)
         runtime = TorchRuntime.for_captioning(model, config, dev, precision, compile=compile)
         self._setup(runtime, vocab, max_pixels)
@@ -218,15 +219,17 @@ def is_single_image(images: Any) -> bool:
     return isinstance(images, (str, os.PathLike, bytes, bytearray, Image.Image))
 
 
-def load_captioner(path: str | Path | Sequence[str | Path], device: str | torch.device = "cpu",
-                   vocab: str | Path | None = None, precision: str = "auto",
+def load_captioner(path: str | Path | Sequence[str | Path], device: str | torch.device = RuntimeOptions.device,
+                   vocab: str | Path | None = None, precision: str = RuntimeOptions.precision,
                    max_pixels: int | None = DEFAULT_MAX_PIXELS, backend: str = DEFAULT_BACKEND,
-                   threads: int | None = None, onnx_cache: str | Path | None = None, compile: Compile = False
-                   ) -> Captioner:
+                   threads: int | None = None, onnx_cache: str | Path | None = None,
+                   compile: Compile = CheckpointOptions.compile) -> Captioner:
     """Load a captioner from a training checkpoint, an official checkpoint (vocab= its vocabulary pickle), a model
     folder (save_pretrained), an exported ONNX folder (export.py), or a list of any of those: an ensemble averaging
     the members' word probabilities (one vocabulary; backbones may differ).
 
+    The defaults are the scripts' (demo.py, test.py, the HTTP API), read from their option fields: device auto (a GPU
+    when there is one), backend auto, precision auto (bf16 on a GPU that supports it, fp32 on the CPU), no compile.
     backend: auto (ONNX Runtime for an exported ONNX folder, PyTorch for everything else: no export is started on
     its own), torch, or onnx. ONNX Runtime on a PyTorch source exports it once (minutes, about 3x PyTorch's peak
     memory) into onnx_cache/<weights digest>-<precision>/ (default: deploy.loading.default_onnx_cache(), which keeps

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import pickle
 import subprocess
@@ -18,14 +19,16 @@ from numerics import TINY_E2E_ROUNDINGS, assert_close_f32
 from PIL import Image
 from processes import run_watched
 
-from captioner import Caption, load_captioner
+import demo
+from captioner import Caption, Captioner, load_captioner
 from data.images import ImageLoadError
 from deploy.checkpoints import read_backbone_file, restore_model, save_backbone_file, save_model_checkpoint
 from models import build_model
 from models.backbone import create_backbone, load_backbone_state_dict
 from models.cpu_packing import PackedLinear
 from utils.checkpoint import CheckpointError, load_checkpoint_file
-from utils.cli import LengthOptions, resolve_max_len
+from utils.cli import CheckpointOptions, LengthOptions, resolve_max_len
+from utils.runtime import RuntimeOptions, resolve_device, resolve_precision
 
 PHOTO = Path(__import__("matplotlib").get_data_path()) / "sample_data" / "grace_hopper.jpg"
 
@@ -246,6 +249,21 @@ def test_the_default_backend_is_pytorch_for_a_checkpoint_and_exports_nothing(tin
     assert DEFAULT_BACKEND == CheckpointOptions.backend == demo.parse_config(args).backend == "auto"
     assert test_script.parse_config(["--checkpoint", str(tiny_checkpoint), "--images_path", str(tmp_path)]
                                     ).backend == DEFAULT_BACKEND
+
+
+def test_the_python_api_defaults_to_the_scripts_device_backend_and_precision(tiny_checkpoint):
+    """load_captioner(path) decodes where and how demo.py does without flags: its defaults are the scripts' option
+    fields (device auto: a GPU when there is one, not always the CPU; backend auto; precision auto; no compile)."""
+    cfg = demo.parse_config(["--checkpoint", str(tiny_checkpoint), "--image_paths", str(PHOTO)])
+    for fn in (load_captioner, Captioner.__init__):
+        defaults = {k: v.default for k, v in inspect.signature(fn).parameters.items()}
+        assert defaults["device"] == RuntimeOptions.device == cfg.device == "auto", fn.__qualname__
+        assert defaults["precision"] == RuntimeOptions.precision == cfg.precision, fn.__qualname__
+        assert defaults["compile"] is CheckpointOptions.compile is cfg.compile is False, fn.__qualname__
+    assert inspect.signature(load_captioner).parameters["backend"].default == CheckpointOptions.backend == cfg.backend
+    loaded = load_captioner(tiny_checkpoint)
+    assert loaded.device == resolve_device(cfg.device) and loaded.backend == "torch"
+    assert loaded.precision == resolve_precision(cfg.precision, loaded.device)
 
 
 def test_backend_onnx_gives_pytorchs_captions_from_an_export_made_once(tiny_checkpoint, tmp_path):
