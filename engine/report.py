@@ -20,7 +20,14 @@ from data.records import ImageRecord
 from data.splits import split_records
 from data.synthetic import GROUND_TRUTH_NAME, caption_from_ground_truth, load_ground_truth, shape_vocabulary
 from deploy.checkpoints import restore_model
-from engine.evaluate import caption_records, evaluation_report
+from engine.evaluate import (
+    EVAL_PRECISION,
+    as_runtime,
+    caption_records,
+    decoding_record,
+    evaluation_report,
+    prediction_rows,
+)
 from eval.cider import CiderD, best_constant_caption
 from eval.grounded import GroundingWords, grounded_accuracy
 from eval.metrics import MeteorSession, python_tokenize, shared_meteor
@@ -28,18 +35,24 @@ from utils.plots import save_caption_grid
 
 
 def evaluate_checkpoint(path: Path, records: list[ImageRecord], beam_size: int, max_len: int = 20,
-                        batch_size: int = 100, device: str = "cpu", meteor: MeteorSession | None = None
-                        ) -> tuple[dict[int, str], dict[str, Any]]:
-    """Caption a split end-to-end with a checkpoint and score it with the COCO metrics (x100); meteor: a METEOR
-    session shared with other evaluations."""
+                        batch_size: int = 100, device: str = "cpu", meteor: MeteorSession | None = None,
+                        split: str = "test") -> tuple[dict[int, str], dict[str, Any]]:
+    """Caption a split end-to-end with a checkpoint (fp32, evaluation's precision) and score it with the COCO
+    metrics (x100); meteor: a METEOR session shared with other evaluations. The report carries the record of what
+    was measured, as test.py's metrics do (engine.evaluate.decoding_record: weights digest, backend, precision, beam
+    size, length cap, split and its size) under "record"."""
     print(f"   captioning {len(records)} images with {path}", flush=True)
     restored = restore_model(path)
     bb = restored.config.backbone
     source = ImageSource(backbone=bb)
     dev = torch.device(device)
-    preds, _ = caption_records(restored.model.to(dev), records, restored.vocab, source, beam_size=beam_size,
-                               max_len=max_len, batch_size=batch_size, device=dev, progress=False)
-    return preds, evaluation_report(preds, records, ("BLEU", "METEOR", "ROUGE_L", "CIDEr"), meteor=meteor)
+    model = restored.model.to(dev)
+    preds, _ = caption_records(model, records, restored.vocab, source, beam_size=beam_size, max_len=max_len,
+                               batch_size=batch_size, device=dev, precision=EVAL_PRECISION, progress=False)
+    record = decoding_record(as_runtime(model, dev, EVAL_PRECISION), beam_size=beam_size, max_len=max_len,
+                             split=split, split_size=len(records))
+    report = evaluation_report(preds, records, ("BLEU", "METEOR", "ROUGE_L", "CIDEr"), meteor=meteor)
+    return preds, {**report, "checkpoint": str(path), "record": record}
 
 
 def constant_caption_baseline(train: list[ImageRecord], test: list[ImageRecord]) -> tuple[str, float]:
@@ -64,10 +77,11 @@ def test_results(splits: dict[str, list[ImageRecord]], xe_checkpoint: Path, fina
 
 
 def write_report(run_dir: Path, results: dict[str, Any], preds: dict[int, str], text: str) -> None:
-    """results.json, predictions_test.json, the phases' curves and report.md in run_dir."""
+    """results.json, predictions_test.json (the final checkpoint's test captions, each row with the record of how
+    they were decoded, as test.py writes them), the phases' curves and report.md in run_dir."""
     (run_dir / "results.json").write_text(json.dumps(results, indent=1))
-    (run_dir / "predictions_test.json").write_text(json.dumps(
-        [{"image_id": i, "caption": c} for i, c in sorted(preds.items())], indent=1))
+    record = results.get("test_final", {}).get("record", {})
+    (run_dir / "predictions_test.json").write_text(json.dumps(prediction_rows(preds, record), indent=1))
     _copy_curves(run_dir)
     (run_dir / "report.md").write_text(text)
 
@@ -122,7 +136,7 @@ def own_data_report(run_dir: Path, captions_path: Path, images_path: Path, xe_ch
         if grounded:
             results["grounded"] = grounded
     elif splits["val"]:
-        preds, _ = evaluate_checkpoint(final_checkpoint, splits["val"][:count], beam_size)
+        preds, _ = evaluate_checkpoint(final_checkpoint, splits["val"][:count], beam_size, split="val")
     if old_data is not None and start_checkpoint is not None:
         results["old_data"] = old_data_results(old_data, start_checkpoint, final_checkpoint, beam_size)
     shown = [r for r in splits[shown_split][:count] if r.image_id in preds]

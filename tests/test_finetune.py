@@ -3,16 +3,21 @@ engine.setup) keeps every old row and id, and the model's captions stay the same
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 
 import pytest
 import torch
-from conftest import make_tiny_dataset, save_tiny_checkpoint, tiny_config, tiny_vocab
+from conftest import ROOT, make_tiny_dataset, save_tiny_checkpoint, tiny_config, tiny_vocab
+from processes import run_watched
 
 from data.formats import load_records
 from data.loaders import ImageSource
 from data.records import DatasetError, ImageRecord
+from data.synthetic import SyntheticConfig, generate_synthetic_dataset
 from data.vocab import Vocabulary
+from deploy.checkpoints import restore_model
 from engine.evaluate import caption_records
 from engine.setup import TrainConfig, config_differences, new_words, resolve_setup
 from models import build_model
@@ -102,3 +107,48 @@ def test_a_setting_a_checkpoint_predates_counts_as_its_default_on_resume():
     old = {k: v for k, v in new.items() if k != "min_word_count"}
     assert config_differences(old, new) == []
     assert config_differences(old, {**new, "min_word_count": 3}) == ["--min_word_count: 5 -> 3"]
+
+
+@pytest.mark.slow
+def test_pipeline_fine_tunes_a_captioner_whose_new_words_appear_and_old_ids_are_kept(tmp_path):
+    """`pipeline.py --preset small --init_from` with tiny schedules: a captioner (tiny, 16 tokens) fine-tuned on the
+    shifted synthetic domain; the final checkpoint's vocabulary is the start's, id for id, then the new words; its
+    captions use new words (the start's cannot: its vocabulary lacks them); the report scores the start beside it,
+    on the new test split and on the old data's."""
+    start = save_tiny_checkpoint(tmp_path / "start.pth")
+    shifted = generate_synthetic_dataset(tmp_path / "shifted", SyntheticConfig(48, 8, 8, image_size=32,
+                                                                               domain="shifted"), progress=False)
+    old = generate_synthetic_dataset(tmp_path / "old", SyntheticConfig(8, 2, 8, image_size=32), progress=False)
+    # phase 2 long enough (30 epochs of 3 batches at lr 1e-2) for the new words' output rows to climb from their
+    # start, new_word_margin nats below the old words (about 16 here), into the captions
+    tiny = ["phase2.num_epochs=30", "phase2.lr=1e-2", "phase3.num_epochs=1", "phase5.num_epochs=1",
+            "phase6.num_epochs=1", "eval_beam_sizes=[2]", "scst_samples=2", "scst_max_len=10", "eval_max_len=10"]
+    run_dir = tmp_path / "run"
+    proc = run_watched([sys.executable, "pipeline.py", "--preset", "small", "--init_from", str(start),
+                        "--images_path", str(shifted.parent), "--captions_path", str(shifted),
+                        "--old_captions_path", str(old), "--run_dir", str(run_dir), "--set", *tiny], cwd=ROOT,
+                       watch=[tmp_path])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "== start: fine-tuning the trained captioner" in proc.stdout and "phase 0" not in proc.stdout
+    final = restore_model(run_dir / "phase6-scst-e2e" / "best.pth")
+    old_vocab = tiny_vocab()
+    added = final.vocab.tokens[len(old_vocab):]
+    assert final.vocab.tokens[:len(old_vocab)] == old_vocab.tokens  # old ids kept
+    assert {"pink", "brown", "cyan", "heart", "ring", "arrow", "checkered", "dotted"} <= set(added)
+    rows = json.loads((run_dir / "predictions_test.json").read_text())
+    captions = [row["caption"] for row in rows]
+    assert any(set(c.split()) & set(added) for c in captions), captions  # the new words are used
+    # the report's evaluations record what they measured, as test.py's files do
+    results = json.loads((run_dir / "results.json").read_text())
+    record = results["test_final"]["record"]
+    assert record["split"] == "test" and record["split_size"] == len(rows) == 8 and record["beam_size"] == 3
+    assert record["max_len"] == 20 and record["precision"] == "fp32" and record["backend"] == "torch"
+    assert all({k: row[k] for k in record} == record for row in rows)
+    assert results["test_start"]["record"]["weights_sha256"] != record["weights_sha256"]
+    assert results["old_data"]["final"]["record"]["weights_sha256"] == record["weights_sha256"]
+    r = json.loads((run_dir / "pipeline.json").read_text())["results"]
+    assert {"test_cider_start", "test_cider_final", "old_test_cider_start", "old_test_cider_final",
+            "colour_shape_start", "old_colour_shape_final"} <= set(r)
+    report = (run_dir / "report.md").read_text()
+    assert "starting captioner" in report and "## Forgetting: the starting model's own data" in report
+    assert "## Verdict" in report
