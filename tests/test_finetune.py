@@ -48,15 +48,17 @@ def test_extended_rows_keep_every_old_row_and_append_the_new_ones():
 
 
 def test_new_words_hold_a_negligible_share_of_the_probability_for_any_decoder_state():
-    """The bound of the module docstring: K new words hold at most 2^-24 of the old words' mass, whatever h is."""
+    """The bound of the module docstring: K new words hold at most 2^-10 of the old words' mass, and each is below
+    the best old word, whatever h is."""
     torch.manual_seed(0)
     weight, bias = torch.randn(40, 16) * 3, torch.randn(40) * 4
     grown = extend_word_rows({EMBEDDING: torch.randn(40, 16), OUTPUT_WEIGHT: weight, OUTPUT_BIAS: bias}, 5)
     h = torch.randn(1000, 16) * 5  # decoder states of every scale
     logits = (h @ grown[OUTPUT_WEIGHT].T + grown[OUTPUT_BIAS]).double()
     share = logits[:, 40:].exp().sum(1) / logits[:, :40].exp().sum(1)
-    assert share.max().item() <= 2.0 ** -24
-    assert new_word_margin(40, 5) == pytest.approx(math.log(5 / 40) + 24 * math.log(2))
+    assert share.max().item() <= 2.0 ** -10
+    assert (logits[:, 40:].max(1).values < logits[:, :40].max(1).values).all()  # greedy decoding unchanged
+    assert new_word_margin(40, 5) == pytest.approx(math.log(5 / 40) + 10 * math.log(2))
 
 
 def test_init_from_extends_the_vocabulary_keeps_old_ids_and_the_captions_before_training(tmp_path, monkeypatch):
@@ -119,9 +121,9 @@ def test_pipeline_fine_tunes_a_captioner_whose_new_words_appear_and_old_ids_are_
     shifted = generate_synthetic_dataset(tmp_path / "shifted", SyntheticConfig(48, 8, 8, image_size=32,
                                                                                domain="shifted"), progress=False)
     old = generate_synthetic_dataset(tmp_path / "old", SyntheticConfig(8, 2, 8, image_size=32), progress=False)
-    # phase 2 long enough (30 epochs of 3 batches at lr 1e-2) for the new words' output rows to climb from their
-    # start, new_word_margin nats below the old words (about 16 here), into the captions
-    tiny = ["phase2.num_epochs=30", "phase2.lr=1e-2", "phase3.num_epochs=1", "phase5.num_epochs=1",
+    # phase 2 long enough (30 epochs of 3 batches at lr 3e-3) for the random start to caption at all and the new words'
+    # output rows to climb from new_word_margin below the old words into the captions (lr 1e-2 gave empty captions)
+    tiny = ["phase2.num_epochs=30", "phase2.lr=3e-3", "phase3.num_epochs=1", "phase5.num_epochs=1",
             "phase6.num_epochs=1", "eval_beam_sizes=[2]", "scst_samples=2", "scst_max_len=10", "eval_max_len=10"]
     run_dir = tmp_path / "run"
     proc = run_watched([sys.executable, "pipeline.py", "--preset", "small", "--init_from", str(start),
