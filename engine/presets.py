@@ -286,13 +286,14 @@ def prepare_start(init_from: Path, vocab: Path | None, run_dir: Path) -> tuple[P
 # Seconds per image on 2 CPU cores (the quickstart's captioner and backbone at 64 px) of each kind of work of the small
 # preset, measured on a 2-core Intel Xeon shared with other jobs (2026-12-06; docs/benchmarks.md, "Fine-tuning on your
 # photos"): a training epoch per training image, each epoch's validation included (20 val images per 240 training
-# images, so the val_* entries stay 0), feature extraction per image, and the report per test image (starting and
-# fine-tuned captioner, the old data's 500 test images included). From the phase durations of `pipeline.py --preset
-# small --init_from` (quickstart captioner, 300 shifted-domain images; phase 1 15.8 s and 4 7.6 s for 300 images,
-# 2 474 s for 6 epochs, 3 140 s for 1, 5 189 s for 2, 6 18.5 s for 1, start + report 105 s for 40 test images) and
-# phase 0 of the quickstart (1003 s for 4 epochs of 4,000 images). The machine was shared: an idle one is faster.
-SECONDS_PER_IMAGE = {"phase0": 0.063, "features": 0.039, "xe_features": 0.33, "xe_e2e": 0.58, "scst_features": 0.39,
-                     "scst_e2e": 0.077, "val_features": 0.0, "val_e2e": 0.0, "report": 2.6}
+# images, so the val_* entries stay 0), feature extraction per image, and the start and report per test image (the
+# starting and fine-tuned captioner, the old data's 500 test images included). From the phase durations of `pipeline.py
+# --preset small --init_from` (quickstart captioner, 300 shifted-domain images, 290 s in all; phase 1 14.8 s and 4
+# 5.5 s for 300 images, 2 56.8 s for 6 epochs, 3 153 s for 1, 5 21.9 s for 2, 6 6.7 s for 1, the rest 31 s for 40
+# test images) and phase 0 of the quickstart (1003 s for 4 epochs of 4,000 images, on a busier machine). The same
+# run on the machine busier still took 950 s: the estimate is a floor on a shared machine.
+SECONDS_PER_IMAGE = {"phase0": 0.063, "features": 0.034, "xe_features": 0.039, "xe_e2e": 0.64, "scst_features": 0.046,
+                     "scst_e2e": 0.028, "val_features": 0.0, "val_e2e": 0.0, "report": 0.78}
 PHASE_WORK = {2: "xe_features", 3: "xe_e2e", 5: "scst_features", 6: "scst_e2e"}
 
 
