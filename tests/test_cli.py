@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import backbone
+import demo
 import export
 import test as test_script
 from data import captions, synthetic
@@ -123,7 +124,8 @@ def test_every_script_names_what_it_writes_output_path_with_the_older_names_as_a
     """One family of names for output locations: the field (and flag) is output_path everywhere a script writes a
     file or folder; --output, --out and --output_dir still read, as aliases."""
     writers = {backbone.CreateConfig: ("--output",), backbone.ConvertConfig: ("--output",),
-               export.ExportConfig: ("--output",), captions.ToManifestConfig: ("--output",),
+               export.ExportConfig: ("--output",), demo.DemoConfig: ("--output",),
+               captions.ToManifestConfig: ("--output",),
                synthetic._Command: ("--out",), test_script.TestConfig: ("--output_dir",), GeneratorConfig: (),
                PretrainConfig: ()}
     for cls, aliases in writers.items():

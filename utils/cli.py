@@ -308,10 +308,9 @@ class ModelSourceOptions:
 class CheckpointOptions(ModelSourceOptions):
     """The model a script reads and decodes with: ModelSourceOptions, and which runtime decodes and how."""
 
-    backend: str = option("auto", "what decodes: auto (ONNX Runtime for an exported folder and for fp32 on the CPU "
-                          "from images, the fastest path with PyTorch's captions; PyTorch from cached features on the "
-                          "CPU, on a GPU or under bf16/fp16), torch or onnx", choices=("auto", "torch", "onnx"),
-                          group="runtime")
+    backend: str = option("auto", "what decodes: auto (ONNX Runtime for an exported ONNX folder, PyTorch for "
+                          "everything else: no export is ever started on its own), torch or onnx (exports once per "
+                          "weights into --onnx_cache)", choices=("auto", "torch", "onnx"), group="runtime")
     onnx_cache: str = option("", "folder of the ONNX exports ONNX Runtime runs, made once per weights (default: "
                              "$XDG_CACHE_HOME or ~/.cache, /expansionnet/onnx)", group="runtime")
     compile: bool = option(False, "torch.compile the encoder and the decoding step (PyTorch backend): compiles once "
