@@ -9,8 +9,6 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI
 from PIL import Image
 
-from captioner import Captioner, load_captioner
-from deploy.checkpoints import require_end_to_end
 from serving import Backend, CaptionParams, ServingSettings, create_app, load_settings
 from serving.settings import convert_setting
 from utils.cli import CheckpointOptions
@@ -18,6 +16,8 @@ from utils.runtime import RuntimeOptions
 
 if TYPE_CHECKING:
     import torch
+
+    from captioner import Captioner
 
 ENV_PREFIX = "CAPTION"
 # defaults from the scripts' option fields: the API decodes what demo.py and test.py decode (CAPTION_MAX_LEN too, in
@@ -32,6 +32,8 @@ class ExpansionNetBackend:
     ensemble, behind the serving Backend protocol."""
 
     def __init__(self, captioner: Captioner, checkpoint: str) -> None:
+        from deploy.checkpoints import require_end_to_end  # here: see load
+
         require_end_to_end(captioner.config, checkpoint, "be served (the API captions images)")
         self.captioner = captioner
         self.max_len = int(captioner.max_caption_len)  # the model's full length, demo.py's and test.py's cap
@@ -41,6 +43,8 @@ class ExpansionNetBackend:
     def load(cls, model: Mapping[str, str | None], max_pixels: int | None = None) -> ExpansionNetBackend:
         """Load CAPTION_CHECKPOINT (several, comma-separated: an ensemble; + CAPTION_VOCAB for official checkpoints)
         on CAPTION_DEVICE with CAPTION_BACKEND (CAPTION_COMPILE=true: torch.compile'd PyTorch)."""
+        from captioner import load_captioner  # here, not at the top: the port opens before torch and the model code
+
         paths = checkpoint_paths(model)
         compile_model = convert_setting(f"{ENV_PREFIX}_COMPILE", model.get("COMPILE") or False, False)
         setting = {key: model.get(key) or MODEL_KEYS[key] for key in ("DEVICE", "PRECISION", "BACKEND")}

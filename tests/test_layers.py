@@ -12,6 +12,9 @@ LAYERS = {"utils": 0, "models": 1, "eval": 1, "optims": 1, "data": 2, "losses": 
           "serving": 4, "<root>": 5, "benchmarks": 6}
 SIDEWAYS = {("<root>", "<root>")}  # the scripts use captioner.py, the Python API beside them
 OURS = set(LAYERS) - {"<root>"}
+# imports placed inside a function on purpose, not to dodge a cycle: the API's port opens (/health answers) before
+# torch and the model code load in the background (tests/test_api.py::test_api_import_loads_no_model)
+DEFERRED = {"api.py"}
 
 
 def _modules() -> dict[str, ast.Module]:
@@ -50,7 +53,7 @@ def test_every_package_imports_only_packages_below_it():
 def test_no_module_imports_ours_inside_a_function():
     hidden = []
     for relative, tree in _modules().items():
-        if _package(relative) == "benchmarks":
+        if _package(relative) == "benchmarks" or relative in DEFERRED:
             continue  # benchmark helpers import what one measurement needs, not what the module needs
         for fn in ast.walk(tree):
             if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
