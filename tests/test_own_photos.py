@@ -194,7 +194,9 @@ def test_own_photos_end_to_end_from_a_csv_with_mistakes_to_demo_and_api(tmp_path
     report = (run_dir / "report.md").read_text()
     assert "after XE (phase 3)" in report and "after SCST (phase 6)" in report and "Best constant caption" in report
     assert "Grounded" not in report and (run_dir / "test_captions.png").is_file()
-    assert set(manifest["results"]) == {"test_cider_xe", "test_cider_final", "best_constant_cider"}
+    assert set(manifest["results"]) == {"test_cider_xe", "test_cider_final", "best_constant_cider", "test_images"}
+    test_split = [r for r in load_records(run_dir / "data" / SMALL_MANIFEST) if r.split == "test"]
+    assert manifest["results"]["test_images"] == len(test_split) > 0  # the verdict weighs its scores by it
 
     # demo.py with that checkpoint
     test_image = photos / "img000.jpg"
