@@ -32,7 +32,7 @@ from deploy.loading import LoadedModel, load_model
 from engine.evaluate import EVAL_PRECISION, caption_records, decoding_record, evaluation_report, prediction_rows
 from models.config import ModelConfig
 from utils.cli import CheckpointOptions, LengthOptions, parse_dataclass, plain_warnings, resolve_max_len, str2bool
-from utils.dist import DistInfo, cleanup, init_distributed, launch
+from utils.dist import DistInfo, launch, process_group
 from utils.fields import option
 from utils.runtime import RuntimeOptions, precision_name, resolve_device
 
@@ -324,11 +324,8 @@ def print_table(rows: list[dict]) -> None:
 
 
 def worker(plan: EvaluationPlan) -> list[dict]:
-    dist = init_distributed(resolve_device(plan.cfg.device).type, plan.cfg.ddp_sync_port)
-    try:
+    with process_group(resolve_device(plan.cfg.device).type, plan.cfg.ddp_sync_port) as (dist, _):
         return evaluate(plan, dist)
-    finally:
-        cleanup()
 
 
 def evaluate(plan: EvaluationPlan, dist: DistInfo) -> list[dict]:

@@ -29,7 +29,7 @@ from models import build_model, count_parameters
 from models.config import HYPERPARAMETERS, MODEL_VARIANTS, ModelConfig
 from optims import ScheduleConfig, build_optimizer
 from utils.cli import ArgumentParser, add_dataclass_flags, dataclass_values, plain_warnings
-from utils.dist import DistInfo, cleanup, init_distributed, launch
+from utils.dist import DistInfo, launch, process_group
 from utils.runtime import resolve_device, resolve_precision, seed_everything
 
 
@@ -55,11 +55,8 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 def worker(cfg: TrainConfig) -> None:
     """One training process (the only one, or one of num_gpus / torchrun's)."""
-    dist = init_distributed(resolve_device(cfg.device).type, cfg.ddp_sync_port)
-    try:
+    with process_group(resolve_device(cfg.device).type, cfg.ddp_sync_port) as (dist, _):
         train(cfg, dist)
-    finally:
-        cleanup()
 
 
 def train(cfg: TrainConfig, dist: DistInfo) -> None:

@@ -45,7 +45,7 @@ from deploy.checkpoints import read_backbone_file
 from models.backbone import backbone_output_shape, backbone_tokens, create_backbone, load_backbone_state_dict
 from models.config import BackboneConfig
 from utils.checkpoint import state_dict_sha256
-from utils.dist import DistInfo, all_gather_objects, cleanup, coordination_group, init_distributed
+from utils.dist import DistInfo, all_gather_objects, process_group
 from utils.fields import option
 from utils.runtime import RuntimeOptions, autocast, resolve_device, resolve_precision
 
@@ -137,11 +137,8 @@ def extract_features(cfg: GeneratorConfig) -> Path:
     """Write (or finish) the feature file of cfg; returns its path. Under torchrun, this process's shard, joined
     with the others' by the main process (every process returns once the file is in place)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        info = init_distributed(resolve_device(cfg.device).type)
-        try:
-            return _extract_sharded(cfg, info, coordination_group())
-        finally:
-            cleanup()
+        with process_group(resolve_device(cfg.device).type) as (info, group):
+            return _extract_sharded(cfg, info, group)
     device = resolve_device(cfg.device)
     records, backbone, bb, tokens, channels, attrs = prepare_job(cfg, device)
     precision = resolve_precision(cfg.precision, device)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -58,6 +59,25 @@ def init_distributed(device_type: str, port: int | None = None) -> DistInfo:
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def process_group(device_type: str, port: int | None = None) -> Iterator[tuple[DistInfo, Any]]:
+    """init_distributed for the length of a with block; yields (DistInfo, coordination_group()).
+
+    A block that ends normally waits for every process (a barrier on the coordination group, which waits as long as
+    the main process takes to write its files and metrics) before the groups are destroyed: a process that tears its
+    connections down while a peer's last messages are still in flight can abort (a gloo rank of a two-process
+    evaluation did, with SIGABRT). A block that raises leaves at once: a peer it would wait for may never come.
+    """
+    info = init_distributed(device_type, port)
+    group = coordination_group()
+    try:
+        yield info, group
+        if group is not None:
+            dist.barrier(group=group)
+    finally:
+        cleanup()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
