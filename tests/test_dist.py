@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch.multiprocessing as mp
 
-from utils.dist import launch, process_group
+from utils.dist import all_gather_objects, launch, process_group
 
 
 def _free_port() -> int:
@@ -35,14 +35,18 @@ def test_a_process_done_first_waits_for_the_main_process_before_leaving_the_grou
     assert int((tmp_path / "left_1").read_text()) >= main_done  # rank 1 was still in the group when rank 0 finished
 
 
-def _rank_one_fails(folder: Path) -> None:
+def _rank_one_fails_before_a_collective(folder: Path) -> None:
+    """Rank 1 fails before a gather that rank 0 is already waiting in."""
     with process_group("cpu") as (info, _):
         if info.rank == 1:
             raise RuntimeError("rank 1 failed")
-        (folder / "main_left").write_text("")
+        all_gather_objects(info.rank)
+        (folder / "gathered").write_text("")
 
 
 @pytest.mark.slow
-def test_a_failing_process_leaves_without_waiting_and_the_launcher_reports_it(tmp_path):
-    with pytest.raises(mp.ProcessRaisedException, match="rank 1 failed"):
-        launch(_rank_one_fails, tmp_path, 2, _free_port())
+def test_a_failing_process_leaves_at_once_so_its_peer_errors_instead_of_waiting_forever(tmp_path):
+    # were the failing rank to wait at the closing barrier, rank 0 would wait in the gather: neither would ever end
+    with pytest.raises(mp.ProcessRaisedException, match="rank 1 failed|Connection (closed|reset) by peer"):
+        launch(_rank_one_fails_before_a_collective, tmp_path, 2, _free_port())
+    assert not (tmp_path / "gathered").exists()
