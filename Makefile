@@ -43,7 +43,7 @@ test: setup browser
 	@echo "== test: ruff"
 	$(BIN)/ruff check .
 	@echo "== test: pytest (the whole suite, slow tests included)"
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25
+	$(BIN)/python -m pytest -q --durations=25
 
 # the unit tests: everything not marked slow (no training runs, servers, browser or quickstart); the loop while working
 test-fast: setup

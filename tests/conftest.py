@@ -41,12 +41,6 @@ def tiny_config(name: str = "optimizer_expansionnet", end_to_end: bool = True, v
     return ModelConfig(**cfg)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests marked `longest` first (a stable sort): `make test` hands out whole files to two workers in this order,
-    so one worker starts the quickstart's minutes at once while the other works through the rest."""
-    items.sort(key=lambda item: item.get_closest_marker("longest") is None)
-
-
 @pytest.fixture(scope="session", autouse=True)
 def onnx_export_cache(tmp_path_factory):
     """ONNX exports made by backend 'auto' go to a folder of the test session, never to the user's ~/.cache (servers

@@ -112,7 +112,6 @@ def test_rerun_skips_finished_phases_and_redoes_the_interrupted_one(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.longest
 def test_quickstart_learns_beyond_the_language_prior(tmp_path):
     """`make quickstart` as it ships reaches the issue's floors, with a margin for run-to-run noise (another CPU sums in
     another order): CIDEr-D at least 3x the best constant caption, colours named for >= 93% of the shape groups (goal
