@@ -212,15 +212,18 @@ def _require_trainable(records: list[ImageRecord], source: Path) -> None:
 # extracted with its own backbone, at its image size and normalisation); no phase 0; the captions' new words join its
 # vocabulary (train.py --init_from). Shorter, gentler schedules than from scratch: the model already captions.
 # Measured on 300 shifted-domain synthetic images (240 train) from the quickstart's captioner, 2 CPU cores
-# (docs/benchmarks.md, "Fine-tuning on your photos"): phase 2 at 6 epochs never beat the start on val (172.9; best
-# 169.6), so best.pth kept the start (test colour + shape 34%); at 15 epochs val 199.0, test colour + shape 52%, CIDEr-D
-# 184 (start 169), the quickstart's test split kept 93% of its colour + shape. Phases 3, 5 and 6 never beat phase 2
-# there: one epoch of 3 and 6, two of 5.
+# (docs/benchmarks.md, "Fine-tuning on your photos"): phase 2 at 6 epochs never beat the start on val, so best.pth kept
+# the start (test colour + shape 34%); at 15 epochs test colour + shape 52%. The new colours and shapes need the
+# backbone to learn them: phase 3 (end to end) at lr 1e-4 for one epoch never beat phase 2 on val; at lr 1e-3 for 40
+# epochs (anneal 0.93 per epoch) the run ends at 66% (CIDEr-D 195, start 169), keeping 92% of the quickstart's own
+# colour + shape figure, in 282 s. On a large captioner (Swin-L at 384 px) phase 3 is most of the time: shorten it with
+# --set phase3.num_epochs=N.
 FINETUNE_RECIPE: dict[int, dict[str, Any]] = {
     1: SMALL_FEATURES,
     2: {**SMALL_RECIPE[2], "warmup": 10, "lr": 1e-3, **dropouts(0.1), "anneal_coeff": 0.8, "anneal_every_epoch": 3,
         "num_epochs": 15},
-    3: {**SMALL_RECIPE[3], "lr": 1e-4, **dropouts(0.1), "num_epochs": 1},
+    3: {**SMALL_RECIPE[3], "lr": 1e-3, **dropouts(0.1), "anneal_coeff": 0.93, "anneal_every_epoch": 1,
+        "num_epochs": 40},
     4: SMALL_FEATURES,
     5: {**SMALL_RECIPE[5], "lr": 1e-4, "num_epochs": 2},
     6: {**SMALL_RECIPE[6], "lr": 2e-5, "num_epochs": 1},
@@ -286,16 +289,16 @@ def prepare_start(init_from: Path, vocab: Path | None, run_dir: Path) -> tuple[P
 
 
 # Seconds per image on 2 CPU cores (the quickstart's captioner and backbone at 64 px) of each kind of work of the small
-# preset, measured on a 2-core Intel Xeon shared with other jobs (2026-12-06; docs/benchmarks.md, "Fine-tuning on your
-# photos"): a training epoch per training image, each epoch's validation included (20 val images per 240 training
-# images, so the val_* entries stay 0), feature extraction per image, and the start and report per test image (the
-# starting and fine-tuned captioner, the old data's 500 test images included). From the phase durations of `pipeline.py
-# --preset small --init_from` (quickstart captioner, 300 shifted-domain images, 290 s in all; phase 1 14.8 s and 4
-# 5.5 s for 300 images, 2 56.8 s for 6 epochs, 3 153 s for 1, 5 21.9 s for 2, 6 6.7 s for 1, the rest 31 s for 40
-# test images) and phase 0 of the quickstart (1003 s for 4 epochs of 4,000 images, on a busier machine). The same
-# run on the machine busier still took 950 s: the estimate is a floor on a shared machine.
-SECONDS_PER_IMAGE = {"phase0": 0.063, "features": 0.034, "xe_features": 0.039, "xe_e2e": 0.64, "scst_features": 0.046,
-                     "scst_e2e": 0.028, "val_features": 0.0, "val_e2e": 0.0, "report": 0.78}
+# preset, measured on a quiet 2-core Intel Xeon (2026-12-06; docs/benchmarks.md, "Fine-tuning on your photos"): a
+# training epoch per training image, each epoch's validation included (20 val images per 240 training images, so the
+# val_* entries stay 0), feature extraction per image, and the start and report per test image (the starting and
+# fine-tuned captioner, the old data's 500 test images included). From the phase durations of `pipeline.py --preset
+# small --init_from` (quickstart captioner, 300 shifted-domain images, 282 s in all; phases 1 and 4 4.7 and 4.4 s for
+# 300 images, 2 58.8 s for 15 epochs, 3 154.7 s for 40, 5 10.7 s for 2, 6 8.5 s for 1, the rest 40 s for 40 test
+# images) and phase 0 of the same images from scratch (18.6 s for 20 epochs). On a shared machine the same runs took 2
+# to 6 times as long: the estimate is a floor there.
+SECONDS_PER_IMAGE = {"phase0": 0.004, "features": 0.016, "xe_features": 0.016, "xe_e2e": 0.016, "scst_features": 0.02,
+                     "scst_e2e": 0.03, "val_features": 0.0, "val_e2e": 0.0, "report": 1.0}
 PHASE_WORK = {2: "xe_features", 3: "xe_e2e", 5: "scst_features", 6: "scst_e2e"}
 
 
