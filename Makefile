@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 REQ_HASH := $(shell sha256sum requirements.txt | cut -c1-16)
 STAMP := $(VENV)/.installed-$(REQ_HASH)
 
-.PHONY: setup browser quickstart test test-fast test-kernels lint bench clean
+.PHONY: setup browser quickstart test test-quickstart test-fast test-kernels lint bench clean
 
 setup: $(STAMP)
 
@@ -42,8 +42,13 @@ lint: setup
 test: setup browser
 	@echo "== test: ruff"
 	$(BIN)/ruff check .
-	@echo "== test: pytest (the whole suite, slow tests included)"
-	$(BIN)/python -m pytest -q --durations=25
+	@echo "== test: pytest on two workers of one thread each (the whole suite, slow tests included; the full quickstart run is make test-quickstart)"
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist worksteal -m "not quickstart" --durations=25
+
+# the quickstart as it ships (6-8 minutes on 2 cores), checked against the README's floors
+test-quickstart: setup
+	@echo "== test-quickstart: make quickstart's run in a temporary folder, its results against the README's floors"
+	$(BIN)/python -m pytest -q -m quickstart
 
 # the unit tests: everything not marked slow (no training runs, servers, browser or quickstart); the loop while working
 test-fast: setup

@@ -64,13 +64,12 @@ def constant_caption_baseline(train: list[ImageRecord], test: list[ImageRecord])
 
 
 def test_results(splits: dict[str, list[ImageRecord]], xe_checkpoint: Path, final_checkpoint: Path,
-                 beam_size: int) -> tuple[dict[int, str], dict[int, str], dict[str, Any]]:
+                 beam_size: int, meteor: MeteorSession | None) -> tuple[dict[int, str], dict[int, str], dict[str, Any]]:
     """The XE and final checkpoints' test-split captions and metrics, and the best constant caption: (XE captions,
-    final captions, results)."""
+    final captions, results). meteor: the report's one METEOR session (its start is most of its time)."""
     test = splits["test"]
-    with shared_meteor() as meteor:  # one METEOR JVM for both: its start is most of its time
-        xe_preds, xe_report = evaluate_checkpoint(xe_checkpoint, test, beam_size, meteor=meteor)
-        preds, report = evaluate_checkpoint(final_checkpoint, test, beam_size, meteor=meteor)
+    xe_preds, xe_report = evaluate_checkpoint(xe_checkpoint, test, beam_size, meteor=meteor)
+    preds, report = evaluate_checkpoint(final_checkpoint, test, beam_size, meteor=meteor)
     constant, constant_cider = constant_caption_baseline(splits["train"], test)
     return xe_preds, preds, {"test_xe": xe_report, "test_final": report, "best_constant_caption": constant,
                              "best_constant_cider": constant_cider}
@@ -91,7 +90,8 @@ def quickstart_report(run_dir: Path, captions_path: Path, images_path: Path, xe_
     """Evaluate, compare with the baselines, and write report.md, results.json and a captioned test grid PNG."""
     splits = split_records(load_records(captions_path, images_path))
     test = splits["test"]
-    xe_preds, preds, scores = test_results(splits, xe_checkpoint, final_checkpoint, beam_size)
+    with shared_meteor() as meteor:
+        xe_preds, preds, scores = test_results(splits, xe_checkpoint, final_checkpoint, beam_size, meteor)
     truth = load_ground_truth(Path(captions_path).parent / GROUND_TRUTH_NAME)
     words = GroundingWords.from_vocabulary(shape_vocabulary())
     grounded, xe_grounded = grounded_accuracy(preds, truth, words), grounded_accuracy(xe_preds, truth, words)
@@ -124,21 +124,23 @@ def own_data_report(run_dir: Path, captions_path: Path, images_path: Path, xe_ch
                                "start_checkpoint": str(start_checkpoint) if start_checkpoint else None,
                                "phase0_probe": manifest.get("phases", {}).get("0", {}).get("metrics", {}).get("probe")}
     preds: dict[int, str] = {}
-    if splits["test"]:
-        xe_preds, preds, scores = test_results(splits, xe_checkpoint, final_checkpoint, beam_size)
-        results.update(scores)
-        results["test_cider_error"] = cider_standard_error(preds, splits["test"])
-        captions = {"xe": xe_preds, "final": preds}
-        if start_checkpoint is not None:
-            captions["start"], results["test_start"] = evaluate_checkpoint(start_checkpoint, splits["test"],
-                                                                           beam_size)
-        grounded = grounded_by_model(captions_path, captions)
-        if grounded:
-            results["grounded"] = grounded
-    elif splits["val"]:
-        preds, _ = evaluate_checkpoint(final_checkpoint, splits["val"][:count], beam_size, split="val")
-    if old_data is not None and start_checkpoint is not None:
-        results["old_data"] = old_data_results(old_data, start_checkpoint, final_checkpoint, beam_size)
+    with shared_meteor() as meteor:  # one METEOR JVM for every evaluation of the report
+        if splits["test"]:
+            xe_preds, preds, scores = test_results(splits, xe_checkpoint, final_checkpoint, beam_size, meteor)
+            results.update(scores)
+            results["test_cider_error"] = cider_standard_error(preds, splits["test"])
+            captions = {"xe": xe_preds, "final": preds}
+            if start_checkpoint is not None:
+                captions["start"], results["test_start"] = evaluate_checkpoint(start_checkpoint, splits["test"],
+                                                                               beam_size, meteor=meteor)
+            grounded = grounded_by_model(captions_path, captions)
+            if grounded:
+                results["grounded"] = grounded
+        elif splits["val"]:
+            preds, _ = evaluate_checkpoint(final_checkpoint, splits["val"][:count], beam_size, split="val",
+                                           meteor=meteor)
+        if old_data is not None and start_checkpoint is not None:
+            results["old_data"] = old_data_results(old_data, start_checkpoint, final_checkpoint, beam_size, meteor)
     shown = [r for r in splits[shown_split][:count] if r.image_id in preds]
     results["examples"] = [{"image_id": r.image_id, "image": r.path.name, "caption": preds[r.image_id],
                             "reference": r.captions[0]} for r in shown]
@@ -163,18 +165,18 @@ def grounded_by_model(captions_path: Path, captions: dict[str, dict[int, str]]) 
     return {name: grounded_accuracy(preds, truth, words) for name, preds in captions.items()}
 
 
-def old_data_results(old_data: tuple[Path, Path], start_checkpoint: Path, final_checkpoint: Path, beam_size: int
-                     ) -> dict[str, Any]:
-    """The starting and the fine-tuned captioner on the test split of the starting model's own data."""
+def old_data_results(old_data: tuple[Path, Path], start_checkpoint: Path, final_checkpoint: Path, beam_size: int,
+                     meteor: MeteorSession | None) -> dict[str, Any]:
+    """The starting and the fine-tuned captioner on the test split of the starting model's own data (meteor: the
+    report's METEOR session)."""
     captions_path, images_path = old_data
     test = split_records(load_records(captions_path, images_path))["test"]
     if not test:
         raise ValueError(f"--old_captions_path {captions_path} has no test split to measure forgetting on")
     print(f"== forgetting: the starting and the fine-tuned captioner on the {len(test)} test images of "
           f"{captions_path}", flush=True)
-    with shared_meteor() as meteor:
-        start_preds, start = evaluate_checkpoint(start_checkpoint, test, beam_size, meteor=meteor)
-        final_preds, final = evaluate_checkpoint(final_checkpoint, test, beam_size, meteor=meteor)
+    start_preds, start = evaluate_checkpoint(start_checkpoint, test, beam_size, meteor=meteor)
+    final_preds, final = evaluate_checkpoint(final_checkpoint, test, beam_size, meteor=meteor)
     out = {"captions_path": str(captions_path), "num_images": len(test), "start": start, "final": final}
     grounded = grounded_by_model(captions_path, {"start": start_preds, "final": final_preds})
     if grounded:

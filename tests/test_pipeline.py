@@ -111,12 +111,35 @@ def test_rerun_skips_finished_phases_and_redoes_the_interrupted_one(tmp_path):
     assert "--body_save_path" in manifest["phases"]["3"]["command"]
 
 
+# The quickstart recipe on a quarter of its data, SCST shortened (every phase and the report still run): about 160 s
+# on 2 quiet cores instead of 340-470. Measured (2026-12-07, Intel Xeon): test CIDEr-D 106.8 against the best
+# constant caption's 50.2 (2.1x), colours named 75%; shapes are not learned from 1,000 images (colour + shape 18%).
+SHORT_QUICKSTART = ["--num_train", "1000", "--num_val", "100", "--num_test", "200",
+                    "--set", "phase5.max_steps=40", "phase6.max_steps=10"]
+
+
 @pytest.mark.slow
+def test_the_quickstart_recipe_on_a_quarter_of_its_data_learns_colours_beyond_the_language_prior(tmp_path):
+    """The quickstart's phases and report on 1,000 training images (make test's share of the full run, which
+    `make test-quickstart` checks against the README's floors): CIDEr-D at least 1.5x the best constant caption
+    (2.1x measured), colours named for >= 60% of the shape groups (75%), SCST not below XE."""
+    proc = run_watched([sys.executable, "pipeline.py", "--preset", "quickstart", "--run_dir", str(tmp_path),
+                        *SHORT_QUICKSTART], cwd=ROOT, watch=[tmp_path])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((tmp_path / "pipeline.json").read_text())["results"]
+    assert r["test_cider_final"] >= 1.5 * r["best_constant_cider"], r
+    assert r["test_cider_final"] >= r["test_cider_xe"], r
+    assert r["colour_named"] >= 0.60, r
+    assert (tmp_path / "test_captions.png").exists() and (tmp_path / "report.md").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.quickstart
 def test_quickstart_learns_beyond_the_language_prior(tmp_path):
     """`make quickstart` as it ships reaches the issue's floors, with a margin for run-to-run noise (another CPU sums in
     another order): CIDEr-D at least 3x the best constant caption, colours named for >= 93% of the shape groups (goal
     95%; 96.3% measured), colour + shape word right >= 86% (goal 80%; 91.5%), the right number for >= 88% of the
-    named shapes (goal 90%; 93.3%), and SCST not below XE."""
+    named shapes (goal 90%; 93.3%), and SCST not below XE. Run by `make test-quickstart` (6-8 minutes)."""
     # no wall-clock limit: 466 s on 2 quiet cores, 918 s under a load of 3.5; only a run that stops progressing fails
     proc = run_watched([sys.executable, "pipeline.py", "--preset", "quickstart", "--run_dir", str(tmp_path)], cwd=ROOT,
                        watch=[tmp_path])
