@@ -45,7 +45,7 @@ test: setup browser
 	@echo "== test: pytest on two workers of one thread each (the whole suite, slow tests included; the full quickstart run is make test-quickstart)"
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist worksteal -m "not quickstart" --durations=25
 
-# the quickstart as it ships (6-8 minutes on 2 cores), checked against the README's floors
+# the quickstart as it ships (6-9 minutes on 2 cores), checked against the README's floors
 test-quickstart: setup
 	@echo "== test-quickstart: make quickstart's run in a temporary folder, its results against the README's floors"
 	$(BIN)/python -m pytest -q -m quickstart
