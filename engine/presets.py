@@ -291,19 +291,22 @@ def prepare_start(init_from: Path, vocab: Path | None, run_dir: Path) -> tuple[P
 # Seconds per image on 2 CPU cores (the quickstart's captioner and backbone at 64 px) of each kind of work of the small
 # preset, measured on a quiet 2-core Intel Xeon (2026-12-06; docs/benchmarks.md, "Fine-tuning on your photos"): a
 # training epoch per training image, each epoch's validation included (20 val images per 240 training images, so the
-# val_* entries stay 0), feature extraction per image, and the start and report per test image (the starting and
-# fine-tuned captioner, the old data's 500 test images included). From the phase durations of `pipeline.py --preset
-# small --init_from` (quickstart captioner, 300 shifted-domain images, 282 s in all; phases 1 and 4 4.7 and 4.4 s for
-# 300 images, 2 58.8 s for 15 epochs, 3 154.7 s for 40, 5 10.7 s for 2, 6 8.5 s for 1, the rest 40 s for 40 test
-# images) and phase 0 of the same images from scratch (18.6 s for 20 epochs). On a shared machine the same runs took 2
-# to 6 times as long: the estimate is a floor there.
+# val_* entries stay 0), feature extraction per image, and the report per test image (the starting, XE and final
+# captioner) on top of REPORT_SECONDS (one METEOR JVM, the best-constant-caption search, the old data's 500 test images
+# twice). From the phase durations of `pipeline.py --preset small --init_from` (quickstart captioner, 300
+# shifted-domain images, 282 s in all; phases 1 and 4 4.7 and 4.4 s for 300 images, 2 58.8 s for 15 epochs, 3 154.7 s
+# for 40, 5 10.7 s for 2, 6 8.5 s for 1) and phase 0 of the same images from scratch (18.6 s for 20 epochs); the report
+# from the same run with 400 test images (2026-12-07: 29 s after 305 s of phases). On a shared machine the same runs
+# took 2 to 6 times as long: the estimate is a floor there.
 SECONDS_PER_IMAGE = {"phase0": 0.004, "features": 0.016, "xe_features": 0.016, "xe_e2e": 0.016, "scst_features": 0.02,
-                     "scst_e2e": 0.03, "val_features": 0.0, "val_e2e": 0.0, "report": 1.0}
+                     "scst_e2e": 0.03, "val_features": 0.0, "val_e2e": 0.0, "report": 0.04}
+REPORT_SECONDS = 15.0
 PHASE_WORK = {2: "xe_features", 3: "xe_e2e", 5: "scst_features", 6: "scst_e2e"}
 
 
 def time_estimate(recipe: Recipe, selected: list[int]) -> str:
-    """A sentence: the selected phases' expected minutes for this data's split sizes, from SECONDS_PER_IMAGE."""
+    """A sentence: the selected phases' expected minutes for this data's split sizes, from SECONDS_PER_IMAGE and
+    REPORT_SECONDS."""
     sizes = {k: len(v) for k, v in split_records(load_records(recipe.captions_path, recipe.images_path)).items()}
     total = 0.0
     for number in selected:
@@ -319,7 +322,7 @@ def time_estimate(recipe: Recipe, selected: list[int]) -> str:
             epochs = settings.get("num_epochs", 1)
             total += epochs * (sizes["train"] * SECONDS_PER_IMAGE[PHASE_WORK[number]]
                                + sizes["val"] * SECONDS_PER_IMAGE["val_e2e" if e2e else "val_features"])
-    total += sizes["test"] * SECONDS_PER_IMAGE["report"]
+    total += REPORT_SECONDS + sizes["test"] * SECONDS_PER_IMAGE["report"]
     return (f"expected time: about {max(1, round(total / 60))} minutes for {sizes['train']} training, {sizes['val']} "
             f"val and {sizes['test']} test images (measured per image on 2 CPU cores with the quickstart's captioner "
             "at 64 px: a larger captioner or larger images take longer, a GPU less)")
