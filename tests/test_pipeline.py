@@ -112,9 +112,10 @@ def test_rerun_skips_finished_phases_and_redoes_the_interrupted_one(tmp_path):
 
 
 # The quickstart recipe on a quarter of its data, SCST shortened (every phase and the report still run): about 160 s
-# on 2 quiet cores instead of 340-470. Measured (2026-12-07, Intel Xeon; the best constant caption 50.2): CIDEr-D
-# 106.8 and colours named 75% with 2 threads, 104.0 and 70% with one, 109.8 and 74% under MKL's and ATen's AVX2
-# kernels with one; shapes are not learned from 1,000 images (colour + shape 17-19%).
+# with 2 threads, 190-250 s on one of make test's single-thread workers, instead of 340-490 for the full run. Measured
+# (2026-12-07, Intel Xeon; the best constant caption 50.2): CIDEr-D 106.8 and colours named 75% with 2 threads, 104.0
+# and 70% with one, 109.8 and 74% under MKL's and ATen's AVX2 kernels with one, 120.1 and 77% under ATen's portable
+# kernels with MKL_CBWR=COMPATIBLE and one thread; shapes are not learned from 1,000 images (colour + shape 17-22%).
 SHORT_QUICKSTART = ["--num_train", "1000", "--num_val", "100", "--num_test", "200",
                     "--set", "phase5.max_steps=40", "phase6.max_steps=10"]
 
