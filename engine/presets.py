@@ -216,8 +216,10 @@ def _require_trainable(records: list[ImageRecord], source: Path) -> None:
 # the start (test colour + shape 34%); at 15 epochs test colour + shape 52%. The new colours and shapes need the
 # backbone to learn them: phase 3 (end to end) at lr 1e-4 for one epoch never beat phase 2 on val; at lr 1e-3 for 40
 # epochs (anneal 0.93 per epoch) the run ends at 66% (CIDEr-D 195, start 169), keeping 92% of the quickstart's own
-# colour + shape figure, in 282 s. On a large captioner (Swin-L at 384 px) phase 3 is most of the time: shorten it with
-# --set phase3.num_epochs=N.
+# colour + shape figure, in 282 s. Over two seeds and 800 test images it averages 75-79%; a lower or higher backbone
+# learning rate, more or no dropout, flips and a longer phase 3 measured no better (docs/benchmarks.md, fourth
+# round), while 480 training images reach 86%. On a large captioner (Swin-L at 384 px) phase 3 is most of the time:
+# shorten it with --set phase3.num_epochs=N.
 FINETUNE_RECIPE: dict[int, dict[str, Any]] = {
     1: SMALL_FEATURES,
     2: {**SMALL_RECIPE[2], "warmup": 10, "lr": 1e-3, **dropouts(0.1), "anneal_coeff": 0.8, "anneal_every_epoch": 3,
